@@ -1,0 +1,242 @@
+"""Per-VM copy-on-write snapshot over a shared (read-only) layer.
+
+Writes land in the VM's own overlay file; reads of blocks the VM never
+wrote fall through to the layer below (the image cache, shared by all VMs
+of the image). Nothing is ever written below. Deleting the VM deletes its
+overlay and nothing else.
+
+Durability follows the NBD contract: a write is durable once a flush (or
+a FUA write) completed. A flush makes the overlay's data durable first and
+only then saves the block map, so a block marked written after a crash
+always has its data; writes not yet flushed may be lost, never garbled
+into zeros.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import fcntl
+import logging
+import os
+import re
+
+from vmthunder import blockdev
+from vmthunder import fileio
+from vmthunder.cache import chunkmap
+
+LOG = logging.getLogger(__name__)
+
+# VM names become file names: keep them to a safe alphabet.
+_NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
+_ZERO_PIECE = 1024 * 1024
+
+
+def check_name(name: str) -> str:
+    if not _NAME_RE.match(name):
+        raise ValueError(
+            f"snapshot name {name!r} is not valid: use 1-128 letters, "
+            "digits, '.', '_' or '-', starting with a letter or digit")
+    return name
+
+
+def snapshot_paths(directory: str, name: str) -> tuple[str, str]:
+    base = os.path.join(directory, check_name(name))
+    return base + ".overlay", base + ".map"
+
+
+class SnapshotLayer(blockdev.BlockDevice):
+    capabilities = blockdev.Capabilities(writable=True, block_status=True)
+
+    def __init__(self, lower: blockdev.BlockDevice, directory: str,
+                 name: str, *, block_size: int = 4096):
+        if block_size <= 0 or block_size & (block_size - 1):
+            raise ValueError(f"block size {block_size} is not a power of two")
+        self.lower = lower
+        self.name = check_name(name)
+        self.size = lower.size
+        self.block_size = block_size
+        os.makedirs(directory, exist_ok=True)
+        self.overlay_path, map_path = snapshot_paths(directory, name)
+        self._fd = os.open(self.overlay_path,
+                           os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(self._fd)
+            raise blockdev.BlockError(
+                errno.EBUSY, f"snapshot {name!r} ({self.overlay_path}) is "
+                "open in another process") from None
+        if os.fstat(self._fd).st_size != self.size:
+            os.ftruncate(self._fd, self.size)
+        self.blocks = (self.size + block_size - 1) // block_size
+        self.map = chunkmap.ChunkMap(self.blocks, map_path)
+        self._rmw_locks: dict[int, asyncio.Lock] = {}
+        self._flush_lock = asyncio.Lock()
+        self.counters = {"bytes_read": 0, "bytes_written": 0,
+                         "read_requests": 0, "write_requests": 0,
+                         "flushes": 0}
+
+    def describe(self) -> str:
+        return f"snapshot {self.name!r}"
+
+    # -- reads ------------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        self.check_range(offset, length)
+        self.counters["read_requests"] += 1
+        self.counters["bytes_read"] += length
+        return await self._read(offset, length)
+
+    async def _read(self, offset: int, length: int) -> bytes:
+        bs = self.block_size
+        first, last = offset // bs, (offset + length - 1) // bs + 1
+        if self.map.none_present(first, last):
+            return await self.lower.read(offset, length)
+        pieces = []
+        for start, end, present in self.map.runs(first, last):
+            lo = max(offset, start * bs)
+            hi = min(offset + length, end * bs)
+            pieces.append(self._read_overlay(lo, hi - lo) if present
+                          else self.lower.read(lo, hi - lo))
+        parts = await asyncio.gather(*pieces)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _read_overlay(self, offset: int, length: int) -> bytes:
+        data = await fileio.pread(self._fd, length, offset)
+        if len(data) != length:
+            raise blockdev.BlockError(
+                errno.EIO, f"{self.describe()}: overlay {self.overlay_path} "
+                "is shorter than the image")
+        return data
+
+    # -- writes -----------------------------------------------------------
+
+    async def write(self, offset: int, data: bytes, fua: bool = False):
+        length = len(data)
+        self.check_range(offset, length)
+        self.counters["write_requests"] += 1
+        self.counters["bytes_written"] += length
+        bs = self.block_size
+        end = offset + length
+        head_block, tail_block = offset // bs, (end - 1) // bs
+        # Whole blocks are written as they are; a partly covered block at
+        # either end is completed from what the VM sees there now.
+        if offset % bs or (end % bs and end != self.size):
+            await self._write_partial(offset, data)
+        else:
+            await self._pwrite(offset, data)
+            self.map.set(head_block, tail_block + 1)
+        if fua:
+            await self.flush()
+
+    async def _write_partial(self, offset: int, data: bytes) -> None:
+        bs = self.block_size
+        end = offset + len(data)
+        lo_block, hi_block = offset // bs, (end - 1) // bs + 1
+        lo, hi = lo_block * bs, min(hi_block * bs, self.size)
+        locks = [self._rmw_locks.setdefault(b, asyncio.Lock())
+                 for b in sorted({lo_block, hi_block - 1})]
+        for lock in locks:
+            await lock.acquire()
+        try:
+            merged = bytearray(await self._read(lo, hi - lo))
+            merged[offset - lo:end - lo] = data
+            await self._pwrite(lo, merged)
+            self.map.set(lo_block, hi_block)
+        finally:
+            for lock in locks:
+                lock.release()
+            for b in (lo_block, hi_block - 1):
+                lock = self._rmw_locks.get(b)
+                if lock is not None and not lock.locked() \
+                        and not lock._waiters:
+                    del self._rmw_locks[b]
+
+    async def _pwrite(self, offset: int, data) -> None:
+        try:
+            await fileio.pwrite(self._fd, data, offset)
+        except OSError as exc:
+            err = errno.ENOSPC if exc.errno == errno.ENOSPC else errno.EIO
+            raise blockdev.BlockError(
+                err, f"{self.describe()}: writing overlay "
+                f"{self.overlay_path}: {exc.strerror}") from None
+
+    async def write_zeroes(self, offset: int, length: int,
+                           fua: bool = False) -> None:
+        self.check_range(offset, length)
+        pos, end = offset, offset + length
+        while pos < end:
+            n = min(_ZERO_PIECE, end - pos)
+            await self.write(pos, bytes(n))
+            pos += n
+        if fua:
+            await self.flush()
+
+    async def trim(self, offset: int, length: int) -> None:
+        # After a trim the content is undefined (NBD spec): forgetting the
+        # VM's own blocks, so the image shows through, is the cheap choice.
+        # Only blocks the trim covers entirely are forgotten.
+        self.check_range(offset, length)
+        bs = self.block_size
+        first = (offset + bs - 1) // bs
+        end = offset + length
+        last = self.blocks if end == self.size else end // bs
+        if first < last:
+            self.map.clear(first, last)
+
+    async def flush(self) -> None:
+        self.counters["flushes"] += 1
+        async with self._flush_lock:
+            try:
+                await fileio.fdatasync(self._fd)
+                await self.map.save(sync=True)
+            except OSError as exc:
+                raise blockdev.BlockError(
+                    errno.EIO, f"{self.describe()}: flush failed: "
+                    f"{exc.strerror}") from None
+
+    # -- status -----------------------------------------------------------
+
+    async def block_status(self, offset, length,
+                           context=blockdev.BASE_ALLOCATION):
+        self.check_range(offset, length)
+        if context != blockdev.BASE_ALLOCATION:
+            return await super().block_status(offset, length, context)
+        bs = self.block_size
+        first, last = offset // bs, (offset + length - 1) // bs + 1
+        extents = []
+        for start, end, present in self.map.runs(first, last):
+            lo = max(offset, start * bs)
+            hi = min(offset + length, end * bs)
+            if present:
+                extents.append(blockdev.Extent(hi - lo, 0))
+            else:
+                extents.extend(await self.lower.block_status(
+                    lo, hi - lo, context))
+        return extents
+
+    def stats(self) -> dict:
+        return dict(self.counters, blocks_written=self.map.count_present(),
+                    block_size=self.block_size)
+
+    async def close(self) -> None:
+        """Close the overlay, keeping it (what was flushed stays)."""
+        if self._fd is None:
+            return
+        await self.flush()
+        self.map.close()
+        os.close(self._fd)
+        self._fd = None
+
+    async def delete(self) -> None:
+        """Close and remove this VM's overlay; nothing below is touched."""
+        if self._fd is not None:
+            self.map.close()
+            os.close(self._fd)
+            self._fd = None
+        for path in (self.overlay_path, self.map.path):
+            try:
+                os.unlink(path)
+            except FileNotFoundError:
+                pass

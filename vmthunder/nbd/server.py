@@ -1,0 +1,300 @@
+"""asyncio transport for the NBD server: sockets in, block devices out.
+
+All protocol decisions are in server_protocol.py; this module moves bytes
+between sockets and the protocol object, runs each request against the
+export's block device, and keeps memory bounded (a server-wide budget of
+bytes in flight; a client that does not read its replies stops being
+read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import logging
+import os
+
+from vmthunder import blockdev
+from vmthunder.nbd import constants as c
+from vmthunder.nbd import server_protocol as sp
+from vmthunder.nbd.address import Address
+
+LOG = logging.getLogger(__name__)
+
+# errno values the NBD spec allows on the wire; anything else is EIO.
+_WIRE_ERRORS = {errno.EPERM: c.EPERM, errno.EIO: c.EIO,
+                errno.ENOMEM: c.ENOMEM, errno.EINVAL: c.EINVAL,
+                errno.ENOSPC: c.ENOSPC, errno.EOVERFLOW: c.EOVERFLOW,
+                errno.ENOTSUP: c.ENOTSUP, errno.ESHUTDOWN: c.ESHUTDOWN}
+_MAX_EXTENTS = 4096
+
+
+@dataclasses.dataclass
+class Export:
+    name: str
+    device: blockdev.BlockDevice
+    read_only: bool
+    description: str = ""
+
+    def info(self) -> sp.ExportInfo:
+        return sp.ExportInfo(
+            name=self.name, size=self.device.size,
+            read_only=self.read_only or
+            not self.device.capabilities.writable,
+            description=self.description,
+            contexts=tuple(self.device.capabilities.contexts))
+
+
+class NbdServer:
+    def __init__(self, *, max_request: int = 32 * 1024 * 1024,
+                 max_inflight: int = 64 * 1024 * 1024):
+        self.max_request = max_request
+        self.max_inflight = max_inflight
+        self.exports: dict[str, Export] = {}
+        self._infos: dict[str, sp.ExportInfo] = {}
+        self.default_export: str | None = None
+        self._servers: list[asyncio.base_events.Server] = []
+        self._connections: set[NbdConnection] = set()
+        self.inflight_bytes = 0
+        self._throttled: set[NbdConnection] = set()
+        self.addresses: list[Address] = []
+
+    def add_export(self, name: str, device: blockdev.BlockDevice, *,
+                   read_only: bool = False, description: str = "") -> Export:
+        if name in self.exports:
+            raise ValueError(f"export {name!r} exists already")
+        export = Export(name, device, read_only, description)
+        self.exports[name] = export
+        self._infos[name] = export.info()
+        return export
+
+    def remove_export(self, name: str) -> Export:
+        self._infos.pop(name, None)
+        export = self.exports.pop(name)
+        for conn in list(self._connections):
+            if conn.export is export:
+                conn.abort(f"export {name!r} was removed")
+        return export
+
+    async def listen(self, address: Address) -> Address:
+        """Start serving on ``address``; returns it with the real port."""
+        if address.kind == "unix":
+            if os.path.exists(address.path):
+                # A stale socket from a killed server blocks bind().
+                os.unlink(address.path)
+            server = await asyncio.get_running_loop().create_unix_server(
+                lambda: NbdConnection(self), address.path)
+            bound = address
+        else:
+            server = await asyncio.get_running_loop().create_server(
+                lambda: NbdConnection(self), address.host, address.port,
+                reuse_address=True)
+            port = server.sockets[0].getsockname()[1]
+            bound = Address("tcp", host=address.host, port=port)
+        self._servers.append(server)
+        self.addresses.append(bound)
+        LOG.info("NBD server listening on %s (exports: %s)", bound,
+                 ", ".join(repr(n) for n in self.exports) or "none")
+        return bound
+
+    async def close(self) -> None:
+        for server in self._servers:
+            server.close()
+        for conn in list(self._connections):
+            conn.abort("server shutting down")
+        for server in self._servers:
+            await server.wait_closed()
+        for address in self.addresses:
+            if address.kind == "unix":
+                try:
+                    os.unlink(address.path)
+                except FileNotFoundError:
+                    pass
+        self._servers.clear()
+
+    # Budget of bytes in flight, shared by all connections.
+
+    def _charge(self, conn: NbdConnection, nbytes: int) -> None:
+        self.inflight_bytes += nbytes
+        if self.inflight_bytes > self.max_inflight:
+            conn.throttle(True)
+            self._throttled.add(conn)
+
+    def _release(self, nbytes: int) -> None:
+        self.inflight_bytes -= nbytes
+        if self._throttled and self.inflight_bytes <= self.max_inflight // 2:
+            throttled, self._throttled = self._throttled, set()
+            for conn in throttled:
+                conn.throttle(False)
+
+
+class NbdConnection(asyncio.Protocol):
+    def __init__(self, server: NbdServer):
+        self.server = server
+        self.proto = sp.NbdServerProtocol(
+            server._infos, max_request=server.max_request,
+            default_export=server.default_export)
+        self.transport: asyncio.Transport | None = None
+        self.export: Export | None = None
+        self.peer = "?"
+        self._tasks: set[asyncio.Task] = set()
+        # Reasons reading is paused: "budget" (server-wide bytes in
+        # flight) and "writes" (the client is not reading its replies).
+        self._pauses: set[str] = set()
+        self._closing = False
+
+    # -- asyncio.Protocol ---------------------------------------------------
+
+    def connection_made(self, transport):
+        self.transport = transport
+        peer = transport.get_extra_info("peername")
+        self.peer = (f"{peer[0]}:{peer[1]}"
+                     if isinstance(peer, tuple) else "unix socket")
+        transport.set_write_buffer_limits(high=8 * 1024 * 1024)
+        self.server._connections.add(self)
+        transport.write(self.proto.greeting())
+
+    def data_received(self, data: bytes) -> None:
+        out, events = self.proto.receive(data)
+        if out:
+            self.transport.write(out)
+        for event in events:
+            if isinstance(event, sp.Request):
+                self._start(event)
+            elif isinstance(event, sp.Negotiated):
+                self.export = self.server.exports.get(event.export.name)
+                LOG.info("client %s opened export %r (%s replies, "
+                         "contexts %s)", self.peer, event.export.name,
+                         "structured" if event.structured else "simple",
+                         sorted(event.contexts.values()) or "none")
+            elif isinstance(event, sp.Closed):
+                log = LOG.warning if event.error else LOG.debug
+                log("client %s: %s", self.peer, event.reason)
+                self._close_when_done()
+
+    def eof_received(self):
+        self._close_when_done()
+        return True
+
+    def connection_lost(self, exc):
+        self.server._connections.discard(self)
+        self.server._throttled.discard(self)
+        for task in self._tasks:
+            task.cancel()
+        LOG.debug("client %s disconnected", self.peer)
+
+    def pause_writing(self):
+        self.throttle(True, "writes")
+
+    def resume_writing(self):
+        self.throttle(False, "writes")
+
+    # -- flow control -------------------------------------------------------
+
+    def throttle(self, on: bool, reason: str = "budget") -> None:
+        was_paused = bool(self._pauses)
+        if on:
+            self._pauses.add(reason)
+        else:
+            self._pauses.discard(reason)
+        if self.transport is None or self.transport.is_closing():
+            return
+        if self._pauses and not was_paused:
+            self.transport.pause_reading()
+        elif was_paused and not self._pauses:
+            self.transport.resume_reading()
+
+    def abort(self, reason: str) -> None:
+        LOG.info("closing connection of %s: %s", self.peer, reason)
+        if self.transport is not None:
+            self.transport.abort()
+
+    def _close_when_done(self) -> None:
+        # Let requests already read finish and send their replies first
+        # (NBD_CMD_DISC asks for exactly that).
+        self._closing = True
+        if not self._tasks and self.transport is not None:
+            self.transport.close()
+
+    # -- requests -----------------------------------------------------------
+
+    def _start(self, req: sp.Request) -> None:
+        cost = req.length if req.command in (c.CMD_READ, c.CMD_WRITE) else 0
+        self.server._charge(self, cost)
+        task = asyncio.ensure_future(self._serve(req, cost))
+        self._tasks.add(task)
+        task.add_done_callback(self._done)
+
+    def _done(self, task: asyncio.Task) -> None:
+        self._tasks.discard(task)
+        if self._closing and not self._tasks and self.transport is not None:
+            self.transport.close()
+
+    async def _serve(self, req: sp.Request, cost: int) -> None:
+        try:
+            reply = await self._execute(req)
+        except blockdev.BlockError as exc:
+            LOG.debug("client %s: request %d failed: %s", self.peer,
+                      req.command, exc)
+            reply = self.proto.reply_error(
+                req.handle, _WIRE_ERRORS.get(exc.errno, c.EIO), str(exc))
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            LOG.exception("client %s: request %d at offset %d failed",
+                          self.peer, req.command, req.offset)
+            reply = self.proto.reply_error(
+                req.handle, c.EIO, f"internal error: {exc}")
+        finally:
+            self.server._release(cost)
+        if self.transport is not None and not self.transport.is_closing():
+            if isinstance(reply, tuple):
+                self.transport.writelines(reply)
+            else:
+                self.transport.write(reply)
+
+    async def _execute(self, req: sp.Request):
+        device = self.export.device
+        cmd = req.command
+        if cmd == c.CMD_READ:
+            data = await device.read(req.offset, req.length)
+            return (self.proto.reply_read_header(req.handle, req.offset,
+                                                 req.length), data)
+        fua = bool(req.flags & c.CMD_FLAG_FUA)
+        if cmd == c.CMD_WRITE:
+            await device.write(req.offset, req.data, fua=fua)
+        elif cmd == c.CMD_FLUSH:
+            await device.flush()
+        elif cmd == c.CMD_TRIM:
+            await device.trim(req.offset, req.length)
+            if fua:
+                await device.flush()
+        elif cmd == c.CMD_WRITE_ZEROES:
+            if req.flags & c.CMD_FLAG_FAST_ZERO:
+                # We cannot promise zeroing is faster than writing.
+                raise blockdev.BlockError(errno.ENOTSUP,
+                                          "fast zero is not supported")
+            await device.write_zeroes(req.offset, req.length, fua=fua)
+        elif cmd == c.CMD_CACHE:
+            # Advisory prefetch: pull the range into the cache below.
+            await device.read(req.offset, req.length)
+        elif cmd == c.CMD_BLOCK_STATUS:
+            return await self._block_status(device, req)
+        return self.proto.reply_ok(req.handle)
+
+    async def _block_status(self, device, req: sp.Request) -> bytes:
+        by_id = {}
+        one = bool(req.flags & c.CMD_FLAG_REQ_ONE)
+        for ctx_id, name in self.proto.contexts.items():
+            extents = await device.block_status(req.offset, req.length, name)
+            merged: list[list[int]] = []
+            for ext in extents:
+                if merged and merged[-1][1] == ext.flags:
+                    merged[-1][0] += ext.length
+                elif ext.length:
+                    merged.append([ext.length, ext.flags])
+            if one:
+                merged = merged[:1]
+            by_id[ctx_id] = [tuple(m) for m in merged[:_MAX_EXTENTS]]
+        return self.proto.reply_block_status(req.handle, by_id)
