@@ -1,0 +1,1 @@
+"""Functional tests: real tgtd, qemu, nbdkit, network-namespace hosts."""

@@ -1,0 +1,1 @@
+"""Benchmark harness: real boots, trace record/replay, multi-host runs."""

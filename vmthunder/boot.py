@@ -1,0 +1,231 @@
+"""`vmthunder boot`: boot a real VM through vmthunder (the main job).
+
+For each VM: start `vmthunder serve IMAGE --snapshot VM` on a unix socket,
+boot QEMU from that NBD export, wait for the guest's boot marker on the
+serial console, stop QEMU and the server, and report time to boot, bytes
+the guest read against the image size, and bytes fetched from the image
+source. VMs boot one after the other on the same cache, so the second one
+shows what a warm host cache costs: nothing fetched.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+from vmthunder import serve
+
+REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BUILD_SCRIPT = os.path.join(REPO_ROOT, "scripts", "build-guest.sh")
+MiB = 1024 * 1024
+
+
+class BootError(Exception):
+    pass
+
+
+@dataclasses.dataclass
+class Guest:
+    kernel: str
+    initrd: str
+    root: str
+    append: str
+    marker: str
+    failure_marker: str
+
+
+def load_guest(guest_dir: str, build: bool = True) -> Guest:
+    """The test guest in ``guest_dir``, built first when missing."""
+    meta_path = os.path.join(guest_dir, "guest.json")
+    if not os.path.exists(os.path.join(guest_dir, ".complete")):
+        if not build:
+            raise BootError(f"no guest in {guest_dir}; run "
+                            f"{BUILD_SCRIPT} {guest_dir}")
+        if not os.path.exists(BUILD_SCRIPT):
+            raise BootError(f"no guest in {guest_dir} and no {BUILD_SCRIPT} "
+                            "to build one")
+        print(f"vmthunder boot: building the test guest in {guest_dir} "
+              "(once)", file=sys.stderr, flush=True)
+        subprocess.run([BUILD_SCRIPT, guest_dir], check=True,
+                       stdout=sys.stderr)
+    with open(meta_path) as f:
+        meta = json.load(f)
+
+    def path(key):
+        return os.path.join(guest_dir, meta[key])
+
+    return Guest(kernel=path("kernel"), initrd=path("initrd"),
+                 root=path("root"), append=meta["append"],
+                 marker=meta["marker"],
+                 failure_marker=meta.get("failure_marker",
+                                         "VMTHUNDER-BOOT-FAILED"))
+
+
+def qemu_command(conf, guest: Guest, drive_uri: str) -> list[str]:
+    return [conf.boot.qemu_binary, "-accel", conf.boot.qemu_accel,
+            "-m", str(conf.boot.memory_mb), "-smp", "1",
+            "-nographic", "-nodefaults", "-serial", "stdio", "-no-reboot",
+            "-kernel", guest.kernel, "-initrd", guest.initrd,
+            "-append", guest.append,
+            "-drive", f"file={drive_uri},format=raw,if=virtio,cache=none"]
+
+
+@contextlib.asynccontextmanager
+async def running(argv: list[str], **kwargs):
+    """A subprocess that is stopped (TERM, then KILL) however we leave."""
+    proc = await asyncio.create_subprocess_exec(*argv, **kwargs)
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.send_signal(signal.SIGTERM)
+            try:
+                await asyncio.wait_for(proc.wait(), 15)
+            except asyncio.TimeoutError:
+                with contextlib.suppress(ProcessLookupError):
+                    proc.kill()
+                await proc.wait()
+
+
+async def wait_line(stream, prefix: str, timeout: float,
+                    fail: str | None = None, log=None) -> str:
+    """Read lines until one contains ``prefix``; BootError on timeout/EOF."""
+    deadline = time.monotonic() + timeout
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise BootError(f"no {prefix!r} within {timeout:.0f} s")
+        try:
+            raw = await asyncio.wait_for(stream.readline(), left)
+        except asyncio.TimeoutError:
+            raise BootError(f"no {prefix!r} within {timeout:.0f} s") \
+                from None
+        if not raw:
+            raise BootError(f"output ended before {prefix!r}")
+        line = raw.decode("utf-8", "replace").rstrip()
+        if log is not None:
+            log.append(line)
+        if prefix in line:
+            return line
+        if fail and fail in line:
+            raise BootError(f"guest reported: {line}")
+
+
+async def boot_one(conf, guest: Guest, image: str, cache_dir: str,
+                   vm_name: str, workdir: str) -> dict:
+    sock = os.path.join(workdir, f"{vm_name}.sock")
+    stats_file = os.path.join(workdir, f"{vm_name}.stats.json")
+    serve_argv = [sys.executable, "-m", "vmthunder.cli", "serve", image,
+                  "--listen", f"unix:{sock}", "--cache-dir", cache_dir,
+                  "--snapshot", vm_name, "--stats-file", stats_file]
+    console: list[str] = []
+    async with running(serve_argv, stdout=asyncio.subprocess.PIPE) as srv:
+        try:
+            await wait_line(srv.stdout, serve.READY_PREFIX, 30)
+        except BootError as exc:
+            raise BootError(f"vmthunder serve did not start: {exc}") \
+                from None
+        uri = f"nbd+unix:///{vm_name}?socket={sock}"
+        argv = qemu_command(conf, guest, uri)
+        started = time.monotonic()
+        async with running(argv, stdin=asyncio.subprocess.DEVNULL,
+                           stdout=asyncio.subprocess.PIPE,
+                           stderr=asyncio.subprocess.STDOUT) as vm:
+            try:
+                await wait_line(vm.stdout, guest.marker,
+                                conf.boot.boot_timeout,
+                                fail=guest.failure_marker, log=console)
+            except BootError as exc:
+                tail = "\n  ".join(console[-15:])
+                raise BootError(f"VM {vm_name} did not boot: {exc}\n  "
+                                f"console:\n  {tail}") from None
+            boot_s = time.monotonic() - started
+            # The guest syncs its write and powers off by itself.
+            try:
+                await asyncio.wait_for(vm.wait(), 30)
+            except asyncio.TimeoutError:
+                pass
+        srv.send_signal(signal.SIGTERM)
+        await asyncio.wait_for(srv.wait(), 30)
+    with open(stats_file) as f:
+        stats = json.load(f)
+    snap = stats["snapshots"][vm_name]
+    cache = stats["cache"]
+    return {
+        "vm": vm_name,
+        "boot_s": round(boot_s, 3),
+        "image_bytes": stats["image_size"],
+        "guest_read_bytes": snap["bytes_read"],
+        "guest_read_requests": snap["read_requests"],
+        "guest_written_bytes": snap["bytes_written"],
+        "fetched_bytes": cache["bytes_fetched"],
+        "chunk_size": cache["chunk_size"],
+    }
+
+
+def _report(result: dict) -> str:
+    img = result["image_bytes"]
+    read = result["guest_read_bytes"]
+    return (
+        f"VM {result['vm']} booted in {result['boot_s']:.2f} s\n"
+        f"  guest read {read / MiB:.1f} MiB of the {img / MiB:.0f} MiB "
+        f"image ({100 * read / img:.1f}%) in "
+        f"{result['guest_read_requests']} requests, wrote "
+        f"{result['guest_written_bytes'] / 1024:.0f} KiB to its snapshot\n"
+        f"  fetched from the image source: "
+        f"{result['fetched_bytes'] / MiB:.1f} MiB "
+        f"(chunk size {result['chunk_size'] // 1024} KiB)")
+
+
+async def run(args, conf) -> int:
+    if args.vms < 1:
+        raise ValueError(f"--vms {args.vms}: boot at least one VM")
+    if shutil.which(conf.boot.qemu_binary) is None:
+        raise BootError(f"{conf.boot.qemu_binary} not found; run "
+                        "scripts/install.sh (Debian package qemu-system-x86)")
+    guest = await asyncio.to_thread(load_guest, conf.boot.guest_dir)
+    image = args.image or guest.root
+    workdir = tempfile.mkdtemp(prefix="vmthunder-boot-")
+    cache_dir = args.cache_dir or os.path.join(workdir, "cache")
+    results = []
+    try:
+        for i in range(args.vms):
+            vm_name = f"vm{i + 1}"
+            try:
+                result = await boot_one(conf, guest, image, cache_dir,
+                                        vm_name, workdir)
+            except BootError as exc:
+                print(f"vmthunder boot: {exc}", file=sys.stderr)
+                return 1
+            results.append(result)
+            if not args.json:
+                print(_report(result), flush=True)
+            # The VM is gone: so is its snapshot (the cache stays).
+            for path in glob_snapshot(cache_dir, vm_name):
+                os.unlink(path)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    if args.json:
+        print(json.dumps({"vms": results}))
+    return 0
+
+
+def glob_snapshot(cache_dir: str, vm_name: str) -> list[str]:
+    found = []
+    for entry in os.scandir(cache_dir):
+        snap_dir = os.path.join(entry.path, "snapshots")
+        for suffix in (".overlay", ".map"):
+            path = os.path.join(snap_dir, vm_name + suffix)
+            if os.path.exists(path):
+                found.append(path)
+    return found

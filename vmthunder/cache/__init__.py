@@ -1,0 +1,1 @@
+"""Chunk map, copy-on-read cache layer, copy-on-write snapshot layer."""

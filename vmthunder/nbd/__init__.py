@@ -1,0 +1,1 @@
+"""NBD protocol (sans-IO) plus asyncio server and client."""

@@ -1,0 +1,1 @@
+"""Peers: membership (tooz), peer selection and peer fetch."""

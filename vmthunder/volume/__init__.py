@@ -1,0 +1,1 @@
+"""Origin export and attach: iSCSI target/initiator, Cinder, os-brick."""
