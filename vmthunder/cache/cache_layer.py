@@ -93,6 +93,8 @@ class CacheLayer(blockdev.BlockDevice):
         self._sync_lock = asyncio.Lock()
         self._write_seq = 0
         self._synced_seq = 0
+        # Highest write covered by an fdatasync that failed.
+        self._failed_seq = 0
         self._map_save: asyncio.Task | None = None
         self.counters = {"read_requests": 0, "bytes_read": 0,
                          "bytes_fetched": 0, "chunks_fetched": 0,
@@ -158,7 +160,9 @@ class CacheLayer(blockdev.BlockDevice):
             if present:
                 pieces.append(self._read_local(lo, hi - lo))
             else:
-                pieces.extend(self._read_missing(i, lo, hi)
+                # Each chunk serves only its own part of [lo, hi).
+                pieces.extend(self._read_missing(i, max(lo, i * cs),
+                                                 min(hi, (i + 1) * cs))
                               for i in range(start, end))
         parts = await asyncio.gather(*pieces)
         return parts[0] if len(parts) == 1 else b"".join(parts)
@@ -199,6 +203,7 @@ class CacheLayer(blockdev.BlockDevice):
         start = index * self.chunk_size
         length = min(self.chunk_size, self.size - start)
         async with self._write_slots:
+            LOG.debug("%s: fetching chunk %d", self.describe(), index)
             try:
                 data = await self.source.read(start, length)
                 if self.verify is not None:
@@ -233,15 +238,25 @@ class CacheLayer(blockdev.BlockDevice):
         """Return once every write completed before the call is on disk.
 
         Group commit: writers that arrive while a sync runs share the next
-        one instead of each paying for its own.
+        one instead of each paying for its own. When that sync fails, it
+        fails for every writer it covered: Linux reports a writeback error
+        to one fdatasync only, so a later sync that succeeds says nothing
+        about pages whose writeback already failed.
         """
         self._write_seq += 1
         mine = self._write_seq
         async with self._sync_lock:
+            if self._failed_seq >= mine:
+                raise OSError(errno.EIO, "an fdatasync of the cache file "
+                              "covering this write failed")
             if self._synced_seq >= mine:
                 return
             target = self._write_seq
-            await fileio.fdatasync(self._data_fd)
+            try:
+                await fileio.fdatasync(self._data_fd)
+            except OSError:
+                self._failed_seq = target
+                raise
             self._synced_seq = target
 
     def _schedule_map_save(self) -> None:
