@@ -90,9 +90,10 @@ class ChunkMap:
             self._dirty_lo, self._dirty_hi = self.count, 0
             chunk = bytes(self._map[lo:hi])
             try:
-                os.pwrite(self._fd, chunk, lo)
+                # Full length first: a crash never leaves a short map.
                 if os.fstat(self._fd).st_size < self.count:
                     os.ftruncate(self._fd, self.count)
+                os.pwrite(self._fd, chunk, lo)
             except BaseException:
                 self._dirty_lo = min(self._dirty_lo, lo)
                 self._dirty_hi = max(self._dirty_hi, hi)
@@ -100,8 +101,14 @@ class ChunkMap:
         if sync:
             os.fdatasync(self._fd)
 
-    async def save(self, sync: bool = False) -> None:
-        """Write the changed part of the map; fdatasync it if ``sync``."""
+    async def save(self, sync: bool = False, before=None) -> None:
+        """Write the changed part of the map; fdatasync it if ``sync``.
+
+        ``before``, an async callable, runs after the marks to save are
+        copied and before they are written: a caller makes the data they
+        stand for durable there, so a mark set meanwhile (whose data that
+        did not cover) waits for the next save.
+        """
         if self._fd is None:
             return
         lo, hi = self._dirty_lo, self._dirty_hi
@@ -115,13 +122,16 @@ class ChunkMap:
 
         def write():
             if chunk:
-                os.pwrite(fd, chunk, lo)
+                # Full length first: a crash never leaves a short map.
                 if os.fstat(fd).st_size < size:
                     os.ftruncate(fd, size)
+                os.pwrite(fd, chunk, lo)
             if sync:
                 os.fdatasync(fd)
 
         try:
+            if before is not None:
+                await before()
             await asyncio.get_running_loop().run_in_executor(None, write)
         except BaseException:
             self._dirty_lo = min(self._dirty_lo, lo)

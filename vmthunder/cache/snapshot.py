@@ -33,7 +33,8 @@ _ZERO_PIECE = 1024 * 1024
 
 
 def check_name(name: str) -> str:
-    if not _NAME_RE.match(name):
+    # fullmatch: "$" would let a trailing newline through.
+    if not _NAME_RE.fullmatch(name):
         raise ValueError(
             f"snapshot name {name!r} is not valid: use 1-128 letters, "
             "digits, '.', '_' or '-', starting with a letter or digit")
@@ -70,6 +71,19 @@ class SnapshotLayer(blockdev.BlockDevice):
         if os.fstat(self._fd).st_size != self.size:
             os.ftruncate(self._fd, self.size)
         self.blocks = (self.size + block_size - 1) // block_size
+        try:
+            stored = os.path.getsize(map_path)
+        except FileNotFoundError:
+            stored = 0
+        if stored not in (0, self.blocks):
+            # ChunkMap would start empty and the VM's writes would be
+            # silently gone: refuse instead.
+            os.close(self._fd)
+            raise blockdev.BlockError(
+                errno.EINVAL, f"snapshot {name!r}: its map {map_path} has "
+                f"{stored} entries, not {self.blocks}; was it made with "
+                f"another block size than {block_size} (the [snapshot] "
+                "block_size option)? Open it with that block size.")
         self.map = chunkmap.ChunkMap(self.blocks, map_path)
         self._rmw_locks: dict[int, asyncio.Lock] = {}
         self._flush_lock = asyncio.Lock()
@@ -189,8 +203,11 @@ class SnapshotLayer(blockdev.BlockDevice):
         self.counters["flushes"] += 1
         async with self._flush_lock:
             try:
-                await fileio.fdatasync(self._fd)
-                await self.map.save(sync=True)
+                # The marks to save are copied first, then the overlay is
+                # synced, then they are written: a block written while the
+                # sync runs is marked by the next flush, never by this one.
+                await self.map.save(
+                    sync=True, before=lambda: fileio.fdatasync(self._fd))
             except OSError as exc:
                 raise blockdev.BlockError(
                     errno.EIO, f"{self.describe()}: flush failed: "

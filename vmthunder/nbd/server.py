@@ -259,6 +259,12 @@ class NbdConnection(asyncio.Protocol):
         cmd = req.command
         if cmd == c.CMD_READ:
             data = await device.read(req.offset, req.length)
+            if len(data) != req.length:
+                # The reply header promises req.length bytes: sending
+                # fewer would desynchronise the stream. Fail this request.
+                raise blockdev.BlockError(
+                    errno.EIO, f"{device.describe()} returned {len(data)} "
+                    f"of {req.length} bytes at offset {req.offset}")
             return (self.proto.reply_read_header(req.handle, req.offset,
                                                  req.length), data)
         fua = bool(req.flags & c.CMD_FLAG_FUA)

@@ -79,6 +79,10 @@ class FileSource(blockdev.BlockDevice):
         extents = []
         pos, end = offset, offset + length
         try:
+            # A file that shrank while served: past its end nothing reads
+            # as zeros (reads there fail with EIO), so that part is data,
+            # never a hole a client could skip.
+            end = max(pos, min(end, os.fstat(self._fd).st_size))
             while pos < end:
                 try:
                     data_at = os.lseek(self._fd, pos, os.SEEK_DATA)
@@ -99,6 +103,8 @@ class FileSource(blockdev.BlockDevice):
                 pos += run
         except OSError:
             return [blockdev.Extent(length, 0)]
+        if end < offset + length:
+            extents.append(blockdev.Extent(offset + length - end, 0))
         return extents
 
     def stats(self) -> dict:
