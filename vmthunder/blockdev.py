@@ -93,6 +93,17 @@ class BlockDevice(abc.ABC):
                              f"{self.describe()} has no context {context!r}")
         return [Extent(length, 0)]
 
+    def local_extent(self, offset: int, length: int):
+        """``(fd, file_offset)`` if the range can be sent from a file now.
+
+        For zero-copy replies: a layer answers only when the whole range
+        lies in one local file at ``file_offset`` and is in the page cache,
+        so sendfile(2) on the event loop cannot wait for the disk, and when
+        reading it through :meth:`read` would give the same bytes. None
+        (the default) means "use read()".
+        """
+        return None
+
     async def close(self) -> None:
         """Release files and connections; idempotent."""
 

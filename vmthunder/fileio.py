@@ -10,7 +10,9 @@ always go to worker threads: they can wait on the disk at any time.
 from __future__ import annotations
 
 import asyncio
+import ctypes
 import errno
+import mmap
 import os
 
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
@@ -80,3 +82,68 @@ async def pwrite(fd: int, data: bytes, offset: int) -> None:
 
 async def fdatasync(fd: int) -> None:
     await asyncio.get_running_loop().run_in_executor(None, os.fdatasync, fd)
+
+
+class ResidencyMap:
+    """Tells whether a file range is in the page cache (mincore(2)).
+
+    Lets the NBD server hand a range to sendfile(2) on the event loop only
+    when sendfile cannot wait for the disk. The file is mapped read-only
+    and never touched through the mapping, so the mapping costs address
+    space, not memory.
+    """
+
+    _PAGE = os.sysconf("SC_PAGE_SIZE")
+
+    def __init__(self, fd: int, size: int):
+        self._addr = None
+        self._size = size
+        libc = _libc()
+        if libc is None or size <= 0:
+            return
+        addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value):
+            return
+        self._addr = addr
+        self._libc = libc
+
+    def resident(self, offset: int, length: int) -> bool:
+        if self._addr is None or offset + length > self._size:
+            return False
+        page = self._PAGE
+        start = offset - offset % page
+        pages = (offset + length - start + page - 1) // page
+        vec = ctypes.create_string_buffer(pages)
+        if self._libc.mincore(ctypes.c_void_p(self._addr + start),
+                              ctypes.c_size_t(pages * page), vec) != 0:
+            return False
+        # Bit 0 of each byte: page resident. Other bits are reserved, so
+        # mask them off before asking whether any page is missing.
+        return vec.raw.translate(_LOW_BIT).find(b"\x00") == -1
+
+    def close(self) -> None:
+        if self._addr is not None:
+            self._libc.munmap(ctypes.c_void_p(self._addr),
+                              ctypes.c_size_t(self._size))
+            self._addr = None
+
+
+_LIBC = []
+_LOW_BIT = bytes(i & 1 for i in range(256))
+
+
+def _libc():
+    if not _LIBC:
+        try:
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.mmap.restype = ctypes.c_void_p
+            libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t,
+                                  ctypes.c_int, ctypes.c_int, ctypes.c_int,
+                                  ctypes.c_long]
+            libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t,
+                                     ctypes.c_char_p]
+            libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+            _LIBC.append(libc)
+        except (OSError, AttributeError):
+            _LIBC.append(None)
+    return _LIBC[0]

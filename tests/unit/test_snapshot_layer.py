@@ -78,6 +78,8 @@ class ReadOnlyLower(blockdev.BlockDevice):
 def crash(snap):
     """Drop a snapshot like a killed process would: no flush, no save."""
     snap.map.close()
+    # The page-cache mapping holds the file (and its lock) like the fd.
+    snap._resident.close()
     os.close(snap._fd)
     snap._fd = None
 

@@ -85,6 +85,7 @@ class CacheLayer(blockdev.BlockDevice):
             os.ftruncate(self._data_fd, self.size)
         self.map = chunkmap.ChunkMap(self.chunks,
                                      os.path.join(self.directory, "map"))
+        self._resident = fileio.ResidencyMap(self._data_fd, self.size)
         # index -> Future resolved with the chunk's bytes; kept until the
         # chunk is durable and marked, so late readers are served from it.
         self._inflight: dict[int, asyncio.Future] = {}
@@ -166,6 +167,17 @@ class CacheLayer(blockdev.BlockDevice):
                               for i in range(start, end))
         parts = await asyncio.gather(*pieces)
         return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    def local_extent(self, offset: int, length: int):
+        cs = self.chunk_size
+        first, last = offset // cs, (offset + length - 1) // cs + 1
+        if self.map.all_present(first, last) \
+                and self._resident.resident(offset, length):
+            # Served without read(): count it here.
+            self.counters["read_requests"] += 1
+            self.counters["bytes_read"] += length
+            return self._data_fd, offset
+        return None
 
     async def _read_local(self, offset: int, length: int) -> bytes:
         data = await fileio.pread(self._data_fd, length, offset)
@@ -309,6 +321,7 @@ class CacheLayer(blockdev.BlockDevice):
             await asyncio.gather(self._map_save, return_exceptions=True)
         await self.map.save(sync=True)
         self.map.close()
+        self._resident.close()
         os.close(self._data_fd)
         os.close(self._lock_fd)
         self._lock_fd = None

@@ -1,0 +1,49 @@
+"""asyncio helpers for the data path."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+
+
+async def _finish(coro, awaited):
+    """Drive the rest of a coroutine that suspended on ``awaited``."""
+    while True:
+        try:
+            if awaited is None:
+                await asyncio.sleep(0)      # it yielded control bare
+            else:
+                # The coroutine's own await marked the future as being
+                # waited on; a Task clears that mark, and so must we.
+                awaited._asyncio_future_blocking = False
+                await awaited
+        except asyncio.CancelledError:
+            if awaited is not None and not awaited.cancelled():
+                awaited.cancel()
+            # The coroutine sees the cancellation where it waits.
+        except BaseException:
+            pass                            # ...and so does any other error
+        try:
+            awaited = coro.send(None)
+        except StopIteration as stop:
+            return stop.value
+
+
+def start_eager(coro) -> asyncio.Future | None:
+    """Run ``coro`` now, up to its first real wait.
+
+    Most requests on a warm cache finish without ever waiting (the data is
+    in the page cache), and then no Task is created at all: a Task costs
+    more than the whole request. A coroutine that does wait continues in
+    a Task, which is returned. Python 3.12's eager tasks do the same.
+    Returns None when the coroutine finished; it must handle its own
+    errors (an exception here propagates to the caller).
+    """
+    if sys.version_info >= (3, 12):
+        task = asyncio.Task(coro, eager_start=True)
+        return None if task.done() else task
+    try:
+        awaited = coro.send(None)
+    except StopIteration:
+        return None
+    return asyncio.ensure_future(_finish(coro, awaited))

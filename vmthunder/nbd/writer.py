@@ -1,0 +1,160 @@
+"""Ordered, non-blocking reply output with zero-copy file ranges.
+
+asyncio transports take bytes only, so a read reply would have to be
+copied from the page cache into Python and again into the socket. This
+writer owns the sending side of a connection (a dup of the transport's
+socket; the transport keeps reading): it queues replies as bytes or as
+file ranges, sends bytes with sendmsg(2) and file ranges with sendfile(2),
+and waits for the socket to drain with the loop's add_writer. Replies
+leave in the order they were queued.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import os
+import socket
+
+LOG = logging.getLogger(__name__)
+
+_MAX_IOV = 64
+
+
+class FileRange:
+    __slots__ = ("fd", "offset", "length")
+
+    def __init__(self, fd: int, offset: int, length: int):
+        self.fd, self.offset, self.length = fd, offset, length
+
+
+class ReplyWriter:
+    def __init__(self, loop, sock: socket.socket, *, on_error,
+                 on_pressure, may_send=None,
+                 high_water: int = 8 * 1024 * 1024):
+        """``sock`` is this writer's own (dup'd) socket.
+
+        ``on_error(reason)`` is called once when the socket fails;
+        ``on_pressure(bool)`` when queued bytes cross ``high_water`` (True)
+        and fall back under a quarter of it (False). ``may_send()`` returns
+        False while someone else (the transport, still sending the
+        handshake) has bytes to go first.
+        """
+        self._may_send = may_send
+        self._loop = loop
+        self._sock = sock
+        self._fd = sock.fileno()
+        sock.setblocking(False)
+        self._queue: collections.deque = collections.deque()
+        self._queued = 0
+        self._high = high_water
+        self._pressure = False
+        self._waiting = False
+        self._on_error = on_error
+        self._on_pressure = on_pressure
+        # Called once the queue is empty (set by whoever wants to close).
+        self.on_drained = None
+        self.closed = False
+
+    @property
+    def queued_bytes(self) -> int:
+        return self._queued
+
+    def write(self, *parts) -> None:
+        """Queue bytes-like objects and FileRanges, then send what we can."""
+        if self.closed:
+            return
+        for part in parts:
+            n = part.length if isinstance(part, FileRange) else len(part)
+            if n:
+                self._queue.append(part)
+                self._queued += n
+        if not self._waiting:
+            self._flush()
+
+    def _flush(self) -> None:
+        queue = self._queue
+        if self._may_send is not None:
+            if not self._may_send():
+                self._waiting = True
+                self._loop.call_later(0.001, self._gate_retry)
+                return
+            self._may_send = None       # once clear, it stays clear
+        try:
+            while queue:
+                head = queue[0]
+                if isinstance(head, FileRange):
+                    n = os.sendfile(self._fd, head.fd, head.offset,
+                                    head.length)
+                    if n == 0:
+                        raise OSError(f"file ended {head.length} bytes "
+                                      "short of a reply")
+                    self._queued -= n
+                    if n < head.length:
+                        head.offset += n
+                        head.length -= n
+                        continue
+                    queue.popleft()
+                    continue
+                # Gather leading byte strings into one sendmsg.
+                iov = []
+                for part in queue:
+                    if isinstance(part, FileRange) or len(iov) == _MAX_IOV:
+                        break
+                    iov.append(part)
+                n = self._sock.sendmsg(iov)
+                self._queued -= n
+                while n:
+                    part = queue[0]
+                    if n >= len(part):
+                        n -= len(part)
+                        queue.popleft()
+                    else:
+                        queue[0] = memoryview(part)[n:]
+                        n = 0
+        except BlockingIOError:
+            if not self._waiting:
+                self._waiting = True
+                self._loop.add_writer(self._fd, self._writable)
+        except OSError as exc:
+            self._fail(f"sending replies failed: {exc}")
+            return
+        else:
+            if self._waiting:
+                self._waiting = False
+                self._loop.remove_writer(self._fd)
+            if self.on_drained is not None:
+                callback, self.on_drained = self.on_drained, None
+                callback()
+        self._check_pressure()
+
+    def _writable(self) -> None:
+        self._flush()
+
+    def _gate_retry(self) -> None:
+        if not self.closed:
+            self._waiting = False
+            self._flush()
+
+    def _check_pressure(self) -> None:
+        if not self._pressure and self._queued > self._high:
+            self._pressure = True
+            self._on_pressure(True)
+        elif self._pressure and self._queued <= self._high // 4:
+            self._pressure = False
+            self._on_pressure(False)
+
+    def _fail(self, reason: str) -> None:
+        if not self.closed:
+            self.close()
+            self._on_error(reason)
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        if self._waiting:
+            self._loop.remove_writer(self._fd)
+            self._waiting = False
+        self._queue.clear()
+        self._sock.close()
