@@ -122,12 +122,15 @@ async def wait_line(stream, prefix: str, timeout: float,
 
 
 async def boot_one(conf, guest: Guest, image: str, cache_dir: str,
-                   vm_name: str, workdir: str) -> dict:
+                   vm_name: str, workdir: str,
+                   chunk_size: int | None = None) -> dict:
     sock = os.path.join(workdir, f"{vm_name}.sock")
     stats_file = os.path.join(workdir, f"{vm_name}.stats.json")
     serve_argv = [sys.executable, "-m", "vmthunder.cli", "serve", image,
                   "--listen", f"unix:{sock}", "--cache-dir", cache_dir,
                   "--snapshot", vm_name, "--stats-file", stats_file]
+    if chunk_size:
+        serve_argv += ["--chunk-size", str(chunk_size)]
     console: list[str] = []
     async with running(serve_argv, stdout=asyncio.subprocess.PIPE) as srv:
         try:
@@ -203,7 +206,7 @@ async def run(args, conf) -> int:
             vm_name = f"vm{i + 1}"
             try:
                 result = await boot_one(conf, guest, image, cache_dir,
-                                        vm_name, workdir)
+                                        vm_name, workdir, args.chunk_size)
             except BootError as exc:
                 print(f"vmthunder boot: {exc}", file=sys.stderr)
                 return 1

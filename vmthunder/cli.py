@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
                       help="boot N VMs one after the other on the same "
                            "cache; the later ones show the warm cache "
                            "(default 1)")
+    boot.add_argument("--chunk-size", type=_size, default=None,
+                      metavar="BYTES",
+                      help="cache chunk size for a new cache (default "
+                           "from [cache] chunk_size)")
     boot.add_argument("--json", action="store_true",
                       help="print the result as one JSON object")
 
