@@ -99,7 +99,8 @@ class CacheLayer(blockdev.BlockDevice):
         self._map_save: asyncio.Task | None = None
         self.counters = {"read_requests": 0, "bytes_read": 0,
                          "bytes_fetched": 0, "chunks_fetched": 0,
-                         "fetch_errors": 0, "store_errors": 0}
+                         "fetch_errors": 0, "store_errors": 0,
+                         "verify_errors": 0}
         LOG.info("cache %s for %s: %d of %d chunks of %d bytes present",
                  self.directory, source.describe(), self.map.count_present(),
                  self.chunks, self.chunk_size)
@@ -217,9 +218,7 @@ class CacheLayer(blockdev.BlockDevice):
         async with self._write_slots:
             LOG.debug("%s: fetching chunk %d", self.describe(), index)
             try:
-                data = await self.source.read(start, length)
-                if self.verify is not None:
-                    self.verify(index, data)
+                data = await self._fetch_verified(index, start, length)
             except asyncio.CancelledError:
                 self._inflight.pop(index, None)
                 fut.cancel()
@@ -245,6 +244,24 @@ class CacheLayer(blockdev.BlockDevice):
                             self.describe(), index, exc)
             finally:
                 self._inflight.pop(index, None)
+
+    async def _fetch_verified(self, index: int, start: int,
+                              length: int) -> bytes:
+        """Read a chunk from below; a chunk failing ``verify`` is fetched
+        once more, then the read fails (never wrong data)."""
+        for attempt in (1, 2):
+            data = await self.source.read(start, length)
+            if self.verify is None:
+                return data
+            try:
+                self.verify(index, data)
+                return data
+            except blockdev.BlockError as exc:
+                self.counters["verify_errors"] += 1
+                LOG.warning("%s: %s (attempt %d of 2)", self.describe(),
+                            exc, attempt)
+                if attempt == 2:
+                    raise
 
     async def _make_durable(self) -> None:
         """Return once every write completed before the call is on disk.
