@@ -39,7 +39,7 @@ def _size(text: str) -> int:
 
 def _address(text: str):
     try:
-        return parse_address(text)
+        return parse_address(text, listen=True)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
 
@@ -151,7 +151,8 @@ def _cmd_serve(args) -> int:
     image = args.image
     config = serve.ServeConfig(
         image=image,
-        listen=args.listen or parse_address(CONF.nbd.listen),
+        listen=(args.listen
+                or parse_address(CONF.nbd.listen, listen=True)),
         cache_dir=args.cache_dir or CONF.cache.cache_dir,
         export=(args.export if args.export is not None else
                 os.path.splitext(os.path.basename(image))[0]),

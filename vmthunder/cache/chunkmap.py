@@ -82,24 +82,18 @@ class ChunkMap:
     def dirty(self) -> bool:
         return self._dirty_lo < self._dirty_hi
 
-    def _write_dirty(self, sync: bool) -> None:
+    def _take_dirty(self):
+        """Copy the changed range and mark it clean: marks set while the
+        copy is being written stay dirty for the next save."""
         lo, hi = self._dirty_lo, self._dirty_hi
+        self._dirty_lo, self._dirty_hi = self.count, 0
+        return lo, hi, (bytes(self._map[lo:hi]) if lo < hi else b"")
+
+    def _keep_dirty(self, lo: int, hi: int) -> None:
+        """A save failed: the range it took is still to be written."""
         if lo < hi:
-            # Snapshot the range first: marks set while the write runs stay
-            # dirty for the next save.
-            self._dirty_lo, self._dirty_hi = self.count, 0
-            chunk = bytes(self._map[lo:hi])
-            try:
-                # Full length first: a crash never leaves a short map.
-                if os.fstat(self._fd).st_size < self.count:
-                    os.ftruncate(self._fd, self.count)
-                os.pwrite(self._fd, chunk, lo)
-            except BaseException:
-                self._dirty_lo = min(self._dirty_lo, lo)
-                self._dirty_hi = max(self._dirty_hi, hi)
-                raise
-        if sync:
-            os.fdatasync(self._fd)
+            self._dirty_lo = min(self._dirty_lo, lo)
+            self._dirty_hi = max(self._dirty_hi, hi)
 
     async def save(self, sync: bool = False, before=None) -> None:
         """Write the changed part of the map; fdatasync it if ``sync``.
@@ -109,44 +103,45 @@ class ChunkMap:
         stand for durable there, so a mark set meanwhile (whose data that
         did not cover) waits for the next save.
         """
-        if self._fd is None:
-            return
-        lo, hi = self._dirty_lo, self._dirty_hi
-        if lo >= hi and not sync:
+        if self._fd is None or (not self.dirty and not sync):
             return
         # The copy is taken on the loop thread so the worker never reads
         # the map while the loop changes it.
-        self._dirty_lo, self._dirty_hi = self.count, 0
-        chunk = bytes(self._map[lo:hi]) if lo < hi else b""
-        fd, size = self._fd, self.count
-
-        def write():
-            if chunk:
-                # Full length first: a crash never leaves a short map.
-                if os.fstat(fd).st_size < size:
-                    os.ftruncate(fd, size)
-                os.pwrite(fd, chunk, lo)
-            if sync:
-                os.fdatasync(fd)
-
+        lo, hi, chunk = self._take_dirty()
         try:
             if before is not None:
                 await before()
-            await asyncio.get_running_loop().run_in_executor(None, write)
+            await asyncio.get_running_loop().run_in_executor(
+                None, _write_map, self._fd, self.count, chunk, lo, sync)
         except BaseException:
-            self._dirty_lo = min(self._dirty_lo, lo)
-            self._dirty_hi = max(self._dirty_hi, hi)
+            self._keep_dirty(lo, hi)
             raise
 
     def save_now(self, sync: bool = True) -> None:
         """Blocking save, for shutdown paths outside the event loop."""
-        if self._fd is not None:
-            self._write_dirty(sync)
+        if self._fd is None:
+            return
+        lo, hi, chunk = self._take_dirty()
+        try:
+            _write_map(self._fd, self.count, chunk, lo, sync)
+        except BaseException:
+            self._keep_dirty(lo, hi)
+            raise
 
     def close(self) -> None:
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
+
+
+def _write_map(fd: int, size: int, chunk: bytes, lo: int, sync: bool):
+    if chunk:
+        # Full length first: a crash never leaves a short map.
+        if os.fstat(fd).st_size < size:
+            os.ftruncate(fd, size)
+        os.pwrite(fd, chunk, lo)
+    if sync:
+        os.fdatasync(fd)
 
 
 _SANITIZE = bytes([1 if i == 1 else 0 for i in range(256)])

@@ -26,19 +26,49 @@ class Address:
         return f"nbd://{host}:{self.port}/{export}"
 
 
-def parse_address(text: str) -> Address:
-    """Parse ``tcp:HOST:PORT`` or ``unix:PATH``; ValueError says why not."""
-    kind, sep, rest = text.partition(":")
-    if not sep or kind not in ("tcp", "unix") or not rest:
-        raise ValueError(
-            f"address {text!r} is not tcp:HOST:PORT or unix:PATH")
-    if kind == "unix":
+def _parse_port(text: str, where: str, allow_zero: bool) -> int:
+    low = 0 if allow_zero else 1
+    if not text.isdigit() or not low <= int(text) < 65536:
+        raise ValueError(f"bad port {text!r} in {where!r}: expected a "
+                         f"number from {low} to 65535"
+                         + (" (0 picks a free port)" if allow_zero else ""))
+    return int(text)
+
+
+def parse_address(address, *, listen: bool = False) -> Address:
+    """Parse ``tcp:HOST:PORT`` (``tcp:[IPV6]:PORT``) or ``unix:PATH``.
+
+    ``listen`` allows port 0 (the kernel picks a free one). ValueError
+    says what is wrong.
+    """
+    if isinstance(address, Address):
+        return address
+    if not isinstance(address, str):
+        raise TypeError(f"NBD address must be a str, got "
+                        f"{type(address).__name__}")
+    kind, sep, rest = address.partition(":")
+    if sep and kind == "unix":
+        if not rest:
+            raise ValueError(f"NBD address {address!r} has no socket path "
+                             f"(expected 'unix:PATH')")
         return Address("unix", path=rest)
-    host, sep, port = rest.rpartition(":")
-    host = host.strip("[]")
-    if not sep or not host or not port.isdigit() or not 0 <= int(port) \
-            < 65536:
-        raise ValueError(
-            f"address {text!r} is not tcp:HOST:PORT (PORT 0-65535; 0 "
-            "picks a free port)")
-    return Address("tcp", host=host, port=int(port))
+    if sep and kind == "tcp":
+        if rest.startswith("["):
+            host, bracket, port = rest[1:].partition("]")
+            if not bracket or not port.startswith(":"):
+                raise ValueError(
+                    f"NBD address {address!r}: expected 'tcp:[IPV6]:PORT'")
+            port = port[1:]
+        else:
+            host, colon, port = rest.rpartition(":")
+            if not colon or ":" in host:
+                raise ValueError(
+                    f"NBD address {address!r}: expected 'tcp:HOST:PORT' "
+                    f"(write an IPv6 host in brackets)")
+        if not host:
+            raise ValueError(f"NBD address {address!r} has no host")
+        return Address("tcp", host=host,
+                       port=_parse_port(port, address, listen))
+    raise ValueError(
+        f"bad NBD address {address!r}: expected 'tcp:HOST:PORT' or "
+        f"'unix:PATH'")

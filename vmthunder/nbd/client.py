@@ -29,7 +29,6 @@ export, :class:`NbdProtocolError` when the peer does not speak NBD.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import errno
 import os
 import urllib.parse
@@ -37,6 +36,7 @@ import urllib.parse
 from vmthunder.blockdev import (BASE_ALLOCATION, BlockDevice, BlockError,
                                 Capabilities, Extent)
 from vmthunder.nbd import client_protocol as cp
+from vmthunder.nbd.address import Address, parse_address
 from vmthunder.nbd.client_protocol import (ExportEntry, NbdError,
                                            NbdHandshakeError,
                                            NbdProtocolError, RemoteExport)
@@ -66,61 +66,8 @@ class NbdConnectionError(BlockError):
 
 # -- addresses ---------------------------------------------------------
 
-@dataclasses.dataclass(frozen=True)
-class NbdAddress:
-    """Where an NBD server listens: TCP host and port, or a unix socket."""
-
-    kind: str                 # "tcp" or "unix"
-    host: str = ""
-    port: int = 0
-    path: str = ""
-
-    def __str__(self) -> str:
-        if self.kind == "unix":
-            return f"unix:{self.path}"
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"tcp:{host}:{self.port}"
-
-
-def _parse_port(text: str, where: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
-        raise ValueError(f"bad port {text!r} in {where!r}: expected a "
-                         f"number from 1 to 65535")
-    return int(text)
-
-
-def parse_address(address: str | NbdAddress) -> NbdAddress:
-    """Parse ``tcp:HOST:PORT`` or ``unix:PATH``."""
-    if isinstance(address, NbdAddress):
-        return address
-    if not isinstance(address, str):
-        raise TypeError(f"NBD address must be a str, got "
-                        f"{type(address).__name__}")
-    kind, sep, rest = address.partition(":")
-    if sep and kind == "unix":
-        if not rest:
-            raise ValueError(f"NBD address {address!r} has no socket path "
-                             f"(expected 'unix:PATH')")
-        return NbdAddress("unix", path=rest)
-    if sep and kind == "tcp":
-        if rest.startswith("["):
-            host, bracket, port = rest[1:].partition("]")
-            if not bracket or not port.startswith(":"):
-                raise ValueError(
-                    f"NBD address {address!r}: expected 'tcp:[IPV6]:PORT'")
-            port = port[1:]
-        else:
-            host, colon, port = rest.rpartition(":")
-            if not colon or ":" in host:
-                raise ValueError(
-                    f"NBD address {address!r}: expected 'tcp:HOST:PORT' "
-                    f"(write an IPv6 host in brackets)")
-        if not host:
-            raise ValueError(f"NBD address {address!r} has no host")
-        return NbdAddress("tcp", host=host, port=_parse_port(port, address))
-    raise ValueError(
-        f"bad NBD address {address!r}: expected 'tcp:HOST:PORT', "
-        f"'unix:PATH' or an nbd:// / nbd+unix:// URI")
+# One address type for servers and clients (address.py).
+NbdAddress = Address
 
 
 def parse_nbd_uri(uri: str) -> tuple[str, str]:
