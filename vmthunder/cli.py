@@ -132,7 +132,71 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("image")
     delete.add_argument("name")
     delete.add_argument("--cache-dir", metavar="DIR")
+
+    _add_export_parsers(sub)
     return parser
+
+
+def _add_export_parsers(sub) -> None:
+    export = sub.add_parser(
+        "export", help="export an image read-only over iSCSI (tgtd)",
+        description="Store IMAGE (raw, or qcow2 and other formats "
+                    "qemu-img converts) as a raw volume under [export] "
+                    "export_dir, write its chunk manifest, and export both "
+                    "read-only through tgtd as target <iqn_prefix>:NAME: "
+                    "LUN 1 the volume, LUN 2 the manifest. Starts tgtd if "
+                    "none answers on [export] tgtd_control_port, and "
+                    "re-creates the targets of all recorded exports that "
+                    "tgtd lost. Exporting the same content under the same "
+                    "name again changes nothing. Needs root.")
+    export.add_argument("image", help="image file to export")
+    export.add_argument("--name", required=True,
+                        help="export name: lower-case letters, digits, "
+                             "'.', '-' (part of the target IQN)")
+    export.add_argument("--chunk-size", type=_size, default=None,
+                        metavar="BYTES",
+                        help="manifest chunk size, a power of two (default "
+                             "from [export] chunk_size)")
+    export.add_argument("--chap", action="store_true",
+                        help="require CHAP: generate a user and secret, "
+                             "stored in <export_dir>/NAME/chap.json "
+                             "(mode 0600)")
+    export.add_argument("--portal", metavar="HOST:PORT",
+                        help="iSCSI portal (default from [export] portal, "
+                             "127.0.0.1:3260 unless configured)")
+    export.add_argument("--export-dir", metavar="DIR",
+                        help="store of exports (default from [export] "
+                             "export_dir)")
+
+    unexport = sub.add_parser(
+        "unexport", help="stop exporting an image and delete its volume",
+        description="Remove the target of export NAME from tgtd (logging "
+                    "out initiators still attached) and delete its stored "
+                    "volume and manifest. Needs root.")
+    unexport.add_argument("name")
+    unexport.add_argument("--keep-data", action="store_true",
+                          help="keep the stored volume and manifest; "
+                               "exporting the same image under NAME later "
+                               "reuses them")
+    unexport.add_argument("--export-dir", metavar="DIR",
+                          help="store of exports (default from [export] "
+                               "export_dir)")
+
+    exports = sub.add_parser(
+        "exports", help="list exported images",
+        description="List the exports recorded under [export] export_dir: "
+                    "name, size, chunk size, portal, IQN, initiators "
+                    "logged in and state (exported, or not in tgtd after "
+                    "a tgtd restart).")
+    exports.add_argument("--json", action="store_true",
+                         help="print a JSON list, with URLs, tid, source")
+    exports.add_argument("--restore", action="store_true",
+                         help="first start tgtd if needed and re-create the "
+                              "targets of all recorded exports (after a "
+                              "tgtd restart or a reboot); needs root")
+    exports.add_argument("--export-dir", metavar="DIR",
+                         help="store of exports (default from [export] "
+                              "export_dir)")
 
 
 def _load_config(path: str | None) -> None:
@@ -192,6 +256,62 @@ def _cmd_snapshot_delete(args) -> int:
     return 0
 
 
+def _export_config(args):
+    from vmthunder.volume import export
+    return export.ExportConfig.from_conf(CONF.export, args.export_dir)
+
+
+def _export_errors():
+    from vmthunder import privileged
+    from vmthunder.volume import export, tgt
+    return (export.ExportError, tgt.TgtError, privileged.PrivilegedError)
+
+
+def _cmd_export(args) -> int:
+    from vmthunder.volume import export
+    try:
+        export.export_image(_export_config(args), args.image, args.name,
+                            chunk_size=args.chunk_size, chap=args.chap,
+                            portal=args.portal)
+    except _export_errors() as exc:
+        print(f"vmthunder export: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_unexport(args) -> int:
+    from vmthunder.volume import export
+    try:
+        export.unexport(_export_config(args), args.name, args.keep_data)
+    except _export_errors() as exc:
+        print(f"vmthunder unexport: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_exports(args) -> int:
+    import json
+    from vmthunder.volume import export
+    cfg = _export_config(args)
+    try:
+        if args.restore:
+            export.restore(cfg, out=(lambda text: None) if args.json
+                           else print)
+        rows, problems = export.list_exports(cfg)
+    except _export_errors() as exc:
+        print(f"vmthunder exports: error: {exc}", file=sys.stderr)
+        return 1
+    for problem in problems:
+        print(f"vmthunder exports: warning: {problem}", file=sys.stderr)
+    if args.json:
+        print(json.dumps(rows, indent=1))
+    elif rows:
+        print(export.format_table(rows))
+    else:
+        print(f"no exports in {cfg.export_dir}")
+    return 0
+
+
 def _run(coro) -> int:
     try:
         import uvloop
@@ -213,7 +333,9 @@ def main(argv=None) -> int:
                                "%(message)s")
     _load_config(args.config_file)
     handlers = {"serve": _cmd_serve, "boot": _cmd_boot,
-                "snapshot-delete": _cmd_snapshot_delete}
+                "snapshot-delete": _cmd_snapshot_delete,
+                "export": _cmd_export, "unexport": _cmd_unexport,
+                "exports": _cmd_exports}
     try:
         return handlers[args.command](args)
     except (blockdev.BlockError, ValueError) as exc:

@@ -15,6 +15,11 @@ from oslo_config import cfg
 KiB = 1024
 MiB = 1024 * KiB
 
+# The cache's chunk size, also the default chunk size of an export's
+# manifest: a cache whose chunks match the manifest's verifies each fetched
+# chunk against one digest.
+DEFAULT_CHUNK_SIZE = 256 * KiB
+
 cache_opts = [
     cfg.StrOpt(
         "cache_dir",
@@ -24,7 +29,7 @@ cache_opts = [
              "restarts: a cache found here is reused."),
     cfg.IntOpt(
         "chunk_size",
-        default=256 * KiB,
+        default=DEFAULT_CHUNK_SIZE,
         min=4 * KiB,
         max=64 * MiB,
         help="Bytes fetched from the image source per cache miss; a power "
@@ -106,11 +111,66 @@ boot_opts = [
         help="Line the guest prints on its serial console once booted."),
 ]
 
+export_opts = [
+    cfg.StrOpt(
+        "export_dir",
+        default="/var/lib/vmthunder/exports",
+        help="Where `vmthunder export` keeps each exported image: "
+             "<export_dir>/<name>/ holds volume.raw (the LUN), "
+             "manifest.json and manifest.lun (the chunk manifest and its "
+             "NUL-padded LUN copy), export.json (the record that "
+             "`vmthunder exports --restore` re-creates targets from) and "
+             "chap.json (mode 0600) when CHAP is on. tgtd's log is kept "
+             "here too."),
+    cfg.StrOpt(
+        "portal",
+        default="127.0.0.1:3260",
+        help="iSCSI portal (HOST:PORT) tgtd listens on and the exports' "
+             "URLs name. Loopback by default: set an address compute "
+             "hosts can reach to export beyond this host."),
+    cfg.IntOpt(
+        "tgtd_control_port",
+        default=0,
+        min=0,
+        max=65535,
+        help="tgtd management channel (tgtd -C N, tgtadm -C N; the "
+             "socket /var/run/tgtd/socket.N). 0 is the tgtd default, the "
+             "one Debian's tgt service uses; another number runs a tgtd "
+             "of vmthunder's own beside it."),
+    cfg.FloatOpt(
+        "tgtd_start_timeout",
+        default=10.0,
+        min=0.5,
+        help="Seconds to wait for a tgtd started by vmthunder to answer "
+             "tgtadm."),
+    cfg.StrOpt(
+        "iqn_prefix",
+        default="iqn.2026-11.org.vmthunder",
+        help="Target names are <iqn_prefix>:<export name>. Use an IQN "
+             "naming authority of your own (iqn.YYYY-MM.reversed.domain)."),
+    cfg.ListOpt(
+        "initiator_addresses",
+        default=["ALL"],
+        help="Initiator addresses allowed to log in to every export "
+             "(tgtadm --initiator-address); ALL admits any initiator that "
+             "reaches the portal (loopback only by default)."),
+    cfg.IntOpt(
+        "chunk_size",
+        default=DEFAULT_CHUNK_SIZE,
+        min=4 * KiB,
+        max=64 * MiB,
+        help="Chunk size of the manifest written beside each export (one "
+             "SHA-256 digest per chunk); a power of two. Same default as "
+             "[cache] chunk_size, so that a cache verifies each chunk it "
+             "fetches against one digest."),
+]
+
 GROUPS = {
     "cache": cache_opts,
     "snapshot": snapshot_opts,
     "nbd": nbd_opts,
     "boot": boot_opts,
+    "export": export_opts,
 }
 
 

@@ -502,7 +502,9 @@ def run_benchmark(args) -> dict:
                             for t in tests} for s in servers}
         report.update(build_report(args, tests, results, image_size,
                                    image if args.image else None))
-        if code_state() != report["code"]:
+        now = code_state()
+        if any(now.get(k) != report["code"].get(k)
+               for k in ("vmthunder_tree", "changes_sha256")):
             log("warning: the vmthunder code changed during the run")
             report["code"]["changed_during_run"] = True
         report["raw"] = {name: {k: [{kk: round(vv, 3) if isinstance(vv, float)
@@ -595,6 +597,7 @@ def code_state() -> dict:
                               text=True, timeout=30).stdout
     try:
         commit = git("rev-parse", "HEAD").strip()
+        tree = git("rev-parse", "HEAD:vmthunder").strip()
         diff = git("diff", "HEAD", "--", "vmthunder")
         untracked = git("ls-files", "--others", "--exclude-standard",
                         "vmthunder").split()
@@ -606,6 +609,7 @@ def code_state() -> dict:
                 open(os.path.join(REPO, path), "rb") as f:
             h.update(path.encode() + b"\0" + f.read())
     return {"commit": commit[:12] or None,
+            "vmthunder_tree": tree[:12] or None,
             "dirty": bool(diff or untracked),
             "changes_sha256": h.hexdigest()[:12] if diff or untracked
             else None}

@@ -163,7 +163,6 @@ class NbdConnection(asyncio.Protocol):
                      if isinstance(peer, tuple) else "unix socket")
         transport.set_write_buffer_limits(high=8 * 1024 * 1024)
         self.server._connections.add(self)
-
         transport.write(self.proto.greeting())
 
     def data_received(self, data: bytes) -> None:
