@@ -132,11 +132,11 @@ export_opts = [
         "tgtd_control_port",
         default=0,
         min=0,
-        max=65535,
+        max=32767,
         help="tgtd management channel (tgtd -C N, tgtadm -C N; the "
-             "socket /var/run/tgtd/socket.N). 0 is the tgtd default, the "
-             "one Debian's tgt service uses; another number runs a tgtd "
-             "of vmthunder's own beside it."),
+             "socket /var/run/tgtd/socket.N; tgt takes 0 to 32767). 0 is "
+             "the tgtd default, the one Debian's tgt service uses; another "
+             "number runs a tgtd of vmthunder's own beside it."),
     cfg.FloatOpt(
         "tgtd_start_timeout",
         default=10.0,
