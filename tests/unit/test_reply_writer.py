@@ -70,6 +70,7 @@ def test_short_file_fails_the_connection(tmp_path):
         writer = ReplyWriter(loop, a, on_error=errors.append,
                              on_pressure=lambda on: None)
         writer.write(b"hdr", FileRange(fd, 500, 1000))   # 500 bytes short
+        await asyncio.sleep(0.01)
         assert errors and "short" in errors[0]
         assert writer.closed
         writer.write(b"ignored after close")
@@ -88,6 +89,7 @@ def test_on_drained_runs_once_queue_is_empty():
         writer = ReplyWriter(loop, a, on_error=lambda r: None,
                              on_pressure=lambda on: None)
         writer.write(b"z" * (1 << 20))
+        await asyncio.sleep(0.01)
         assert writer.queued_bytes > 0
         writer.on_drained = lambda: drained.append(True)
         got = 0

@@ -50,6 +50,7 @@ class ReplyWriter:
         self._high = high_water
         self._pressure = False
         self._waiting = False
+        self._scheduled = False
         self._on_error = on_error
         self._on_pressure = on_pressure
         # Called once the queue is empty (set by whoever wants to close).
@@ -69,7 +70,16 @@ class ReplyWriter:
             if n:
                 self._queue.append(part)
                 self._queued += n
-        if not self._waiting:
+        if not self._waiting and not self._scheduled:
+            # Send once per pass of the event loop, not once per reply:
+            # the replies of all requests that arrived together then leave
+            # in one sendmsg (16 small replies per call instead of 1).
+            self._scheduled = True
+            self._loop.call_soon(self._flush_scheduled)
+
+    def _flush_scheduled(self) -> None:
+        self._scheduled = False
+        if not self._waiting and not self.closed:
             self._flush()
 
     def _flush(self) -> None:

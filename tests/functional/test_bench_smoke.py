@@ -1,0 +1,101 @@
+"""The benchmarks' smoke modes run end to end and report well-formed JSON.
+
+`python -m vmthunder.bench.nbd_throughput --smoke` (vmthunder serve,
+qemu-nbd and nbdkit measured with qemu-img bench and fio) and
+`python -m vmthunder.bench.memory --smoke` (8 concurrent readers against
+vmthunder serve). Throughput targets are not enforced here (a loaded CI
+machine makes them noise); the memory limit is: its peak must stay below
+150 MiB even in the small run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
+
+
+def _need(*binaries):
+    missing = [b for b in binaries if shutil.which(b) is None]
+    if missing:
+        pytest.skip(f"{', '.join(missing)} not installed; run "
+                    "scripts/install.sh")
+
+
+def _fio_has_nbd() -> bool:
+    out = subprocess.run(["fio", "--enghelp"], capture_output=True,
+                         text=True)
+    return any(line.strip() == "nbd" for line in out.stdout.splitlines())
+
+
+def _run(module: str, workdir, timeout: float = 180) -> dict:
+    proc = subprocess.run(
+        [sys.executable, "-m", module, "--smoke", "--workdir", str(workdir)],
+        capture_output=True, text=True, timeout=timeout, cwd=REPO,
+        stdin=subprocess.DEVNULL)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    lines = proc.stdout.strip().splitlines()
+    assert lines, proc.stderr[-3000:]
+    report = json.loads(lines[-1])
+    assert isinstance(report, dict)
+    # The temporary work directory (image, cache, logs) is gone.
+    assert os.listdir(workdir) == []
+    return report
+
+
+def _positive(report: dict, *keys: str) -> None:
+    for key in keys:
+        value = report[key]
+        assert isinstance(value, (int, float)) and not isinstance(value, bool)
+        assert value > 0, f"{key} = {value}"
+
+
+def test_nbd_throughput_smoke(tmp_path):
+    _need("qemu-img", "qemu-nbd", "nbdkit", "nbdcopy", "fio")
+    if not _fio_has_nbd():
+        pytest.skip("fio has no nbd engine")
+    report = _run("vmthunder.bench.nbd_throughput", tmp_path)
+    _positive(report, "seq_ratio", "rand_ratio", "warmup_s",
+              "vmthunder_seq_mb_s", "qemu_nbd_seq_mb_s", "nbdkit_seq_mb_s",
+              "vmthunder_rand_iops", "qemu_nbd_rand_iops",
+              "nbdkit_rand_iops")
+    assert report["seq_faster_peer"] in ("qemu-nbd", "nbdkit")
+    assert report["rand_faster_peer"] in ("qemu-nbd", "nbdkit")
+    assert isinstance(report["targets_met"], bool)
+    assert report["targets"] == {"seq_ratio": 0.8, "rand_ratio": 0.5}
+    # The ratio is vmthunder over the faster peer, as documented.
+    peer = max(report["qemu_nbd_seq_mb_s"], report["nbdkit_seq_mb_s"])
+    assert report["seq_ratio"] == pytest.approx(
+        report["vmthunder_seq_mb_s"] / peer, rel=0.01)
+    for server in ("vmthunder", "qemu-nbd", "nbdkit"):
+        for test in ("seq", "rand", "seq_fio", "stride_qemu_img"):
+            result = report["results"][server][test]
+            assert result["best"] > 0 and result["samples"]
+            assert report["raw"][server][test]
+    assert set(report["method"]["tests"]) >= {"seq", "rand"}
+    assert report["method"]["tests"]["seq"]["client"] == "qemu-img"
+    assert report["method"]["tests"]["rand"]["client"] == "fio"
+    assert report["params"]["smoke"] is True
+    assert report["params"]["image_bytes"] == 64 * 1024 * 1024
+
+
+def test_memory_smoke(tmp_path):
+    _need("nbdcopy")
+    report = _run("vmthunder.bench.memory", tmp_path)
+    _positive(report, "peak_rss_mib", "clients", "image_bytes", "limit_mib",
+              "vmhwm_mib", "samples")
+    assert report["clients"] == 8
+    assert report["limit_mib"] == 150
+    for phase in ("cold", "warm"):
+        _positive(report["phases"][phase], "seconds", "mb_s",
+                  "peak_rss_mib")
+    # The real check: memory stays bounded under 8 concurrent readers.
+    assert report["peak_rss_mib"] < report["limit_mib"], report
+    assert report["ok"] is True
