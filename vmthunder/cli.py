@@ -69,7 +69,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "snapshots are flushed and the cache map saved. Prints "
                     "one 'vmthunder: ready export=NAME uri=URI' line per "
                     "export once it accepts connections.")
-    serve.add_argument("image", help="raw image file to serve")
+    serve.add_argument("image", help="what to serve: a raw image file, "
+                       "iscsi://[USER@]HOST[:PORT]/IQN/LUN (read lazily; "
+                       "chunks checked against the manifest on LUN 2, "
+                       "see [iscsi] options), or export:NAME (an image "
+                       "`vmthunder export` published on [export] portal)")
     serve.add_argument("--listen", type=_address, default=None,
                        metavar="tcp:HOST:PORT|unix:PATH",
                        help="where to listen (default from [nbd] listen, "
@@ -219,7 +223,7 @@ def _cmd_serve(args) -> int:
                 or parse_address(CONF.nbd.listen, listen=True)),
         cache_dir=args.cache_dir or CONF.cache.cache_dir,
         export=(args.export if args.export is not None else
-                os.path.splitext(os.path.basename(image))[0]),
+                default_export_name(image)),
         snapshots=args.snapshot,
         chunk_size=args.chunk_size or CONF.cache.chunk_size,
         block_size=CONF.snapshot.block_size,
@@ -227,8 +231,20 @@ def _cmd_serve(args) -> int:
         max_request=CONF.nbd.max_request_bytes,
         max_inflight=CONF.nbd.max_inflight_bytes,
         read_only=args.read_only,
-        stats_file=args.stats_file)
+        stats_file=args.stats_file,
+        iscsi=CONF.iscsi,
+        exports=_export_config(None))
     return _run(serve.run(config))
+
+
+def default_export_name(image: str) -> str:
+    """The image file's name without extension; an export's or LUN's
+    target name for export:NAME and iscsi:// images."""
+    if image.startswith("export:"):
+        return image.removeprefix("export:")
+    if image.startswith("iscsi://"):
+        return image.rstrip("/").split("/")[-2].rsplit(":", 1)[-1]
+    return os.path.splitext(os.path.basename(image))[0]
 
 
 def _cmd_boot(args) -> int:
@@ -239,9 +255,17 @@ def _cmd_boot(args) -> int:
 def _cmd_snapshot_delete(args) -> int:
     from vmthunder import serve
     from vmthunder.cache import cache_layer, snapshot
-    source = serve.open_source(args.image)
+
+    async def identity():
+        source = await serve.open_source(args.image, CONF.iscsi,
+                                         _export_config(None))
+        try:
+            return source.identity()
+        finally:
+            await source.close()
+
     directory = os.path.join(args.cache_dir or CONF.cache.cache_dir,
-                             cache_layer.cache_key(source.identity()),
+                             cache_layer.cache_key(_run(identity())),
                              "snapshots")
     removed = 0
     for path in snapshot.snapshot_paths(directory, args.name):
@@ -258,7 +282,8 @@ def _cmd_snapshot_delete(args) -> int:
 
 def _export_config(args):
     from vmthunder.volume import export
-    return export.ExportConfig.from_conf(CONF.export, args.export_dir)
+    return export.ExportConfig.from_conf(
+        CONF.export, getattr(args, "export_dir", None))
 
 
 def _export_errors():

@@ -165,12 +165,48 @@ export_opts = [
              "fetches against one digest."),
 ]
 
+iscsi_opts = [
+    cfg.IntOpt(
+        "manifest_lun",
+        default=2,
+        min=0,
+        help="LUN of the chunk manifest on an image's iSCSI target "
+             "(`vmthunder export` puts it on LUN 2). Every chunk fetched "
+             "from the origin is checked against it. 0 serves an iSCSI "
+             "image without a manifest: nothing is verified."),
+    cfg.ListOpt(
+        "portals",
+        default=[],
+        help="More portals (HOST:PORT) of the same targets, tried in order "
+             "after the URL's own at login and at every reconnect."),
+    cfg.FloatOpt(
+        "login_timeout",
+        default=30.0,
+        min=1,
+        help="Seconds to wait for an iSCSI login before the attach fails "
+             "with an error naming the portal."),
+    cfg.FloatOpt(
+        "reconnect_timeout",
+        default=60.0,
+        min=1,
+        help="Seconds reads wait for a lost iSCSI target to come back "
+             "(stalled, not failed); past it they fail with EIO."),
+    cfg.StrOpt(
+        "chap_user",
+        help="CHAP user for iSCSI logins, when the URL names none."),
+    cfg.StrOpt(
+        "chap_secret_file",
+        help="File holding the CHAP secret (kept out of URLs and process "
+             "lists)."),
+]
+
 GROUPS = {
     "cache": cache_opts,
     "snapshot": snapshot_opts,
     "nbd": nbd_opts,
     "boot": boot_opts,
     "export": export_opts,
+    "iscsi": iscsi_opts,
 }
 
 

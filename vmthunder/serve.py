@@ -44,11 +44,63 @@ class ServeConfig:
     max_inflight: int
     read_only: bool = False
     stats_file: str | None = None
+    # [iscsi] options (oslo.config group) and the [export] settings that
+    # resolve export:NAME; None serves local files only.
+    iscsi: object = None
+    exports: object = None
 
 
-def open_source(image: str):
-    """The bottom layer for IMAGE; later sources (iscsi://) plug in here."""
+def describe_image_forms() -> str:
+    return ("a raw image file, iscsi://[USER@]HOST[:PORT]/IQN/LUN, or "
+            "export:NAME (an image `vmthunder export` published on the "
+            "configured portal)")
+
+
+async def open_source(image: str, iscsi=None, exports=None):
+    """The bottom layer for IMAGE: a file, an iSCSI LUN, or export:NAME."""
+    if image.startswith("export:"):
+        if exports is None:
+            raise ValueError(f"{image}: no [export] settings to resolve it")
+        name = image.removeprefix("export:")
+        from vmthunder.volume import export as export_mod
+        export_mod.check_name(name)
+        url = export_mod.iscsi_url(exports.portal, exports.iqn_of(name), 1)
+        password = None
+        try:
+            # On the origin host itself the export's CHAP secret is local.
+            user, password = export_mod.read_chap(exports, name)
+            url = url.replace("iscsi://", f"iscsi://{user}@", 1)
+        except (OSError, ValueError, export_mod.ExportError):
+            pass
+        return await _open_iscsi(url, iscsi, password)
+    if image.startswith("iscsi://"):
+        return await _open_iscsi(image, iscsi, None)
+    if "://" in image:
+        raise ValueError(f"image {image!r}: unknown scheme; give "
+                         f"{describe_image_forms()}")
     return FileSource(image)
+
+
+async def _open_iscsi(url: str, iscsi, password):
+    from vmthunder.volume.iscsi_source import IscsiSource, parse_iscsi_url
+    kwargs = {}
+    if iscsi is not None:
+        if iscsi.chap_user and "@" not in url.split("/")[2]:
+            url = url.replace("iscsi://", f"iscsi://{iscsi.chap_user}@", 1)
+        if password is None and iscsi.chap_secret_file:
+            with open(iscsi.chap_secret_file) as f:
+                password = f.read().strip()
+        kwargs = dict(manifest_lun=iscsi.manifest_lun or None,
+                      portals=list(iscsi.portals),
+                      timeout=iscsi.login_timeout,
+                      reconnect_timeout=iscsi.reconnect_timeout)
+    else:
+        kwargs = dict(manifest_lun=2)
+    if kwargs["manifest_lun"] is None:
+        LOG.warning("%s: no manifest LUN configured; chunks from the "
+                    "origin are not verified", url.split("@")[-1])
+    parse_iscsi_url(url)        # a bad URL fails before any connection
+    return await IscsiSource.open(url, password=password, **kwargs)
 
 
 class ServeJob:
@@ -61,10 +113,20 @@ class ServeJob:
 
     async def start(self) -> list[Address]:
         cfg = self.config
-        source = open_source(cfg.image)
-        self.cache = CacheLayer(source, cfg.cache_dir,
-                                chunk_size=cfg.chunk_size,
-                                max_pending_writes=cfg.max_pending_writes)
+        source = await open_source(cfg.image, cfg.iscsi, cfg.exports)
+        manifest = getattr(source, "manifest", None)
+        try:
+            # With a manifest, the cache's chunks are the manifest's, so
+            # each fetched chunk is checked against exactly one digest.
+            self.cache = CacheLayer(
+                source, cfg.cache_dir,
+                chunk_size=(manifest.chunk_size if manifest
+                            else cfg.chunk_size),
+                max_pending_writes=cfg.max_pending_writes,
+                verify=manifest.verify if manifest else None)
+        except BaseException:
+            await source.close()
+            raise
         self.server = NbdServer(max_request=cfg.max_request,
                                 max_inflight=cfg.max_inflight)
         self.server.add_export(cfg.export, self.cache, read_only=True,
