@@ -15,8 +15,10 @@ import contextlib
 import dataclasses
 import json
 import os
+import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -27,6 +29,8 @@ from vmthunder import serve
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD_SCRIPT = os.path.join(REPO_ROOT, "scripts", "build-guest.sh")
 MiB = 1024 * 1024
+ORIGIN_NAMES = {"iscsi": "iSCSI LUN on tgtd, each chunk verified",
+                "file": "image file"}
 
 
 class BootError(Exception):
@@ -185,7 +189,7 @@ def _report(result: dict) -> str:
         f"image ({100 * read / img:.1f}%) in "
         f"{result['guest_read_requests']} requests, wrote "
         f"{result['guest_written_bytes'] / 1024:.0f} KiB to its snapshot\n"
-        f"  fetched from the image source: "
+        f"  fetched from the origin ({ORIGIN_NAMES[result['origin']]}): "
         f"{result['fetched_bytes'] / MiB:.1f} MiB "
         f"(chunk size {result['chunk_size'] // 1024} KiB)")
 
@@ -201,12 +205,22 @@ async def run(args, conf) -> int:
     workdir = tempfile.mkdtemp(prefix="vmthunder-boot-")
     cache_dir = args.cache_dir or os.path.join(workdir, "cache")
     results = []
+    origin = None
     try:
+        origin_kind = choose_origin(args.origin)
+        if origin_kind == "iscsi":
+            origin = await asyncio.to_thread(
+                PrivateOrigin, conf, os.path.join(workdir, "origin"),
+                args.chunk_size)
+            source = await asyncio.to_thread(origin.export, image)
+        else:
+            source = image
         for i in range(args.vms):
             vm_name = f"vm{i + 1}"
             try:
-                result = await boot_one(conf, guest, image, cache_dir,
+                result = await boot_one(conf, guest, source, cache_dir,
                                         vm_name, workdir, args.chunk_size)
+                result["origin"] = origin_kind
             except BootError as exc:
                 print(f"vmthunder boot: {exc}", file=sys.stderr)
                 return 1
@@ -217,10 +231,62 @@ async def run(args, conf) -> int:
             for path in glob_snapshot(cache_dir, vm_name):
                 os.unlink(path)
     finally:
+        if origin is not None:
+            await asyncio.to_thread(origin.stop)
         shutil.rmtree(workdir, ignore_errors=True)
     if args.json:
         print(json.dumps({"vms": results}))
     return 0
+
+
+def choose_origin(wanted: str) -> str:
+    """``iscsi`` (the image on a tgtd LUN, as in production) when we can
+    run tgtd, i.e. as root with tgt installed; else ``file``."""
+    can_iscsi = os.geteuid() == 0 and shutil.which("tgtd") is not None
+    if wanted == "iscsi" and not can_iscsi:
+        raise BootError("--origin iscsi needs root and tgtd (Debian "
+                        "package tgt; scripts/install.sh installs it)")
+    if wanted == "auto":
+        if not can_iscsi:
+            print("vmthunder boot: not root or no tgtd: serving the image "
+                  "file directly (--origin file)", file=sys.stderr)
+        return "iscsi" if can_iscsi else "file"
+    return wanted
+
+
+class PrivateOrigin:
+    """A tgtd of this boot's own, exporting the image like `vmthunder
+    export` does (LUN 1 image, LUN 2 manifest), on a free loopback port;
+    stopped at the end so the boot leaves nothing running."""
+
+    def __init__(self, conf, directory: str, chunk_size: int | None):
+        from vmthunder.volume import export
+        self.cfg = export.ExportConfig(
+            export_dir=directory, portal=f"127.0.0.1:{free_port()}",
+            control_port=random.randrange(20000, 32768),
+            iqn_prefix=conf.export.iqn_prefix,
+            chunk_size=chunk_size or conf.cache.chunk_size)
+        self._export = export
+
+    def export(self, image: str) -> str:
+        def quiet(text):
+            pass
+        result = self._export.export_image(self.cfg, image, "boot-guest",
+                                           out=quiet)
+        return result.record.url(1)
+
+    def stop(self) -> None:
+        try:
+            self.cfg.tgt().stop()
+        except Exception as exc:          # noqa: BLE001 - report, go on
+            print(f"vmthunder boot: could not stop its tgtd: {exc}",
+                  file=sys.stderr)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def glob_snapshot(cache_dir: str, vm_name: str) -> list[str]:

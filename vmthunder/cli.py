@@ -107,11 +107,14 @@ def build_parser() -> argparse.ArgumentParser:
     boot = sub.add_parser(
         "boot", help="boot the test guest through vmthunder (main job)",
         description="Build the small test guest if missing "
-                    "(scripts/build-guest.sh), start `vmthunder serve` on "
-                    "it with a snapshot for the VM, boot it under QEMU from "
-                    "the NBD export, wait for the guest's boot marker and "
-                    "print the time to boot and the bytes the guest read "
-                    "against the image size.")
+                    "(scripts/build-guest.sh), export its image as an iSCSI "
+                    "LUN on a private tgtd (with --origin iscsi, the default "
+                    "as root), start `vmthunder serve` on it with a snapshot "
+                    "for the VM, boot it under QEMU from the NBD export, "
+                    "wait for the guest's boot marker and print the time to "
+                    "boot, the bytes the guest read against the image size "
+                    "and the bytes fetched from the origin. Everything it "
+                    "starts is stopped at the end.")
     boot.add_argument("--image", metavar="PATH",
                       help="root disk image (default: the built guest's "
                            "root.img)")
@@ -126,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
                       metavar="BYTES",
                       help="cache chunk size for a new cache (default "
                            "from [cache] chunk_size)")
+    boot.add_argument("--origin", choices=("auto", "iscsi", "file"),
+                      default="auto",
+                      help="where the image comes from: iscsi exports it "
+                           "on a private tgtd (LUN + manifest, like "
+                           "`vmthunder export`) and every VM reads it "
+                           "lazily over iSCSI; file serves the file "
+                           "directly. auto: iscsi when root with tgtd, "
+                           "else file (default)")
     boot.add_argument("--json", action="store_true",
                       help="print the result as one JSON object")
 

@@ -6,6 +6,7 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -83,9 +84,20 @@ def test_two_vms_boot_from_one_cache_second_fetches_nothing(
     assert sha256(image) == before
 
 
+def _tgtd_pids() -> set[str]:
+    out = subprocess.run(["pgrep", "-x", "tgtd"], capture_output=True,
+                         text=True).stdout
+    return set(out.split())
+
+
 def test_vmthunder_boot_command_reports_cold_then_warm(guest_dir, tmp_path):
-    """The README's main command, with two VMs on one cache."""
+    """The README's main command, with two VMs on one cache.
+
+    As root (CI) the image comes from an iSCSI LUN on a tgtd of the boot's
+    own, which is gone afterwards.
+    """
     need("qemu-system-x86_64")
+    tgtd_before = _tgtd_pids()
     proc = subprocess.run(
         [sys.executable, "-m", "vmthunder.cli", "boot", "--vms", "2",
          "--json", "--cache-dir", str(tmp_path / "cache")],
@@ -94,6 +106,10 @@ def test_vmthunder_boot_command_reports_cold_then_warm(guest_dir, tmp_path):
     vms = json.loads(proc.stdout.strip().splitlines()[-1])["vms"]
     assert [v["vm"] for v in vms] == ["vm1", "vm2"]
     cold, warm = vms
+    expected = "iscsi" if os.geteuid() == 0 and shutil.which("tgtd") \
+        else "file"
+    assert cold["origin"] == warm["origin"] == expected
+    assert _tgtd_pids() <= tgtd_before, "boot left its tgtd running"
     assert cold["fetched_bytes"] >= cold["guest_read_bytes"] > 0
     assert warm["fetched_bytes"] == 0
     assert warm["guest_read_bytes"] > 0
