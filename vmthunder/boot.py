@@ -221,6 +221,8 @@ async def run(args, conf) -> int:
                 result = await boot_one(conf, guest, source, cache_dir,
                                         vm_name, workdir, args.chunk_size)
                 result["origin"] = origin_kind
+                if origin is not None:
+                    result["origin_portal"] = origin.cfg.portal
             except BootError as exc:
                 print(f"vmthunder boot: {exc}", file=sys.stderr)
                 return 1

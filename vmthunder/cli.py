@@ -100,6 +100,11 @@ def build_parser() -> argparse.ArgumentParser:
                        help="cache chunk size for a new cache (default "
                             "from [cache] chunk_size); an existing cache "
                             "keeps its own")
+    serve.add_argument("--sync-interval", type=float, default=None,
+                       metavar="SECONDS",
+                       help="seconds between cache syncs (default from "
+                            "[cache] sync_interval): chunks fetched since "
+                            "the last sync are refetched after a crash")
     serve.add_argument("--stats-file", metavar="PATH",
                        help="write counters (bytes read, fetched, written) "
                             "as JSON here every second and at exit")
@@ -239,6 +244,8 @@ def _cmd_serve(args) -> int:
         chunk_size=args.chunk_size or CONF.cache.chunk_size,
         block_size=CONF.snapshot.block_size,
         max_pending_writes=CONF.cache.max_pending_writes,
+        sync_interval=(args.sync_interval if args.sync_interval is not None
+                       else CONF.cache.sync_interval),
         max_request=CONF.nbd.max_request_bytes,
         max_inflight=CONF.nbd.max_inflight_bytes,
         read_only=args.read_only,

@@ -42,6 +42,16 @@ cache_opts = [
         min=1,
         help="Fetched chunks that may wait in memory to be written to the "
              "cache; bounds memory on a cold read storm."),
+    cfg.FloatOpt(
+        "sync_interval",
+        default=2.0,
+        min=0,
+        help="Seconds between fdatasyncs of a cache: chunks fetched since "
+             "the last one are served from the cache file but marked "
+             "present only after the next, so a crash costs at most this "
+             "many seconds of refetching, never wrong data. A sync makes "
+             "the kernel write back at once, taking CPU from booting VMs; "
+             "0 syncs as soon as possible (group commit)."),
 ]
 
 snapshot_opts = [

@@ -44,6 +44,7 @@ class ServeConfig:
     max_inflight: int
     read_only: bool = False
     stats_file: str | None = None
+    sync_interval: float = 2.0
     # [iscsi] options (oslo.config group) and the [export] settings that
     # resolve export:NAME; None serves local files only.
     iscsi: object = None
@@ -123,6 +124,7 @@ class ServeJob:
                 chunk_size=(manifest.chunk_size if manifest
                             else cfg.chunk_size),
                 max_pending_writes=cfg.max_pending_writes,
+                sync_interval=cfg.sync_interval,
                 verify=manifest.verify if manifest else None)
         except BaseException:
             await source.close()

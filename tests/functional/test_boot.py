@@ -84,10 +84,11 @@ def test_two_vms_boot_from_one_cache_second_fetches_nothing(
     assert sha256(image) == before
 
 
-def _tgtd_pids() -> set[str]:
-    out = subprocess.run(["pgrep", "-x", "tgtd"], capture_output=True,
+def _tgtd_on(portal: str) -> list[str]:
+    out = subprocess.run(["pgrep", "-a", "-x", "tgtd"], capture_output=True,
                          text=True).stdout
-    return set(out.split())
+    return [line for line in out.splitlines()
+            if f"portal={portal}" in line and "<defunct>" not in line]
 
 
 def test_vmthunder_boot_command_reports_cold_then_warm(guest_dir, tmp_path):
@@ -97,7 +98,6 @@ def test_vmthunder_boot_command_reports_cold_then_warm(guest_dir, tmp_path):
     own, which is gone afterwards.
     """
     need("qemu-system-x86_64")
-    tgtd_before = _tgtd_pids()
     proc = subprocess.run(
         [sys.executable, "-m", "vmthunder.cli", "boot", "--vms", "2",
          "--json", "--cache-dir", str(tmp_path / "cache")],
@@ -109,7 +109,9 @@ def test_vmthunder_boot_command_reports_cold_then_warm(guest_dir, tmp_path):
     expected = "iscsi" if os.geteuid() == 0 and shutil.which("tgtd") \
         else "file"
     assert cold["origin"] == warm["origin"] == expected
-    assert _tgtd_pids() <= tgtd_before, "boot left its tgtd running"
+    if expected == "iscsi":
+        assert _tgtd_on(cold["origin_portal"]) == [], \
+            "boot left its tgtd running"
     assert cold["fetched_bytes"] >= cold["guest_read_bytes"] > 0
     assert warm["fetched_bytes"] == 0
     assert warm["guest_read_bytes"] > 0

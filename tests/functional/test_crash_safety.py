@@ -128,7 +128,10 @@ def test_sigkill_during_cold_reads_never_marks_chunks_without_data(
     rng.shuffle(delays)
     history = []
     for delay in delays:
+        # Sync as often as possible: kills then land between data, sync
+        # and mark, which is what this test is about.
         served = serve(image_path, "--chunk-size", "4K",
+                       "--sync-interval", "0",
                        cache_dir=cache_dir)
         uri = export_uri(served)
         marks, _, _ = cache_files(cache_dir)

@@ -28,6 +28,7 @@ import hashlib
 import json
 import logging
 import os
+import time
 
 from vmthunder import blockdev
 from vmthunder import fileio
@@ -36,6 +37,8 @@ from vmthunder.cache import chunkmap
 LOG = logging.getLogger(__name__)
 
 META_VERSION = 1
+# Chunks at least this large are digested in a worker thread.
+_VERIFY_IN_THREAD = 64 * 1024
 
 
 def cache_key(identity: str) -> str:
@@ -53,11 +56,15 @@ class CacheLayer(blockdev.BlockDevice):
 
     def __init__(self, source: blockdev.BlockDevice, cache_dir: str, *,
                  chunk_size: int = 256 * 1024, max_pending_writes: int = 32,
-                 verify=None):
+                 verify=None, sync_interval: float = 0.0):
         """Open (or create) the cache of ``source`` under ``cache_dir``.
 
         ``verify(index, data)`` raises BlockError when a fetched chunk is
-        wrong; None trusts the source.
+        wrong; None trusts the source. Fetched chunks are made durable
+        (and marked) at most every ``sync_interval`` seconds: a sync makes
+        the kernel write back at once, which costs the CPU that a boot
+        storm needs, while a chunk left unmarked by a crash costs only a
+        refetch.
         """
         if chunk_size <= 0 or chunk_size & (chunk_size - 1):
             raise ValueError(f"chunk size {chunk_size} is not a power of two")
@@ -89,13 +96,15 @@ class CacheLayer(blockdev.BlockDevice):
         # index -> Future resolved with the chunk's bytes; kept until the
         # chunk is durable and marked, so late readers are served from it.
         self._inflight: dict[int, asyncio.Future] = {}
+        # Chunks written to the cache file but not yet durable (unmarked):
+        # readable from the file, not yet to be trusted after a crash.
+        self._unsynced: set[int] = set()
         self._write_slots = asyncio.Semaphore(max_pending_writes)
         self._store_tasks: set[asyncio.Task] = set()
-        self._sync_lock = asyncio.Lock()
-        self._write_seq = 0
-        self._synced_seq = 0
-        # Highest write covered by an fdatasync that failed.
-        self._failed_seq = 0
+        self.sync_interval = sync_interval
+        self._last_sync = 0.0
+        self._sync_now = asyncio.Event()
+        self._syncer: asyncio.Task | None = None
         self._map_save: asyncio.Task | None = None
         self.counters = {"read_requests": 0, "bytes_read": 0,
                          "bytes_fetched": 0, "chunks_fetched": 0,
@@ -200,7 +209,7 @@ class CacheLayer(blockdev.BlockDevice):
         """The bytes of chunk ``index``, fetched once however many ask."""
         fut = self._inflight.get(index)
         if fut is None:
-            if self.map.present(index):
+            if self.map.present(index) or index in self._unsynced:
                 start = index * self.chunk_size
                 return await self._read_local(
                     start, min(self.chunk_size, self.size - start))
@@ -234,16 +243,23 @@ class CacheLayer(blockdev.BlockDevice):
             fut.set_result(data)
             try:
                 await fileio.pwrite(self._data_fd, data, start)
-                await self._make_durable()
-                self.map.set(index)
-                self._schedule_map_save()
             except OSError as exc:
-                # Not stored: served from memory now, refetched next time.
-                self.counters["store_errors"] += 1
-                LOG.warning("%s: could not store chunk %d: %s",
-                            self.describe(), index, exc)
+                self._store_failed(index, exc)
+                return
             finally:
                 self._inflight.pop(index, None)
+            # Written: readers take it from the file from now on, and the
+            # slot is free while the disk catches up (the page cache holds
+            # the data, not us), so fetching runs ahead of the disk.
+            self._unsynced.add(index)
+            if self._syncer is None or self._syncer.done():
+                self._syncer = asyncio.ensure_future(self._sync_loop())
+
+    def _store_failed(self, index: int, exc: OSError) -> None:
+        # Not marked: served from memory now, refetched next time.
+        self.counters["store_errors"] += 1
+        LOG.warning("%s: could not store chunk %d: %s", self.describe(),
+                    index, exc)
 
     async def _fetch_verified(self, index: int, start: int,
                               length: int) -> bytes:
@@ -254,7 +270,12 @@ class CacheLayer(blockdev.BlockDevice):
             if self.verify is None:
                 return data
             try:
-                self.verify(index, data)
+                if length >= _VERIFY_IN_THREAD:
+                    # hashlib releases the GIL: hashing runs on another
+                    # core while the loop serves other requests.
+                    await asyncio.to_thread(self.verify, index, data)
+                else:
+                    self.verify(index, data)
                 return data
             except blockdev.BlockError as exc:
                 self.counters["verify_errors"] += 1
@@ -263,30 +284,39 @@ class CacheLayer(blockdev.BlockDevice):
                 if attempt == 2:
                     raise
 
-    async def _make_durable(self) -> None:
-        """Return once every write completed before the call is on disk.
+    async def _sync_loop(self) -> None:
+        """Make written chunks durable, then mark them, in batches.
 
-        Group commit: writers that arrive while a sync runs share the next
-        one instead of each paying for its own. When that sync fails, it
-        fails for every writer it covered: Linux reports a writeback error
-        to one fdatasync only, so a later sync that succeeds says nothing
-        about pages whose writeback already failed.
+        One fdatasync per ``sync_interval`` covers every chunk written
+        before it started. When a sync fails, none of its batch is marked
+        and the batch is dropped, to be fetched again: Linux reports a
+        writeback error to one fdatasync only, so a later sync that
+        succeeds says nothing about pages whose writeback already failed.
         """
-        self._write_seq += 1
-        mine = self._write_seq
-        async with self._sync_lock:
-            if self._failed_seq >= mine:
-                raise OSError(errno.EIO, "an fdatasync of the cache file "
-                              "covering this write failed")
-            if self._synced_seq >= mine:
-                return
-            target = self._write_seq
+        while self._unsynced:
+            wait = self._last_sync + self.sync_interval - time.monotonic()
+            if wait > 0 and not self._sync_now.is_set():
+                # Let more chunks join this sync (close() cuts it short).
+                try:
+                    await asyncio.wait_for(self._sync_now.wait(), wait)
+                except asyncio.TimeoutError:
+                    pass
+            batch = set(self._unsynced)
             try:
                 await fileio.fdatasync(self._data_fd)
-            except OSError:
-                self._failed_seq = target
-                raise
-            self._synced_seq = target
+            except OSError as exc:
+                self._unsynced -= batch
+                self.counters["store_errors"] += len(batch)
+                LOG.warning("%s: fdatasync failed (%s); %d chunks will be "
+                            "fetched again", self.describe(), exc,
+                            len(batch))
+                continue
+            finally:
+                self._last_sync = time.monotonic()
+            for index in batch:
+                self.map.set(index)
+            self._unsynced -= batch
+            self._schedule_map_save()
 
     def _schedule_map_save(self) -> None:
         # Marks are written in batches; without fdatasync, since a lost
@@ -331,9 +361,12 @@ class CacheLayer(blockdev.BlockDevice):
     async def close(self) -> None:
         if self._lock_fd is None:
             return
+        self._sync_now.set()
         if self._store_tasks:
             await asyncio.gather(*list(self._store_tasks),
                                  return_exceptions=True)
+        if self._syncer is not None:
+            await asyncio.gather(self._syncer, return_exceptions=True)
         if self._map_save is not None:
             await asyncio.gather(self._map_save, return_exceptions=True)
         await self.map.save(sync=True)
