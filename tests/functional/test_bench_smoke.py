@@ -99,3 +99,37 @@ def test_memory_smoke(tmp_path):
     # The real check: memory stays bounded under 8 concurrent readers.
     assert report["peak_rss_mib"] < report["limit_mib"], report
     assert report["ok"] is True
+
+
+def test_iscsi_origin_smoke(tmp_path):
+    """Cold reads through vmthunder vs QEMU's libiscsi from one private
+    tgtd (32 MiB, one repeat, no boot)."""
+    _need("tgtd", "tgtadm", "qemu-img")
+    if os.geteuid() != 0:
+        pytest.skip("tgtd and tgtadm need root")
+    report = _run("vmthunder.bench.iscsi_origin", tmp_path, timeout=120)
+    _positive(report, "cold_read_ratio", "qemu_cold_read_s",
+              "vmthunder_cold_read_s", "default_chunk_size")
+    # No boots in smoke mode: those figures are present but null.
+    assert report["cold_boot_ratio"] is None
+    assert report["origin_over_guest_bytes"] is None
+    assert report["targets"] == {"cold_read_ratio": 1.25,
+                                 "cold_boot_ratio": 1.15,
+                                 "origin_over_guest_bytes": 1.5}
+    assert report["params"]["smoke"] is True
+    assert report["params"]["size"] == 32 * 1024 * 1024
+    sweep = report["sweep"]
+    assert set(sweep) >= {"64K", "256K", "1M"}
+    for row in sweep.values():
+        assert row["cold_read_s"] > 0 and row["cold_read_ratio"] > 0
+    default = sweep["256K"]
+    assert report["cold_read_ratio"] == default["cold_read_ratio"]
+    assert report["cold_read_ratio"] == pytest.approx(
+        report["vmthunder_cold_read_s"] / report["qemu_cold_read_s"],
+        rel=0.01)
+    # Every cold read fetched the whole image from the origin, once.
+    for key, samples in report["raw"]["cold_read"].items():
+        assert samples
+        if key != "qemu":
+            for sample in samples:
+                assert sample["fetched_bytes"] == 32 * 1024 * 1024
