@@ -68,6 +68,16 @@ class BlockDevice(abc.ABC):
     async def read(self, offset: int, length: int) -> bytes:
         """Return exactly ``length`` bytes at ``offset``."""
 
+    async def read_parts(self, offset: int, length: int) -> list:
+        """Like :meth:`read`, as bytes-like pieces in order, not joined.
+
+        The NBD server sends the pieces as they are, so a read spanning
+        several chunks costs no copy to glue them together. Layers that
+        assemble reads from pieces override this and derive read() from
+        it.
+        """
+        return [await self.read(offset, length)]
+
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         raise BlockError(errno.EPERM, f"{self.describe()} is read-only")
 

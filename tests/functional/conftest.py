@@ -79,11 +79,14 @@ class Served:
 
 def start_serve(image: str, cache_dir: str, *args: str,
                 listen: str = "tcp:127.0.0.1:0", workdir: str,
-                timeout: float = 30) -> Served:
+                timeout: float = 30, config_file: str | None = None
+                ) -> Served:
     """Start `vmthunder serve` and wait for its ready lines."""
     stats_file = os.path.join(workdir, f"stats-{time.monotonic_ns()}.json")
     stderr_path = stats_file + ".stderr"
-    argv = [sys.executable, "-m", "vmthunder.cli", "-v", "serve", image,
+    config = ["--config-file", config_file] if config_file else []
+    argv = [sys.executable, "-m", "vmthunder.cli", "-v", *config,
+            "serve", image,
             "--listen", listen, "--cache-dir", cache_dir,
             "--stats-file", stats_file, *args]
     err = open(stderr_path, "w")
@@ -116,9 +119,11 @@ def serve(tmp_path):
     """Factory: serve(image, *args, cache_dir=..., listen=...) -> Served."""
     started: list[Served] = []
 
-    def factory(image, *args, cache_dir=None, listen="tcp:127.0.0.1:0"):
+    def factory(image, *args, cache_dir=None, listen="tcp:127.0.0.1:0",
+                config_file=None):
         served = start_serve(image, cache_dir or str(tmp_path / "cache"),
-                             *args, listen=listen, workdir=str(tmp_path))
+                             *args, listen=listen, workdir=str(tmp_path),
+                             config_file=config_file)
         started.append(served)
         return served
 

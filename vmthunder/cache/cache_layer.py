@@ -157,13 +157,17 @@ class CacheLayer(blockdev.BlockDevice):
     # -- reads ------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
+        parts = await self.read_parts(offset, length)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def read_parts(self, offset: int, length: int) -> list:
         self.check_range(offset, length)
         self.counters["read_requests"] += 1
         self.counters["bytes_read"] += length
         cs = self.chunk_size
         first, last = offset // cs, (offset + length - 1) // cs + 1
         if self.map.all_present(first, last):
-            return await self._read_local(offset, length)
+            return [await self._read_local(offset, length)]
         pieces = []
         for start, end, present in self.map.runs(first, last):
             lo = max(offset, start * cs)
@@ -175,8 +179,7 @@ class CacheLayer(blockdev.BlockDevice):
                 pieces.extend(self._read_missing(i, max(lo, i * cs),
                                                  min(hi, (i + 1) * cs))
                               for i in range(start, end))
-        parts = await asyncio.gather(*pieces)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return await asyncio.gather(*pieces)
 
     def local_extent(self, offset: int, length: int):
         cs = self.chunk_size

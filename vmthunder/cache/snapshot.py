@@ -98,24 +98,35 @@ class SnapshotLayer(blockdev.BlockDevice):
     # -- reads ------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
+        parts = await self.read_parts(offset, length)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def read_parts(self, offset: int, length: int) -> list:
         self.check_range(offset, length)
         self.counters["read_requests"] += 1
         self.counters["bytes_read"] += length
-        return await self._read(offset, length)
+        return await self._read_parts(offset, length)
 
     async def _read(self, offset: int, length: int) -> bytes:
+        parts = await self._read_parts(offset, length)
+        return parts[0] if len(parts) == 1 else b"".join(parts)
+
+    async def _read_parts(self, offset: int, length: int) -> list:
         bs = self.block_size
         first, last = offset // bs, (offset + length - 1) // bs + 1
         if self.map.none_present(first, last):
-            return await self.lower.read(offset, length)
+            return await self.lower.read_parts(offset, length)
         pieces = []
         for start, end, present in self.map.runs(first, last):
             lo = max(offset, start * bs)
             hi = min(offset + length, end * bs)
-            pieces.append(self._read_overlay(lo, hi - lo) if present
-                          else self.lower.read(lo, hi - lo))
-        parts = await asyncio.gather(*pieces)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+            pieces.append(self._overlay_parts(lo, hi - lo) if present
+                          else self.lower.read_parts(lo, hi - lo))
+        return [part for parts in await asyncio.gather(*pieces)
+                for part in parts]
+
+    async def _overlay_parts(self, offset: int, length: int) -> list:
+        return [await self._read_overlay(offset, length)]
 
     def local_extent(self, offset: int, length: int):
         bs = self.block_size

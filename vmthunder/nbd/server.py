@@ -10,6 +10,7 @@ read).
 from __future__ import annotations
 
 import asyncio
+import collections
 import dataclasses
 import errno
 import logging
@@ -65,7 +66,9 @@ class NbdServer:
         self._servers: list[asyncio.base_events.Server] = []
         self._connections: set[NbdConnection] = set()
         self.inflight_bytes = 0
-        self._throttled: set[NbdConnection] = set()
+        # Connections with requests waiting for budget, oldest first.
+        self._throttled: dict[NbdConnection, None] = {}
+        self._admitting = False
         self.addresses: list[Address] = []
 
     def add_export(self, name: str, device: blockdev.BlockDevice, *,
@@ -121,20 +124,39 @@ class NbdServer:
                     pass
         self._servers.clear()
 
-    # Budget of bytes in flight, shared by all connections.
+    # Budget of bytes in flight (requests being served and replies not
+    # yet sent), shared by all connections. A request that does not fit
+    # waits, unstarted, in its connection's queue, and that connection
+    # stops reading; requests start again, oldest connection first, as
+    # replies leave.
 
-    def _charge(self, conn: NbdConnection, nbytes: int) -> None:
-        self.inflight_bytes += nbytes
-        if self.inflight_bytes > self.max_inflight:
+    def _admit(self, cost: int) -> bool:
+        if self.inflight_bytes and \
+                self.inflight_bytes + cost > self.max_inflight:
+            return False
+        self.inflight_bytes += cost
+        return True
+
+    def _defer(self, conn: NbdConnection) -> None:
+        if conn not in self._throttled:
+            self._throttled[conn] = None
             conn.throttle(True)
-            self._throttled.add(conn)
 
     def _release(self, nbytes: int) -> None:
         self.inflight_bytes -= nbytes
-        if self._throttled and self.inflight_bytes <= self.max_inflight // 2:
-            throttled, self._throttled = self._throttled, set()
-            for conn in throttled:
-                conn.throttle(False)
+        if self._throttled and not self._admitting:
+            self._admitting = True
+            try:
+                self._admit_waiting()
+            finally:
+                self._admitting = False
+
+    def _admit_waiting(self) -> None:
+        for conn in list(self._throttled):
+            if not conn.start_deferred():
+                return              # budget full: the rest wait too
+            del self._throttled[conn]
+            conn.throttle(False)
 
 
 class NbdConnection(asyncio.Protocol):
@@ -151,6 +173,8 @@ class NbdConnection(asyncio.Protocol):
         # flight) and "writes" (the client is not reading its replies).
         self._pauses: set[str] = set()
         self._closing = False
+        # Requests parsed but waiting for the in-flight budget.
+        self._deferred: collections.deque = collections.deque()
         # Sends the replies once transmission starts (writer.py).
         self._writer: ReplyWriter | None = None
 
@@ -190,7 +214,8 @@ class NbdConnection(asyncio.Protocol):
 
     def connection_lost(self, exc):
         self.server._connections.discard(self)
-        self.server._throttled.discard(self)
+        self.server._throttled.pop(self, None)
+        self._deferred.clear()
         for task in self._tasks:
             task.cancel()
         if self._writer is not None:
@@ -227,14 +252,32 @@ class NbdConnection(asyncio.Protocol):
         # Let requests already read finish and send their replies first
         # (NBD_CMD_DISC asks for exactly that).
         self._closing = True
-        if not self._tasks:
+        if not self._tasks and not self._deferred:
             self._close_after_replies()
 
     # -- requests -----------------------------------------------------------
 
     def _start(self, req: sp.Request) -> None:
         cost = req.length if req.command in (c.CMD_READ, c.CMD_WRITE) else 0
-        self.server._charge(self, cost)
+        if self._deferred or not self.server._admit(cost):
+            self._deferred.append((req, cost))
+            self.server._defer(self)
+            return
+        self._run(req, cost)
+
+    def start_deferred(self) -> bool:
+        """Start waiting requests that fit the budget; True if none wait."""
+        while self._deferred:
+            req, cost = self._deferred[0]
+            if not self.server._admit(cost):
+                return False
+            self._deferred.popleft()
+            self._run(req, cost)
+        if self._closing and not self._tasks:
+            self._close_after_replies()
+        return True
+
+    def _run(self, req: sp.Request, cost: int) -> None:
         task = aio.start_eager(self._serve(req, cost))
         if task is not None:
             self._tasks.add(task)
@@ -242,7 +285,7 @@ class NbdConnection(asyncio.Protocol):
 
     def _done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
-        if self._closing and not self._tasks:
+        if self._closing and not self._tasks and not self._deferred:
             self._close_after_replies()
 
     def _close_after_replies(self) -> None:
@@ -263,19 +306,20 @@ class NbdConnection(asyncio.Protocol):
             reply = self.proto.reply_error(
                 req.handle, _WIRE_ERRORS.get(exc.errno, c.EIO), str(exc))
         except asyncio.CancelledError:
+            self.server._release(cost)
             raise
         except Exception as exc:
             LOG.exception("client %s: request %d at offset %d failed",
                           self.peer, req.command, req.offset)
             reply = self.proto.reply_error(
                 req.handle, c.EIO, f"internal error: {exc}")
-        finally:
+        if self.transport is None or self.transport.is_closing():
             self.server._release(cost)
-        if self.transport is not None and not self.transport.is_closing():
-            if isinstance(reply, tuple):
-                self._send(*reply)
-            else:
-                self._send(reply)
+            return
+        # The request's bytes stay charged to the budget until its reply
+        # has left: queued replies are memory too.
+        parts = reply if isinstance(reply, tuple) else (reply,)
+        self._send(*parts, sent=lambda: self.server._release(cost))
 
     def _start_writer(self) -> None:
         sock = self.transport.get_extra_info("socket")
@@ -292,12 +336,16 @@ class NbdConnection(asyncio.Protocol):
             on_pressure=lambda on: self.throttle(on, "writes"),
             may_send=lambda: not self.transport.get_write_buffer_size())
 
-    def _send(self, *parts) -> None:
+    def _send(self, *parts, sent=None) -> None:
         """Queue reply parts: bytes, or FileRanges when a writer runs."""
         if self._writer is not None:
-            self._writer.write(*parts)
+            self._writer.write(*parts, sent=sent)
         else:
+            # The transport's own flow control (pause_writing) bounds
+            # what it buffers.
             self.transport.writelines(parts)
+            if sent is not None:
+                sent()
 
     async def _execute(self, req: sp.Request):
         device = self.export.device
@@ -309,15 +357,16 @@ class NbdConnection(asyncio.Protocol):
                     return (self.proto.reply_read_header(
                         req.handle, req.offset, req.length),
                         FileRange(extent[0], extent[1], req.length))
-            data = await device.read(req.offset, req.length)
-            if len(data) != req.length:
+            parts = await device.read_parts(req.offset, req.length)
+            got = sum(len(p) for p in parts)
+            if got != req.length:
                 # The reply header promises req.length bytes: sending
                 # fewer would desynchronise the stream. Fail this request.
                 raise blockdev.BlockError(
-                    errno.EIO, f"{device.describe()} returned {len(data)} "
+                    errno.EIO, f"{device.describe()} returned {got} "
                     f"of {req.length} bytes at offset {req.offset}")
             return (self.proto.reply_read_header(req.handle, req.offset,
-                                                 req.length), data)
+                                                 req.length), *parts)
         fua = bool(req.flags & c.CMD_FLAG_FUA)
         if cmd == c.CMD_WRITE:
             await device.write(req.offset, req.data, fua=fua)

@@ -61,15 +61,24 @@ class ReplyWriter:
     def queued_bytes(self) -> int:
         return self._queued
 
-    def write(self, *parts) -> None:
-        """Queue bytes-like objects and FileRanges, then send what we can."""
+    def write(self, *parts, sent=None) -> None:
+        """Queue bytes-like objects and FileRanges, then send what we can.
+
+        ``sent()``, if given, is called once these parts have left (or
+        will never leave: the writer closed), so a caller can count
+        memory until then.
+        """
         if self.closed:
+            if sent is not None:
+                sent()
             return
         for part in parts:
             n = part.length if isinstance(part, FileRange) else len(part)
             if n:
                 self._queue.append(part)
                 self._queued += n
+        if sent is not None:
+            self._queue.append(sent)
         if not self._waiting and not self._scheduled:
             # Send once per pass of the event loop, not once per reply:
             # the replies of all requests that arrived together then leave
@@ -93,6 +102,10 @@ class ReplyWriter:
         try:
             while queue:
                 head = queue[0]
+                if callable(head):
+                    queue.popleft()
+                    head()
+                    continue
                 if isinstance(head, FileRange):
                     n = os.sendfile(self._fd, head.fd, head.offset,
                                     head.length)
@@ -109,7 +122,8 @@ class ReplyWriter:
                 # Gather leading byte strings into one sendmsg.
                 iov = []
                 for part in queue:
-                    if isinstance(part, FileRange) or len(iov) == _MAX_IOV:
+                    if isinstance(part, FileRange) or callable(part) \
+                            or len(iov) == _MAX_IOV:
                         break
                     iov.append(part)
                 n = self._sock.sendmsg(iov)
@@ -166,5 +180,9 @@ class ReplyWriter:
         if self._waiting:
             self._loop.remove_writer(self._fd)
             self._waiting = False
+        pending = [part for part in self._queue if callable(part)]
         self._queue.clear()
+        self._queued = 0
         self._sock.close()
+        for sent in pending:
+            sent()
