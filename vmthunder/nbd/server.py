@@ -32,6 +32,9 @@ _WIRE_ERRORS = {errno.EPERM: c.EPERM, errno.EIO: c.EIO,
                 errno.ENOSPC: c.ENOSPC, errno.EOVERFLOW: c.EOVERFLOW,
                 errno.ENOTSUP: c.ENOTSUP, errno.ESHUTDOWN: c.ESHUTDOWN}
 _MAX_EXTENTS = 4096
+# Replies carrying at least this many bytes keep their request's budget
+# until they are sent.
+_CHARGE_UNTIL_SENT = 64 * 1024
 # Reads at least this large are sent with sendfile(2) when the data is in
 # a local file's page cache: no copy through Python. Smaller ones cost
 # more in the residency check than the copy they save.
@@ -316,10 +319,16 @@ class NbdConnection(asyncio.Protocol):
         if self.transport is None or self.transport.is_closing():
             self.server._release(cost)
             return
-        # The request's bytes stay charged to the budget until its reply
-        # has left: queued replies are memory too.
         parts = reply if isinstance(reply, tuple) else (reply,)
-        self._send(*parts, sent=lambda: self.server._release(cost))
+        if cost < _CHARGE_UNTIL_SENT or isinstance(parts[-1], FileRange):
+            # Small replies, and file ranges (no memory of ours), free the
+            # budget now; the writer's own pressure bounds them.
+            self.server._release(cost)
+            self._send(*parts)
+        else:
+            # Large replies stay charged until they have left: queued
+            # replies are memory too.
+            self._send(*parts, sent=lambda: self.server._release(cost))
 
     def _start_writer(self) -> None:
         sock = self.transport.get_extra_info("socket")

@@ -119,23 +119,30 @@ class ReplyWriter:
                         continue
                     queue.popleft()
                     continue
-                # Gather leading byte strings into one sendmsg.
+                # Gather leading byte strings into one sendmsg (the
+                # "sent" callbacks between replies carry no bytes).
                 iov = []
                 for part in queue:
-                    if isinstance(part, FileRange) or callable(part) \
-                            or len(iov) == _MAX_IOV:
+                    if isinstance(part, FileRange) or len(iov) == _MAX_IOV:
                         break
-                    iov.append(part)
+                    if not callable(part):
+                        iov.append(part)
                 n = self._sock.sendmsg(iov)
                 self._queued -= n
-                while n:
+                while queue:
                     part = queue[0]
-                    if n >= len(part):
+                    if callable(part):
+                        # Everything queued before it has left.
+                        queue.popleft()
+                        part()
+                    elif isinstance(part, FileRange) or not n:
+                        break
+                    elif n >= len(part):
                         n -= len(part)
                         queue.popleft()
                     else:
                         queue[0] = memoryview(part)[n:]
-                        n = 0
+                        break
         except BlockingIOError:
             if not self._waiting:
                 self._waiting = True
