@@ -565,8 +565,8 @@ def parse_sizes(text: str) -> list[int]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m vmthunder.bench.iscsi_origin",
-        description=__doc__.split("\n\n")[0] + ". Cold sequential read of "
-        "a whole LUN and a cold guest boot through vmthunder (fresh cache) "
+        description=__doc__.split("\n\n")[0].rstrip(".")
+        + ". Cold sequential read of a whole LUN and a cold guest boot through vmthunder (fresh cache) "
         "vs QEMU's own iSCSI driver on the same tgtd LUN, plus a sweep of "
         "chunk sizes. Needs root and tgtd.",
         epilog="The last line of output is one JSON object (cold_read_ratio, "
