@@ -566,9 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m vmthunder.bench.iscsi_origin",
         description=__doc__.split("\n\n")[0].rstrip(".")
-        + ". Cold sequential read of a whole LUN and a cold guest boot through vmthunder (fresh cache) "
-        "vs QEMU's own iSCSI driver on the same tgtd LUN, plus a sweep of "
-        "chunk sizes. Needs root and tgtd.",
+        + ". Cold sequential read of a whole LUN and a cold guest boot "
+        "through vmthunder (fresh cache) vs QEMU's own iSCSI driver on "
+        "the same tgtd LUN, plus a sweep of chunk sizes. Needs root and "
+        "tgtd.",
         epilog="The last line of output is one JSON object (cold_read_ratio, "
                "cold_boot_ratio, origin_over_guest_bytes, sweep, raw). "
                "Targets: cold_read_ratio <= 1.25, cold_boot_ratio <= 1.15, "
