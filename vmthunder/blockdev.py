@@ -29,6 +29,11 @@ STATE_ZERO = 2
 STATE_CACHED = 1
 
 
+def joined(parts: list):
+    """One bytes-like object from read_parts() pieces (no copy for one)."""
+    return parts[0] if len(parts) == 1 else b"".join(parts)
+
+
 class BlockError(Exception):
     """An I/O request failed; ``errno`` says how (EIO, EINVAL, EPERM...)."""
 

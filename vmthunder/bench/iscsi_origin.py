@@ -62,6 +62,7 @@ import time
 from vmthunder import boot as boot_mod
 from vmthunder import opts as opts_mod
 from vmthunder.bench.nbd_throughput import (
+    stop_profiler,
     code_state, free_port, make_image, parse_size)
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
@@ -345,15 +346,6 @@ def start_profiler(pid: int, path: str, workdir: str) -> subprocess.Popen:
     time.sleep(1.0)                       # let it attach
     return proc
 
-
-def stop_profiler(proc: subprocess.Popen) -> None:
-    if proc.poll() is None:
-        proc.send_signal(signal.SIGINT)
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
 
 
 def summarize_profile(path: str, top: int = 15) -> list[dict]:

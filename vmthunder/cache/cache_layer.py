@@ -157,8 +157,7 @@ class CacheLayer(blockdev.BlockDevice):
     # -- reads ------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
-        parts = await self.read_parts(offset, length)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return blockdev.joined(await self.read_parts(offset, length))
 
     async def read_parts(self, offset: int, length: int) -> list:
         self.check_range(offset, length)

@@ -98,8 +98,7 @@ class SnapshotLayer(blockdev.BlockDevice):
     # -- reads ------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
-        parts = await self.read_parts(offset, length)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return blockdev.joined(await self.read_parts(offset, length))
 
     async def read_parts(self, offset: int, length: int) -> list:
         self.check_range(offset, length)
@@ -108,8 +107,7 @@ class SnapshotLayer(blockdev.BlockDevice):
         return await self._read_parts(offset, length)
 
     async def _read(self, offset: int, length: int) -> bytes:
-        parts = await self._read_parts(offset, length)
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return blockdev.joined(await self._read_parts(offset, length))
 
     async def _read_parts(self, offset: int, length: int) -> list:
         bs = self.block_size
