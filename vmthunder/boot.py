@@ -25,6 +25,7 @@ import tempfile
 import time
 
 from vmthunder import serve
+from vmthunder.cache import snapshot
 
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 BUILD_SCRIPT = os.path.join(REPO_ROOT, "scripts", "build-guest.sh")
@@ -292,11 +293,10 @@ def free_port() -> int:
 
 
 def glob_snapshot(cache_dir: str, vm_name: str) -> list[str]:
+    """The overlay files of VM ``vm_name`` in any image's cache."""
     found = []
     for entry in os.scandir(cache_dir):
-        snap_dir = os.path.join(entry.path, "snapshots")
-        for suffix in (".overlay", ".map"):
-            path = os.path.join(snap_dir, vm_name + suffix)
-            if os.path.exists(path):
-                found.append(path)
+        paths = snapshot.snapshot_paths(
+            os.path.join(entry.path, "snapshots"), vm_name)
+        found.extend(p for p in paths if os.path.exists(p))
     return found

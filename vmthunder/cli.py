@@ -17,24 +17,12 @@ from oslo_config import cfg
 from vmthunder import blockdev
 from vmthunder import opts
 from vmthunder.nbd.address import parse_address
+from vmthunder.sizes import parse_size
 
 CONF = cfg.ConfigOpts()
 opts.register_opts(CONF)
 
 DEFAULT_CONFIG = "/etc/vmthunder/vmthunder.conf"
-
-
-def _size(text: str) -> int:
-    """Parse 4096, 64K, 1M, 2G (powers of 1024)."""
-    units = {"k": 1 << 10, "m": 1 << 20, "g": 1 << 30}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    try:
-        if t and t[-1] in units:
-            return int(t[:-1]) * units[t[-1]]
-        return int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a size (examples: 65536, 64K, 1M)") from None
 
 
 def _address(text: str):
@@ -95,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
                             "`vmthunder snapshot-delete`.")
     serve.add_argument("--read-only", action="store_true",
                        help="make the snapshot exports read-only too")
-    serve.add_argument("--chunk-size", type=_size, default=None,
+    serve.add_argument("--chunk-size", type=parse_size, default=None,
                        metavar="BYTES",
                        help="cache chunk size for a new cache (default "
                             "from [cache] chunk_size); an existing cache "
@@ -130,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
                       help="boot N VMs one after the other on the same "
                            "cache; the later ones show the warm cache "
                            "(default 1)")
-    boot.add_argument("--chunk-size", type=_size, default=None,
+    boot.add_argument("--chunk-size", type=parse_size, default=None,
                       metavar="BYTES",
                       help="cache chunk size for a new cache (default "
                            "from [cache] chunk_size)")
@@ -173,7 +161,7 @@ def _add_export_parsers(sub) -> None:
     export.add_argument("--name", required=True,
                         help="export name: lower-case letters, digits, "
                              "'.', '-' (part of the target IQN)")
-    export.add_argument("--chunk-size", type=_size, default=None,
+    export.add_argument("--chunk-size", type=parse_size, default=None,
                         metavar="BYTES",
                         help="manifest chunk size, a power of two (default "
                              "from [export] chunk_size)")

@@ -63,7 +63,8 @@ from vmthunder import boot as boot_mod
 from vmthunder import opts as opts_mod
 from vmthunder.bench.nbd_throughput import (
     stop_profiler,
-    code_state, free_port, make_image, parse_size)
+    code_state, free_port, make_image)
+from vmthunder.sizes import parse_size
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))

@@ -31,8 +31,9 @@ import threading
 import time
 
 from vmthunder.bench.nbd_throughput import (
-    GiB, MiB, code_state, log, make_image, missing_binaries, parse_size,
-    read_file, start_vmthunder)
+    GiB, MiB, code_state, log, make_image, missing_binaries, read_file,
+    start_vmthunder)
+from vmthunder.sizes import parse_size
 
 LIMIT_MIB = 150
 

@@ -47,6 +47,8 @@ import sys
 import tempfile
 import time
 
+from vmthunder.sizes import parse_size
+
 KiB = 1 << 10
 MiB = 1 << 20
 GiB = 1 << 30
@@ -63,23 +65,6 @@ STRIDE = MiB + 4 * KiB
 
 def log(msg: str) -> None:
     print(f"[bench] {msg}", file=sys.stderr, flush=True)
-
-
-def parse_size(text: str) -> int:
-    """4096, 64K, 64M, 1G, 1GiB (powers of 1024)."""
-    units = {"k": KiB, "m": MiB, "g": GiB, "t": GiB << 10}
-    t = text.strip().lower().removesuffix("ib").removesuffix("b")
-    try:
-        if t and t[-1] in units:
-            value = int(float(t[:-1]) * units[t[-1]])
-        else:
-            value = int(t)
-    except ValueError:
-        raise argparse.ArgumentTypeError(
-            f"{text!r} is not a size (examples: 65536, 64M, 1G)") from None
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"{text!r}: size must be positive")
-    return value
 
 
 def missing_binaries(*names: str) -> list[str]:
