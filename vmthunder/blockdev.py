@@ -83,6 +83,15 @@ class BlockDevice(abc.ABC):
         """
         return [await self.read(offset, length)]
 
+    async def read_into(self, offset: int, buffer) -> None:
+        """Fill ``buffer`` (a writable bytes-like object) from ``offset``.
+
+        The default copies a read() into it; sources that can receive
+        straight into the caller's memory (iSCSI) override this.
+        """
+        view = memoryview(buffer).cast("B")
+        view[:] = await self.read(offset, view.nbytes)
+
     async def write(self, offset: int, data: bytes, fua: bool = False) -> None:
         raise BlockError(errno.EPERM, f"{self.describe()} is read-only")
 

@@ -128,7 +128,8 @@ async def wait_line(stream, prefix: str, timeout: float,
 
 async def boot_one(conf, guest: Guest, image: str, cache_dir: str,
                    vm_name: str, workdir: str,
-                   chunk_size: int | None = None) -> dict:
+                   chunk_size: int | None = None,
+                   trace: str | None = None) -> dict:
     sock = os.path.join(workdir, f"{vm_name}.sock")
     stats_file = os.path.join(workdir, f"{vm_name}.stats.json")
     serve_argv = [sys.executable, "-m", "vmthunder.cli", "serve", image,
@@ -136,6 +137,10 @@ async def boot_one(conf, guest: Guest, image: str, cache_dir: str,
                   "--snapshot", vm_name, "--stats-file", stats_file]
     if chunk_size:
         serve_argv += ["--chunk-size", str(chunk_size)]
+    raw_trace = os.path.join(workdir, f"trace-{vm_name}")
+    if trace:
+        # serve records each export into its own file; ours is the VM's.
+        serve_argv += ["--trace", os.path.join(workdir, "trace-{export}")]
     console: list[str] = []
     async with running(serve_argv, stdout=asyncio.subprocess.PIPE) as srv:
         try:
@@ -157,7 +162,8 @@ async def boot_one(conf, guest: Guest, image: str, cache_dir: str,
                 tail = "\n  ".join(console[-15:])
                 raise BootError(f"VM {vm_name} did not boot: {exc}\n  "
                                 f"console:\n  {tail}") from None
-            boot_s = time.monotonic() - started
+            marker_at = time.monotonic()
+            boot_s = marker_at - started
             # The guest syncs its write and powers off by itself.
             try:
                 await asyncio.wait_for(vm.wait(), 30)
@@ -169,6 +175,11 @@ async def boot_one(conf, guest: Guest, image: str, cache_dir: str,
         stats = json.load(f)
     snap = stats["snapshots"][vm_name]
     cache = stats["cache"]
+    if trace:
+        _finish_trace(raw_trace, trace, started, marker_at,
+                      qemu_accel=conf.boot.qemu_accel,
+                      memory_mb=conf.boot.memory_mb,
+                      kernel=os.path.basename(guest.kernel))
     return {
         "vm": vm_name,
         "boot_s": round(boot_s, 3),
@@ -179,6 +190,25 @@ async def boot_one(conf, guest: Guest, image: str, cache_dir: str,
         "fetched_bytes": cache["bytes_fetched"],
         "chunk_size": cache["chunk_size"],
     }
+
+
+def _finish_trace(raw: str, path: str, started: float, marker_at: float,
+                  **header) -> None:
+    """Put the boot's times into the trace `vmthunder serve` recorded.
+
+    serve and we read the same CLOCK_MONOTONIC, so its time 0 (the first
+    request) places QEMU's start and the boot marker on the trace's clock.
+    """
+    from vmthunder.bench import trace as trace_mod
+    if not os.path.exists(raw):
+        raise BootError(f"vmthunder serve wrote no trace to {raw}: the "
+                        "guest made no request?")
+    recorded = trace_mod.load(raw)
+    origin = recorded.header["origin_monotonic"]
+    recorded.header.update(boot_s=round(marker_at - origin, 6),
+                           vm_start_s=round(started - origin, 6),
+                           recorder="vmthunder boot", **header)
+    trace_mod.save(recorded, path)
 
 
 def _report(result: dict) -> str:
@@ -201,7 +231,8 @@ async def run(args, conf) -> int:
     if shutil.which(conf.boot.qemu_binary) is None:
         raise BootError(f"{conf.boot.qemu_binary} not found; run "
                         "scripts/install.sh (Debian package qemu-system-x86)")
-    guest = await asyncio.to_thread(load_guest, conf.boot.guest_dir)
+    guest = await asyncio.to_thread(
+        load_guest, getattr(args, "guest_dir", None) or conf.boot.guest_dir)
     image = args.image or guest.root
     workdir = tempfile.mkdtemp(prefix="vmthunder-boot-")
     cache_dir = args.cache_dir or os.path.join(workdir, "cache")
@@ -219,9 +250,16 @@ async def run(args, conf) -> int:
         for i in range(args.vms):
             vm_name = f"vm{i + 1}"
             try:
+                trace = getattr(args, "trace", None)
+                if trace:
+                    from vmthunder.bench.trace import export_trace_path
+                    trace = export_trace_path(trace, vm_name, args.vms > 1)
                 result = await boot_one(conf, guest, source, cache_dir,
-                                        vm_name, workdir, args.chunk_size)
+                                        vm_name, workdir, args.chunk_size,
+                                        trace)
                 result["origin"] = origin_kind
+                if trace:
+                    result["trace"] = trace
                 if origin is not None:
                     result["origin_portal"] = origin.cfg.portal
             except BootError as exc:

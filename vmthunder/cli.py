@@ -96,6 +96,14 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--stats-file", metavar="PATH",
                        help="write counters (bytes read, fetched, written) "
                             "as JSON here every second and at exit")
+    serve.add_argument("--trace", metavar="FILE",
+                       help="record a block trace of each export's requests "
+                            "(default from [nbd] trace_file); with several "
+                            "exports, {export} in FILE is replaced by the "
+                            "export name, else the name is inserted before "
+                            "the first dot (boot.trace.gz -> "
+                            "boot.vm1.trace.gz). Exports nobody used get "
+                            "no file.")
 
     boot = sub.add_parser(
         "boot", help="boot the test guest through vmthunder (main job)",
@@ -132,6 +140,17 @@ def build_parser() -> argparse.ArgumentParser:
                            "else file (default)")
     boot.add_argument("--json", action="store_true",
                       help="print the result as one JSON object")
+    boot.add_argument("--guest-dir", metavar="DIR",
+                      help="guest to boot: a directory with guest.json "
+                           "(kernel, initrd, root image, append, marker), "
+                           "like scripts/build-guest.sh makes (default "
+                           "from [boot] guest_dir)")
+    boot.add_argument("--trace", metavar="FILE",
+                      help="record the guest's block trace, with the time "
+                           "to its boot marker, in FILE (.gz compresses) "
+                           "for python -m vmthunder.bench.replay; with "
+                           "--vms N > 1 the VM name is inserted before the "
+                           "first dot of the file name")
 
     delete = sub.add_parser(
         "snapshot-delete", help="delete a VM's snapshot overlay",
@@ -239,7 +258,8 @@ def _cmd_serve(args) -> int:
         read_only=args.read_only,
         stats_file=args.stats_file,
         iscsi=CONF.iscsi,
-        exports=_export_config(None))
+        exports=_export_config(None),
+        trace=args.trace or CONF.nbd.trace_file)
     return _run(serve.run(config))
 
 

@@ -85,6 +85,18 @@ nbd_opts = [
         help="Bytes of requests in progress over all NBD clients of one "
              "process; past it the server stops reading new requests "
              "until replies drain, so memory does not grow with clients."),
+    cfg.StrOpt(
+        "trace_file",
+        help="Record a block trace of every NBD request (issue and "
+             "completion time, op, offset, length; no data) to this file, "
+             "gzip-compressed if it ends in .gz, for the boot benchmarks "
+             "(python -m vmthunder.bench.replay). With several exports "
+             "each gets its own file: {export} in the path is replaced by "
+             "the export name, else the name is inserted before the first "
+             "dot of the file name (boot.trace.gz -> boot.vm1.trace.gz). "
+             "Written when `vmthunder serve` stops; until then "
+             "<file>.part holds the requests up to the last second. Unset: "
+             "no trace."),
 ]
 
 boot_opts = [

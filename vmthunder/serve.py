@@ -49,6 +49,9 @@ class ServeConfig:
     # resolve export:NAME; None serves local files only.
     iscsi: object = None
     exports: object = None
+    # Record a block trace of each export here (bench/trace.py names the
+    # per-export files).
+    trace: str | None = None
 
 
 def describe_image_forms() -> str:
@@ -148,8 +151,26 @@ class ServeJob:
         self.server.default_export = (cfg.snapshots[0]
                                       if len(cfg.snapshots) == 1
                                       else cfg.export)
+        if cfg.trace:
+            self._start_traces()
         bound = await self.server.listen(cfg.listen)
         return [bound]
+
+    def _start_traces(self) -> None:
+        from vmthunder.bench import trace
+        identity = getattr(self.cache.source, "identity", None)
+        several = len(self.server.exports) > 1
+        for name, export in self.server.exports.items():
+            export.recorder = trace.TraceRecorder(
+                trace.export_trace_path(self.config.trace, name, several),
+                export.device.size, export=name, source=self.config.image,
+                image=identity() if identity else self.config.image,
+                recorder="vmthunder serve")
+
+    def flush_traces(self) -> None:
+        for export in self.server.exports.values() if self.server else ():
+            if export.recorder is not None:
+                export.recorder.flush()
 
     def stats(self) -> dict:
         return {
@@ -172,6 +193,13 @@ class ServeJob:
     async def stop(self) -> None:
         if self.server is not None:
             await self.server.close()
+            for export in self.server.exports.values():
+                if export.recorder is not None:
+                    trace = export.recorder.close()
+                    if trace is not None:
+                        LOG.info("trace of export %r: %d requests in %s",
+                                 export.name, len(trace.requests),
+                                 export.recorder.path)
         for snap in self.snapshots.values():
             await snap.close()
         if self.cache is not None:
@@ -203,6 +231,7 @@ async def run(config: ServeConfig) -> int:
         except asyncio.TimeoutError:
             if config.stats_file:
                 job.write_stats()
+            job.flush_traces()
     LOG.info("stopping: flushing snapshots and saving the cache map")
     await job.stop()
     print("vmthunder: stopped", file=sys.stderr, flush=True)

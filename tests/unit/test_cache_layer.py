@@ -10,6 +10,7 @@ import pytest
 
 from vmthunder import blockdev
 from vmthunder import fileio
+from vmthunder.cache import cache_layer
 from vmthunder.cache.cache_layer import CacheInUse, CacheLayer
 from vmthunder.volume.file_source import FileSource
 
@@ -40,7 +41,8 @@ class CountingSource(blockdev.BlockDevice):
         self.inner = FileSource(path)
         self.size = self.inner.size
         self.delay = delay
-        self.reads = []
+        self.reads = []             # per chunk: (offset, length)
+        self.calls = []             # per read() call: (offset, length)
         self.fail = None            # an exception to raise, or None
         self.closed = False
 
@@ -48,7 +50,11 @@ class CountingSource(blockdev.BlockDevice):
         return self.inner.identity()
 
     async def read(self, offset, length):
-        self.reads.append((offset, length))
+        self.calls.append((offset, length))
+        # One entry per chunk covered: a fetch of consecutive chunks is
+        # one call, but each chunk still came from the source once.
+        for pos in range(offset, offset + length, CS):
+            self.reads.append((pos, min(CS, offset + length - pos)))
         if self.delay:
             await asyncio.sleep(self.delay)
         if self.fail is not None:
@@ -586,5 +592,60 @@ def test_a_failed_sync_marks_none_of_its_batch(tmp_path, monkeypatch):
         assert layer.map.present(0)
         await layer.close()
         assert sum(read_map(layer)) == len(marked) + 1
+
+    run(main())
+
+
+def test_consecutive_missing_chunks_come_in_one_source_read(tmp_path):
+    """A read over missing chunks costs one call to the source per run
+    (at most MAX_FETCH_BYTES and the write slots), not one per chunk;
+    chunks already held split the runs."""
+    path, image = make_image(tmp_path / "img")
+    run_chunks = 8
+    assert cache_layer.MAX_FETCH_BYTES >= run_chunks * CS
+
+    async def main():
+        src = CountingSource(path)
+        layer = CacheLayer(src, str(tmp_path / "cache"), chunk_size=CS,
+                           max_pending_writes=run_chunks)
+        await layer.read(3 * CS, 1)                 # chunk 3 held
+        src.calls.clear()
+        got = await layer.read(0, 10 * CS)
+        assert bytes(got) == image[:10 * CS]
+        assert src.calls == [(0, 3 * CS), (4 * CS, 6 * CS)]
+        src.calls.clear()
+        got = await layer.read(10 * CS, (run_chunks + 1) * CS)
+        assert bytes(got) == image[10 * CS:(11 + run_chunks) * CS]
+        assert src.calls == [(10 * CS, run_chunks * CS),
+                             ((10 + run_chunks) * CS, CS)]
+        await layer.close()
+
+    run(main())
+
+
+def test_a_bad_chunk_in_a_run_fails_only_its_readers(tmp_path):
+    path, image = make_image(tmp_path / "img")
+
+    def verify(index, data):
+        if index == 5:
+            raise blockdev.BlockError(errno.EIO, "chunk 5: digest mismatch")
+
+    async def main():
+        src = CountingSource(path)
+        layer = CacheLayer(src, str(tmp_path / "cache"), chunk_size=CS,
+                           verify=verify)
+        results = await asyncio.gather(
+            layer.read(4 * CS, 3 * CS),             # one run: 4, 5, 6
+            layer.read(4 * CS, 10), layer.read(6 * CS + 1, 10),
+            layer.read(5 * CS, 1), return_exceptions=True)
+        assert isinstance(results[0], blockdev.BlockError)
+        assert isinstance(results[3], blockdev.BlockError)
+        assert bytes(results[1]) == image[4 * CS:4 * CS + 10]
+        assert bytes(results[2]) == image[6 * CS + 1:6 * CS + 11]
+        # The bad chunk was read a second time, alone, before failing.
+        assert src.calls[:2] == [(4 * CS, 3 * CS), (5 * CS, CS)]
+        await layer.close()
+        assert layer.map.present(4) and layer.map.present(6)
+        assert not layer.map.present(5)
 
     run(main())

@@ -39,6 +39,36 @@ LOG = logging.getLogger(__name__)
 META_VERSION = 1
 # Chunks at least this large are digested in a worker thread.
 _VERIFY_IN_THREAD = 64 * 1024
+# Consecutive missing chunks of one read are fetched with one read of the
+# source up to this many bytes: per-chunk work (a command, a thread hop, a
+# pwrite) dominated cold sequential reads of 256 KiB chunks.
+MAX_FETCH_BYTES = 2 * 1024 * 1024
+
+
+class _Fetch:
+    """One read of the source covering chunks [first, first + count).
+
+    ``future`` resolves to a read-only view of the bytes read, once they
+    are verified; ``errors`` names the chunks in it that failed the check
+    twice (their readers get the error, the others their data).
+    """
+
+    __slots__ = ("first", "count", "future", "errors")
+
+    def __init__(self, first: int, count: int, future: asyncio.Future):
+        self.first = first
+        self.count = count
+        self.future = future
+        self.errors: dict[int, blockdev.BlockError] = {}
+
+
+def _span(indices) -> str:
+    indices = sorted(indices)
+    if not indices:
+        return "none"
+    if len(indices) == 1:
+        return str(indices[0])
+    return f"{indices[0]}-{indices[-1]}"
 
 
 def cache_key(identity: str) -> str:
@@ -93,13 +123,16 @@ class CacheLayer(blockdev.BlockDevice):
         self.map = chunkmap.ChunkMap(self.chunks,
                                      os.path.join(self.directory, "map"))
         self._resident = fileio.ResidencyMap(self._data_fd, self.size)
-        # index -> Future resolved with the chunk's bytes; kept until the
-        # chunk is durable and marked, so late readers are served from it.
-        self._inflight: dict[int, asyncio.Future] = {}
+        # index -> the _Fetch bringing it; kept until the chunk is written
+        # to the cache file, so late readers are served from memory.
+        self._inflight: dict[int, _Fetch] = {}
         # Chunks written to the cache file but not yet durable (unmarked):
         # readable from the file, not yet to be trusted after a crash.
         self._unsynced: set[int] = set()
         self._write_slots = asyncio.Semaphore(max_pending_writes)
+        self._slot_lock = asyncio.Lock()
+        self._max_run = max(1, min(max_pending_writes,
+                                   MAX_FETCH_BYTES // self.chunk_size))
         self._store_tasks: set[asyncio.Task] = set()
         self.sync_interval = sync_interval
         self._last_sync = 0.0
@@ -157,7 +190,10 @@ class CacheLayer(blockdev.BlockDevice):
     # -- reads ------------------------------------------------------------
 
     async def read(self, offset: int, length: int) -> bytes:
-        return blockdev.joined(await self.read_parts(offset, length))
+        data = blockdev.joined(await self.read_parts(offset, length))
+        # A fetched piece is a view of the fetch's buffer: callers of
+        # read() get bytes they may keep.
+        return bytes(data) if isinstance(data, memoryview) else data
 
     async def read_parts(self, offset: int, length: int) -> list:
         self.check_range(offset, length)
@@ -173,12 +209,51 @@ class CacheLayer(blockdev.BlockDevice):
             hi = min(offset + length, end * cs)
             if present:
                 pieces.append(self._read_local(lo, hi - lo))
-            else:
-                # Each chunk serves only its own part of [lo, hi).
-                pieces.extend(self._read_missing(i, max(lo, i * cs),
-                                                 min(hi, (i + 1) * cs))
-                              for i in range(start, end))
+                continue
+            for fetch, i0, i1 in self._sources_of(start, end):
+                a, b = max(lo, i0 * cs), min(hi, i1 * cs)
+                pieces.append(self._read_local(a, b - a) if fetch is None
+                              else self._from_fetch(fetch, a, b))
         return await asyncio.gather(*pieces)
+
+    def _sources_of(self, start: int, end: int) -> list:
+        """Split the unmarked chunks [start, end) into runs served alike:
+        ``(fetch, i0, i1)`` from a fetch in flight, started here for
+        chunks nobody fetches yet (consecutive ones share one read of the
+        source), or ``(None, i0, i1)`` from the cache file (written, not
+        yet marked)."""
+        runs = []
+        i = start
+        while i < end:
+            fetch = self._inflight.get(i)
+            j = i + 1
+            if fetch is not None:
+                while j < end and self._inflight.get(j) is fetch:
+                    j += 1
+            elif i in self._unsynced:
+                while j < end and j in self._unsynced \
+                        and j not in self._inflight:
+                    j += 1
+            else:
+                while j < end and j - i < self._max_run \
+                        and j not in self._inflight \
+                        and j not in self._unsynced:
+                    j += 1
+                fetch = self._start_fetch(i, j - i)
+            runs.append((fetch, i, j))
+            i = j
+        return runs
+
+    async def _from_fetch(self, fetch: _Fetch, lo: int, hi: int):
+        # shield: one reader giving up must not cancel the shared fetch.
+        view = await asyncio.shield(fetch.future)
+        cs = self.chunk_size
+        if fetch.errors:
+            for i in range(lo // cs, (hi - 1) // cs + 1):
+                if i in fetch.errors:
+                    raise fetch.errors[i]
+        base = fetch.first * cs
+        return view[lo - base:hi - base]
 
     def local_extent(self, offset: int, length: int):
         cs = self.chunk_size
@@ -200,91 +275,166 @@ class CacheLayer(blockdev.BlockDevice):
                 "the cache directory")
         return data
 
-    async def _read_missing(self, index: int, lo: int, hi: int) -> bytes:
-        data = await self.chunk(index)
-        base = index * self.chunk_size
-        if lo == base and hi - lo == len(data):
-            return data
-        return bytes(memoryview(data)[lo - base:hi - base])
-
     async def chunk(self, index: int) -> bytes:
         """The bytes of chunk ``index``, fetched once however many ask."""
-        fut = self._inflight.get(index)
-        if fut is None:
-            if self.map.present(index) or index in self._unsynced:
-                start = index * self.chunk_size
-                return await self._read_local(
-                    start, min(self.chunk_size, self.size - start))
-            fut = asyncio.get_running_loop().create_future()
-            self._inflight[index] = fut
-            task = asyncio.ensure_future(self._fetch(index, fut))
-            self._store_tasks.add(task)
-            task.add_done_callback(self._store_tasks.discard)
-        # shield: one reader giving up must not cancel the shared fetch.
-        return await asyncio.shield(fut)
-
-    async def _fetch(self, index: int, fut: asyncio.Future) -> None:
         start = index * self.chunk_size
-        length = min(self.chunk_size, self.size - start)
-        async with self._write_slots:
-            LOG.debug("%s: fetching chunk %d", self.describe(), index)
+        return await self.read(start, min(self.chunk_size, self.size - start))
+
+    # -- fetching ---------------------------------------------------------
+
+    def _start_fetch(self, first: int, count: int) -> _Fetch:
+        fetch = _Fetch(first, count,
+                       asyncio.get_running_loop().create_future())
+        for i in range(first, first + count):
+            self._inflight[i] = fetch
+        task = asyncio.ensure_future(self._fetch(fetch))
+        self._store_tasks.add(task)
+        task.add_done_callback(self._store_tasks.discard)
+        return fetch
+
+    async def _fetch(self, fetch: _Fetch) -> None:
+        """Read chunks [first, first+count) with one read of the source,
+        check them, serve them, then write them to the cache file."""
+        cs = self.chunk_size
+        start = fetch.first * cs
+        length = min(fetch.count * cs, self.size - start)
+        indices = range(fetch.first, fetch.first + fetch.count)
+        try:
+            await self._take_slots(fetch.count)
+        except asyncio.CancelledError:
+            self._forget(indices, fetch)
+            fetch.future.cancel()
+            raise
+        try:
+            LOG.debug("%s: fetching chunks %d-%d", self.describe(),
+                      fetch.first, fetch.first + fetch.count - 1)
             try:
-                data = await self._fetch_verified(index, start, length)
+                buf = bytearray(length)
+                await self.source.read_into(start, buf)
+                if self.verify is not None:
+                    await self._check(fetch, buf)
             except asyncio.CancelledError:
-                self._inflight.pop(index, None)
-                fut.cancel()
+                self._forget(indices, fetch)
+                fetch.future.cancel()
                 raise
             except Exception as exc:
                 self.counters["fetch_errors"] += 1
-                self._inflight.pop(index, None)
-                fut.set_exception(exc)
-                fut.exception()     # retrieved here; readers re-raise it
+                self._forget(indices, fetch)
+                fetch.future.set_exception(exc)
+                fetch.future.exception()  # retrieved; readers re-raise it
                 return
-            self.counters["bytes_fetched"] += length
-            self.counters["chunks_fetched"] += 1
-            fut.set_result(data)
+            good = [i for i in indices if i not in fetch.errors]
+            # Chunks that failed twice are not kept: the next read of one
+            # fetches it afresh.
+            self._forget(fetch.errors, fetch)
+            self.counters["fetch_errors"] += len(fetch.errors)
+            self.counters["chunks_fetched"] += len(good)
+            self.counters["bytes_fetched"] += sum(
+                min(cs, self.size - i * cs) for i in good)
+            view = memoryview(buf).toreadonly()
+            fetch.future.set_result(view)
             try:
-                await fileio.pwrite(self._data_fd, data, start)
+                await self._store(view, fetch.first, good)
             except OSError as exc:
-                self._store_failed(index, exc)
+                self._store_failed(good, exc)
                 return
             finally:
-                self._inflight.pop(index, None)
+                self._forget(good, fetch)
             # Written: readers take it from the file from now on, and the
-            # slot is free while the disk catches up (the page cache holds
-            # the data, not us), so fetching runs ahead of the disk.
-            self._unsynced.add(index)
+            # slots are free while the disk catches up (the page cache
+            # holds the data, not us), so fetching runs ahead of the disk.
+            self._unsynced.update(good)
             if self._syncer is None or self._syncer.done():
                 self._syncer = asyncio.ensure_future(self._sync_loop())
+        finally:
+            self._give_slots(fetch.count)
 
-    def _store_failed(self, index: int, exc: OSError) -> None:
-        # Not marked: served from memory now, refetched next time.
-        self.counters["store_errors"] += 1
-        LOG.warning("%s: could not store chunk %d: %s", self.describe(),
-                    index, exc)
+    def _forget(self, indices, fetch: _Fetch) -> None:
+        for i in indices:
+            if self._inflight.get(i) is fetch:
+                del self._inflight[i]
 
-    async def _fetch_verified(self, index: int, start: int,
-                              length: int) -> bytes:
-        """Read a chunk from below; a chunk failing ``verify`` is fetched
-        once more, then the read fails (never wrong data)."""
-        for attempt in (1, 2):
-            data = await self.source.read(start, length)
-            if self.verify is None:
-                return data
+    async def _take_slots(self, count: int) -> None:
+        """Reserve ``count`` write slots (memory for fetched chunks)."""
+        # One taker at a time: two runs each holding part of what they
+        # need could otherwise wait for each other forever.
+        async with self._slot_lock:
+            taken = 0
             try:
-                if length >= _VERIFY_IN_THREAD:
-                    # hashlib releases the GIL: hashing runs on another
-                    # core while the loop serves other requests.
-                    await asyncio.to_thread(self.verify, index, data)
-                else:
-                    self.verify(index, data)
-                return data
-            except blockdev.BlockError as exc:
-                self.counters["verify_errors"] += 1
-                LOG.warning("%s: %s (attempt %d of 2)", self.describe(),
-                            exc, attempt)
-                if attempt == 2:
-                    raise
+                while taken < count:
+                    await self._write_slots.acquire()
+                    taken += 1
+            except BaseException:
+                self._give_slots(taken)
+                raise
+
+    def _give_slots(self, count: int) -> None:
+        for _ in range(count):
+            self._write_slots.release()
+
+    async def _check(self, fetch: _Fetch, buf: bytearray) -> None:
+        """Verify every chunk of ``buf``; a chunk that fails is read once
+        more; one that fails again goes into ``fetch.errors`` (never wrong
+        data: its readers get the error)."""
+        cs = self.chunk_size
+        base = fetch.first * cs
+        view = memoryview(buf)
+        failed = await self._verify_chunks(fetch.first, view)
+        for index, exc in failed.items():
+            self._verify_failed(exc, 1)
+            part = view[index * cs - base:
+                        min((index + 1) * cs, self.size) - base]
+            await self.source.read_into(index * cs, part)
+            again = await self._verify_chunks(index, part)
+            if again:
+                self._verify_failed(again[index], 2)
+                fetch.errors[index] = again[index]
+
+    async def _verify_chunks(self, first: int, view: memoryview) -> dict:
+        """{index: error} of the chunks in ``view`` (from chunk
+        ``first``) that ``verify`` rejects."""
+        cs = self.chunk_size
+        verify = self.verify
+
+        def check() -> dict:
+            failed = {}
+            for pos in range(0, len(view), cs):
+                index = first + pos // cs
+                try:
+                    verify(index, view[pos:pos + cs])
+                except blockdev.BlockError as exc:
+                    failed[index] = exc
+            return failed
+        if len(view) >= _VERIFY_IN_THREAD:
+            # hashlib releases the GIL: hashing runs on another core while
+            # the loop serves other requests.
+            return await asyncio.to_thread(check)
+        return check()
+
+    def _verify_failed(self, exc: blockdev.BlockError, attempt: int) -> None:
+        self.counters["verify_errors"] += 1
+        LOG.warning("%s: %s (attempt %d of 2)", self.describe(), exc,
+                    attempt)
+
+    async def _store(self, view: memoryview, first: int, good: list) -> None:
+        """Write the chunks ``good`` of ``view`` (chunk ``first`` at its
+        start) to the cache file, one pwrite per consecutive stretch."""
+        cs = self.chunk_size
+        i = 0
+        while i < len(good):
+            j = i + 1
+            while j < len(good) and good[j] == good[j - 1] + 1:
+                j += 1
+            a, b = (good[i] - first) * cs, min((good[j - 1] - first + 1) * cs,
+                                               len(view))
+            await fileio.pwrite(self._data_fd, view[a:b], good[i] * cs)
+            i = j
+
+    def _store_failed(self, indices, exc: OSError) -> None:
+        # Not marked: served from memory now, refetched next time.
+        self.counters["store_errors"] += len(indices)
+        LOG.warning("%s: could not store chunks %s: %s", self.describe(),
+                    _span(indices), exc)
 
     async def _sync_loop(self) -> None:
         """Make written chunks durable, then mark them, in batches.

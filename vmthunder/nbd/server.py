@@ -48,6 +48,8 @@ class Export:
     device: blockdev.BlockDevice
     read_only: bool
     description: str = ""
+    # A vmthunder.bench.trace.TraceRecorder when requests are traced.
+    recorder: object = None
 
     def info(self) -> sp.ExportInfo:
         return sp.ExportInfo(
@@ -301,6 +303,8 @@ class NbdConnection(asyncio.Protocol):
             self.transport.close()
 
     async def _serve(self, req: sp.Request, cost: int) -> None:
+        recorder = self.export.recorder
+        issued = recorder.issue() if recorder is not None else 0.0
         try:
             reply = await self._execute(req)
         except blockdev.BlockError as exc:
@@ -316,6 +320,8 @@ class NbdConnection(asyncio.Protocol):
                           self.peer, req.command, req.offset)
             reply = self.proto.reply_error(
                 req.handle, c.EIO, f"internal error: {exc}")
+        if recorder is not None:
+            recorder.record(req.command, req.offset, req.length, issued)
         if self.transport is None or self.transport.is_closing():
             self.server._release(cost)
             return

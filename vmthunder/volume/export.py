@@ -467,18 +467,20 @@ def _restore(cfg: ExportConfig, tgt: tgt_mod.Tgt, out,
 
 
 def _manifest_of(cfg: ExportConfig, info: ImageInfo, name: str,
-                 chunk_size: int) -> manifest_mod.Manifest:
+                 chunk_size: int, algorithm: str) -> manifest_mod.Manifest:
     """The manifest the image would get, without storing it."""
     if info.format == "raw" and os.path.isfile(info.path) and \
             os.path.getsize(info.path) % SECTOR == 0:
-        return manifest_mod.build_manifest(info.path, name, chunk_size)
+        return manifest_mod.build_manifest(info.path, name, chunk_size,
+                                           algorithm=algorithm)
     scratch = os.path.join(cfg.export_dir, f".compare-{name}")
     shutil.rmtree(scratch, ignore_errors=True)
     os.makedirs(scratch)
     try:
         volume = os.path.join(scratch, VOLUME)
         _store_volume(info, volume)
-        return manifest_mod.build_manifest(volume, name, chunk_size)
+        return manifest_mod.build_manifest(volume, name, chunk_size,
+                                           algorithm=algorithm)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -537,6 +539,17 @@ def _other_content(record: Record, info: ImageInfo, why: str) -> ExportError:
         f"{info.path}")
 
 
+def _stored_algorithm(cfg: ExportConfig, name: str) -> str:
+    path = os.path.join(cfg.dir_of(name), MANIFEST)
+    try:
+        with open(path, "rb") as f:
+            return manifest_mod.Manifest.from_bytes(f.read(), path).algorithm
+    except (OSError, manifest_mod.ManifestError) as exc:
+        LOG.warning("export %s: cannot read %s (%s); comparing with %s",
+                    name, path, exc, manifest_mod.ALGORITHM)
+        return manifest_mod.ALGORITHM
+
+
 def _reexport(cfg, tgt, record: Record, info: ImageInfo, chunk_size, chap,
               portal, out) -> ExportResult:
     name = record.name
@@ -545,7 +558,10 @@ def _reexport(cfg, tgt, record: Record, info: ImageInfo, chunk_size, chap,
                              f"{_pad(info.virtual_size)} bytes, the "
                              f"export {record.size}")
     started = time.monotonic()
-    manifest = _manifest_of(cfg, info, name, record.chunk_size)
+    # Digest with the export's own algorithm (an older export may use
+    # another than new ones do).
+    manifest = _manifest_of(cfg, info, name, record.chunk_size,
+                            _stored_algorithm(cfg, name))
     if manifest.identity() != record.manifest_identity:
         raise _other_content(record, info, "the chunk digests differ")
     LOG.info("export %s: same content (checked in %.1f s)", name,

@@ -1,0 +1,372 @@
+"""Block traces: what a VM's boot asked of its disk, and when.
+
+A trace is a text file, gzip-compressed when its name ends in ``.gz``.
+The first line is a JSON header::
+
+    {"format": "vmthunder-trace", "version": 1, "image_size": 268435456,
+     "image": "file:/path/root.img:...", "recorded": "2026-11-25T07:00:00Z",
+     "boot_s": 2.41, "vm_start_s": -1.47, ...}
+
+``boot_s`` is seconds from the trace's time 0 (the issue of its first
+request) to the guest's boot marker; null when unknown (a trace of
+`vmthunder serve --trace` alone: only `vmthunder boot --trace` sees the
+marker). ``vm_start_s`` is when QEMU started on the same clock (negative:
+before the first request), so the boot as `vmthunder boot` times it is
+``boot_s - vm_start_s``. Other keys (export, source, recorder,
+origin_monotonic...) are informative.
+
+Then one line per request, in issue order::
+
+    ISSUE_S COMPLETE_S OP OFFSET LENGTH
+
+seconds since time 0 with µs resolution, as the NBD server saw them
+(request started, reply queued); OP is R read, W write, F flush, T trim,
+Z write-zeroes. Bytes are not recorded, only extents.
+
+    python -m vmthunder.bench.trace info TRACE [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gzip
+import json
+import os
+import sys
+import time
+import typing
+import zlib
+
+from vmthunder.nbd import constants as c
+
+FORMAT = "vmthunder-trace"
+VERSION = 1
+OPS = "RWFTZ"
+# NBD commands a trace records; the rest (cache hints, block status) are
+# not guest I/O.
+_OP_OF_COMMAND = {c.CMD_READ: "R", c.CMD_WRITE: "W", c.CMD_FLUSH: "F",
+                  c.CMD_TRIM: "T", c.CMD_WRITE_ZEROES: "Z"}
+
+
+class TraceError(ValueError):
+    """A trace file is missing, unreadable or malformed."""
+
+
+class Request(typing.NamedTuple):
+    issue_s: float
+    complete_s: float
+    op: str
+    offset: int
+    length: int
+
+
+class Trace:
+    def __init__(self, header: dict, requests: list[Request]):
+        self.header = header
+        # Issue order; ties keep their recorded (completion) order.
+        self.requests = sorted(requests, key=lambda r: r.issue_s)
+
+    @property
+    def image_size(self) -> int:
+        return self.header["image_size"]
+
+    @property
+    def boot_s(self) -> float | None:
+        return self.header.get("boot_s")
+
+    def end_s(self) -> float:
+        """Last completion: where the recorded I/O ends."""
+        return max((r.complete_s for r in self.requests), default=0.0)
+
+    def reads(self):
+        return (r for r in self.requests if r.op == "R")
+
+    def read_bytes(self) -> int:
+        return sum(r.length for r in self.reads())
+
+    def written_bytes(self) -> int:
+        return sum(r.length for r in self.requests if r.op == "W")
+
+    def working_set_bytes(self) -> int:
+        """Distinct bytes read (overlapping reads counted once)."""
+        total = 0
+        end = -1                    # end of the merged run so far
+        for r in sorted(self.reads(), key=lambda r: r.offset):
+            start, stop = r.offset, r.offset + r.length
+            if stop <= end:
+                continue
+            total += stop - max(start, end)
+            end = stop
+        return total
+
+    def chunks(self, chunk_size: int) -> list[int]:
+        """Indices of the chunks read, each once, in first-touch order:
+        the order to precache them in."""
+        seen: dict[int, None] = {}
+        for r in self.reads():
+            if r.length:
+                first = r.offset // chunk_size
+                last = (r.offset + r.length - 1) // chunk_size
+                for i in range(first, last + 1):
+                    seen.setdefault(i, None)
+        return list(seen)
+
+    def dependencies(self, at: list[float] | None = None
+                     ) -> list[tuple[int, float]]:
+        """``(dependency, think_s)`` for each request (or each time in
+        ``at``, in ascending order).
+
+        A request's dependency is the request whose completion came last
+        before it was issued (-1: none, i.e. the trace start); think_s is
+        the gap between the two: guest CPU work the replay waits out.
+        Taking the latest completion is the conservative guess: whatever
+        the guest really waited for had completed by then.
+        """
+        times = at if at is not None else [r.issue_s for r in self.requests]
+        done = sorted(range(len(self.requests)),
+                      key=lambda i: self.requests[i].complete_s)
+        out = []
+        k = 0
+        dep, dep_at = -1, 0.0
+        for t in times:
+            # Strictly before: a request never depends on itself.
+            while k < len(done) and self.requests[done[k]].complete_s < t:
+                dep = done[k]
+                dep_at = self.requests[dep].complete_s
+                k += 1
+            out.append((dep, t - dep_at))
+        return out
+
+    def summary(self) -> dict:
+        ops = {op: 0 for op in OPS}
+        for r in self.requests:
+            ops[r.op] += 1
+        return {
+            "image": self.header.get("image"),
+            "image_size": self.image_size,
+            "requests": len(self.requests),
+            "ops": ops,
+            "bytes_read": self.read_bytes(),
+            "working_set_bytes": self.working_set_bytes(),
+            "bytes_written": self.written_bytes(),
+            "io_end_s": round(self.end_s(), 6),
+            "boot_s": self.boot_s,
+            "vm_start_s": self.header.get("vm_start_s"),
+        }
+
+
+def format_request(r: Request) -> str:
+    return (f"{r.issue_s:.6f} {r.complete_s:.6f} {r.op} {r.offset} "
+            f"{r.length}\n")
+
+
+def save(trace: Trace, path: str) -> None:
+    """Write atomically: a reader never sees half a trace."""
+    text = json.dumps(trace.header, sort_keys=True) + "\n" + "".join(
+        format_request(r) for r in trace.requests)
+    data = text.encode()
+    if path.endswith(".gz"):
+        # mtime 0: the same trace gives the same bytes (traces are data
+        # kept in git).
+        data = gzip.compress(data, mtime=0)
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load(path: str) -> Trace:
+    """Read and check a trace; TraceError names the file and line."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if path.endswith(".gz"):
+            data = gzip.decompress(data)
+        lines = data.decode().splitlines()
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
+        raise TraceError(f"{path}: cannot read trace: {exc}") from None
+    if not lines:
+        raise TraceError(f"{path}: empty file, not a vmthunder trace")
+    header = _parse_header(path, lines[0])
+    size = header["image_size"]
+    requests = []
+    for n, line in enumerate(lines[1:], start=2):
+        if line.strip():
+            requests.append(_parse_request(path, n, line, size))
+    return Trace(header, requests)
+
+
+def _parse_header(path: str, line: str) -> dict:
+    try:
+        header = json.loads(line)
+    except json.JSONDecodeError as exc:
+        raise TraceError(f"{path}:1: header is not JSON ({exc}); is this "
+                         "a vmthunder trace?") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise TraceError(f"{path}:1: header lacks \"format\": \"{FORMAT}\"; "
+                         "not a vmthunder trace")
+    if header.get("version") != VERSION:
+        raise TraceError(f"{path}:1: trace version {header.get('version')!r}"
+                         f"; this vmthunder reads version {VERSION}")
+    size = header.get("image_size")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0:
+        raise TraceError(f"{path}:1: image_size must be a byte count, not "
+                         f"{size!r}")
+    boot_s = header.get("boot_s")
+    if boot_s is not None and (not isinstance(boot_s, (int, float))
+                               or boot_s < 0):
+        raise TraceError(f"{path}:1: boot_s must be seconds >= 0 or null, "
+                         f"not {boot_s!r}")
+    return header
+
+
+def _parse_request(path: str, n: int, line: str, size: int) -> Request:
+    where = f"{path}:{n}"
+    fields = line.split()
+    if len(fields) != 5:
+        raise TraceError(f"{where}: expected 'ISSUE_S COMPLETE_S OP OFFSET "
+                         f"LENGTH', got {line!r}")
+    try:
+        issue, complete = float(fields[0]), float(fields[1])
+        offset, length = int(fields[3]), int(fields[4])
+    except ValueError:
+        raise TraceError(f"{where}: bad number in {line!r}") from None
+    op = fields[2]
+    if op not in OPS:
+        raise TraceError(f"{where}: unknown op {op!r} (expected one of "
+                         f"{', '.join(OPS)})")
+    if not 0 <= issue <= complete:
+        raise TraceError(f"{where}: times must satisfy 0 <= issue <= "
+                         f"complete, got {issue} {complete}")
+    if offset < 0 or length < 0 or offset + length > size:
+        raise TraceError(f"{where}: extent offset={offset} length={length} "
+                         f"is outside the image (image_size {size})")
+    return Request(issue, complete, op, offset, length)
+
+
+def export_trace_path(path: str, export: str, several: bool) -> str:
+    """Where the trace of ``export`` goes when asked for ``path``.
+
+    ``{export}`` in the path is replaced by the export name; otherwise,
+    when the server has several exports, the name is inserted before the
+    first dot of the file name (boot.trace.gz -> boot.vm1.trace.gz).
+    """
+    if "{export}" in path:
+        return path.replace("{export}", export)
+    if not several:
+        return path
+    directory, base = os.path.split(path)
+    head, dot, rest = base.partition(".")
+    return os.path.join(directory, f"{head}.{export}{dot}{rest}")
+
+
+class TraceRecorder:
+    """Records the requests of one NBD export; the NBD server calls it.
+
+    Per request: :meth:`issue` when it starts, :meth:`record` when its
+    reply is ready; both only take the time and append a tuple, so
+    recording costs next to nothing. :meth:`flush` (`vmthunder serve`
+    calls it every second) appends the new requests to ``PATH.part``, a
+    valid trace in itself, so a crash loses at most a second;
+    :meth:`close` writes PATH and removes the .part file.
+    """
+
+    def __init__(self, path: str, image_size: int, **header):
+        self.path = path
+        self.part_path = path.removesuffix(".gz") + ".part"
+        self.header = {"format": FORMAT, "version": VERSION,
+                       "image_size": image_size, **header}
+        self.origin: float | None = None     # time.monotonic() of time 0
+        self.records: list[tuple] = []
+        self._flushed = 0
+
+    def issue(self) -> float:
+        now = time.monotonic()
+        if self.origin is None:
+            self.origin = now
+        return now
+
+    def record(self, command: int, offset: int, length: int,
+               issued: float) -> None:
+        op = _OP_OF_COMMAND.get(command)
+        if op is not None:
+            self.records.append((issued, time.monotonic(), op, offset,
+                                 length if op != "F" else 0))
+
+    def _header(self) -> dict:
+        return {**self.header, "origin_monotonic": self.origin,
+                "recorded": datetime.datetime.now(datetime.timezone.utc)
+                .isoformat(timespec="seconds")}
+
+    def _requests(self, records) -> list[Request]:
+        o = self.origin
+        return [Request(round(t - o, 6), round(d - o, 6), op, off, n)
+                for t, d, op, off, n in records]
+
+    def flush(self) -> None:
+        new = self.records[self._flushed:]
+        if not new:
+            return
+        mode = "a" if self._flushed else "w"
+        with open(self.part_path, mode) as f:
+            if not self._flushed:
+                f.write(json.dumps({**self._header(), "partial": True},
+                                   sort_keys=True) + "\n")
+            f.writelines(format_request(r) for r in self._requests(new))
+        self._flushed += len(new)
+
+    def close(self, **header) -> Trace | None:
+        """Write the trace (None, and no file, if nothing was recorded)."""
+        if not self.records:
+            return None
+        trace = Trace({**self._header(), **header},
+                      self._requests(self.records))
+        save(trace, self.path)
+        if os.path.exists(self.part_path):
+            os.unlink(self.part_path)
+        return trace
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m vmthunder.bench.trace",
+        description="Inspect vmthunder block traces.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    info = sub.add_parser("info", help="summary of a trace")
+    info.add_argument("trace")
+    info.add_argument("--json", action="store_true",
+                      help="print one JSON object")
+    args = parser.parse_args(argv)
+    try:
+        summary = load(args.trace).summary()
+    except TraceError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(summary))
+        return 0
+    mib = 1024 * 1024
+    boot = summary["boot_s"]
+    ops = " ".join(f"{k}={v}" for k, v in summary["ops"].items() if v)
+    print(f"trace      {args.trace}\n"
+          f"image      {summary['image']} "
+          f"({summary['image_size'] / mib:.0f} MiB)\n"
+          f"requests   {summary['requests']} ({ops})\n"
+          f"read       {summary['bytes_read'] / mib:.2f} MiB, working set "
+          f"{summary['working_set_bytes'] / mib:.2f} MiB\n"
+          f"written    {summary['bytes_written'] / 1024:.0f} KiB\n"
+          f"I/O ends   {summary['io_end_s']:.3f} s after the first request\n"
+          f"boot_s     "
+          + (f"{boot:.3f} s after the first request" if boot is not None
+             else "unknown (recorded without the boot marker)"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
