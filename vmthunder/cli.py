@@ -225,6 +225,13 @@ def _add_export_parsers(sub) -> None:
                          help="store of exports (default from [export] "
                               "export_dir)")
 
+    # Listed here for `vmthunder --help`; main() hands its arguments to
+    # the harness, which has its own parser (`vmthunder bench --help`).
+    sub.add_parser(
+        "bench", add_help=False,
+        help="boot N VMs on M hosts (network namespaces) with every boot "
+             "strategy and compare them; see `vmthunder bench --help`")
+
 
 def _load_config(path: str | None) -> None:
     files = []
@@ -372,6 +379,10 @@ def _run(coro) -> int:
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "bench":
+        from vmthunder.bench import harness
+        return harness.main(argv[1:])
     parser = build_parser()
     args = parser.parse_args(argv)
     if not args.command:

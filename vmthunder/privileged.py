@@ -92,8 +92,8 @@ def tgtadm(control_port: int, args: list[str], *,
     return proc.stdout
 
 
-def start_tgtd(portal: str, control_port: int,
-               log_path: str) -> subprocess.Popen:
+def start_tgtd(portal: str, control_port: int, log_path: str, *,
+               netns: str | None = None) -> subprocess.Popen:
     """Start ``tgtd -f --iscsi portal=PORTAL -C N`` as a detached daemon.
 
     It runs in its own session (a Ctrl-C of the caller does not reach it)
@@ -105,6 +105,9 @@ def start_tgtd(portal: str, control_port: int,
     require_root("starting tgtd")
     argv = [find_binary("tgtd", "tgt"), "-f", "--iscsi",
             f"portal={portal}", "-C", str(int(control_port))]
+    if netns is not None:
+        argv = [find_binary("ip", "iproute2"), "netns", "exec", netns,
+                *argv]
     with open(log_path, "ab") as log:
         return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=log, start_new_session=True,

@@ -79,6 +79,8 @@ class ExportConfig:
     chunk_size: int
     initiator_addresses: tuple[str, ...] = ("ALL",)
     tgtd_start_timeout: float = 10.0
+    # Network namespace tgtd is started in (None: this one).
+    netns: str | None = None
 
     @classmethod
     def from_conf(cls, group, export_dir: str | None = None
@@ -101,7 +103,8 @@ class ExportConfig:
 
     def tgt(self, portal: str | None = None) -> tgt_mod.Tgt:
         return tgt_mod.Tgt(self.control_port, portal or self.portal,
-                           self.export_dir, self.tgtd_start_timeout)
+                           self.export_dir, self.tgtd_start_timeout,
+                           netns=self.netns)
 
 
 @dataclasses.dataclass

@@ -245,8 +245,11 @@ class Tgt:
     """One tgtd, addressed by its control port (``tgtd -C N``)."""
 
     def __init__(self, control_port: int, portal: str, log_dir: str,
-                 start_timeout: float = 10.0):
+                 start_timeout: float = 10.0, netns: str | None = None):
         self.control_port = int(control_port)
+        # tgtd runs in this network namespace (the benchmark's origin
+        # host); tgtadm reaches it through its unix socket from anywhere.
+        self.netns = netns
         self.portal = portal
         self.log_dir = log_dir
         self.start_timeout = start_timeout
@@ -294,7 +297,7 @@ class Tgt:
         LOG.info("starting tgtd on portal %s, control port %d (log %s)",
                  self.portal, self.control_port, self.log_path)
         proc = privileged.start_tgtd(self.portal, self.control_port,
-                                     self.log_path)
+                                     self.log_path, netns=self.netns)
         deadline = time.monotonic() + self.start_timeout
         while True:
             if self.running():

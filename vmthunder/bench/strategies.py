@@ -1,0 +1,274 @@
+"""Boot strategies for the benchmark harness, one small class each.
+
+A strategy decides where a host's VMs read their image from. The harness
+calls, per host:
+
+- ``precache(host)`` before the clock starts (work an operator does ahead
+  of a boot storm; its time is reported apart), then
+- ``attach(host, vms)`` once the clock runs: whatever must happen before
+  the host's VMs can start (a copy, starting a server); it returns each
+  VM's disk as an NBD URI. The VMs start when it returns.
+- ``detach(host)`` at the end: stops what attach started, returns stats.
+
+Every VM disk is copy-on-write: the guest writes, the image never changes.
+Adding a strategy (the peer-to-peer ones) is one more class in
+STRATEGIES.
+
+The origin host serves the image two ways: as a read-only iSCSI LUN
+(tgtd, `vmthunder export`) for the strategies that read blocks, and as an
+NBD export of the image file (nbdkit, standing in for an image store such
+as Glance) for the ones that copy it whole; copies skip holes through NBD
+block status, as a download of a sparse or compressed image would.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import queue
+import shutil
+import subprocess
+import sys
+import threading
+import time
+
+from vmthunder import serve as serve_mod
+
+
+class StrategyError(RuntimeError):
+    pass
+
+
+@dataclasses.dataclass
+class Origin:
+    """Where a strategy finds the image."""
+    iscsi_url: str          # the image LUN (with its manifest LUN beside)
+    store_uri: str          # nbd://ADDR:PORT: the whole image, for copies
+    image_size: int
+    config_file: str        # vmthunder config for `vmthunder serve`
+
+
+@dataclasses.dataclass
+class HostState:
+    workdir: str
+    procs: list = dataclasses.field(default_factory=list)
+    stats: dict = dataclasses.field(default_factory=dict)
+
+
+def _wait_for_socket(proc: subprocess.Popen, path: str, what: str,
+                     timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not os.path.exists(path):
+        if proc.poll() is not None:
+            raise StrategyError(f"{what} exited with code {proc.returncode}"
+                                f" before listening on {path}")
+        if time.monotonic() > deadline:
+            raise StrategyError(f"{what} not listening on {path} after "
+                                f"{timeout:g} s")
+        time.sleep(0.02)
+
+
+class Strategy:
+    name = ""
+    summary = ""
+
+    def __init__(self, origin: Origin):
+        self.origin = origin
+        self.hosts: dict[str, HostState] = {}
+
+    def state(self, host, workdir: str | None = None) -> HostState:
+        if host.name not in self.hosts:
+            os.makedirs(workdir, exist_ok=True)
+            self.hosts[host.name] = HostState(workdir)
+        return self.hosts[host.name]
+
+    def precache(self, host, workdir: str) -> float | None:
+        """Work before the clock; its seconds, or None when there is none."""
+        self.state(host, workdir)
+        return None
+
+    def attach(self, host, workdir: str, vms: list[str]) -> dict[str, str]:
+        raise NotImplementedError
+
+    def detach(self, host) -> dict:
+        st = self.hosts.get(host.name)
+        if st is None:
+            return {}
+        for proc in reversed(st.procs):
+            if proc.poll() is None:
+                proc.terminate()
+        for proc in st.procs:
+            try:
+                proc.wait(20)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        st.procs.clear()
+        return st.stats
+
+    def cleanup(self) -> None:
+        """Remove what the strategy left on disk (the harness's workdir
+        goes too; this frees space between strategies)."""
+        for st in self.hosts.values():
+            shutil.rmtree(st.workdir, ignore_errors=True)
+        self.hosts.clear()
+
+    # -- helpers shared by strategies --------------------------------------
+
+    def _cow_exports_of_file(self, host, st: HostState, path: str,
+                             vms: list[str]) -> dict[str, str]:
+        """One nbdkit per VM: the local image file under a copy-on-write
+        overlay (nbdkit's cow filter; the overlay is thrown away)."""
+        disks = {}
+        for vm in vms:
+            sock = os.path.join(st.workdir, f"{vm}.sock")
+            proc = host.popen(
+                ["nbdkit", "--foreground", "--exit-with-parent", "-U", sock,
+                 "--filter=cow", "file", path],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=open(os.path.join(st.workdir, f"{vm}.log"), "w"))
+            st.procs.append(proc)
+            disks[vm] = (proc, sock)
+        for vm, (proc, sock) in disks.items():
+            _wait_for_socket(proc, sock, f"nbdkit for {vm}")
+        return {vm: f"nbd+unix:///?socket={sock}"
+                for vm, (_, sock) in disks.items()}
+
+    def _copy(self, host, st: HostState) -> float:
+        """Copy the image from the origin's store into the host; seconds."""
+        path = os.path.join(st.workdir, "image.raw")
+        t0 = time.monotonic()
+        proc = host.run(["nbdcopy", "--flush", self.origin.store_uri, path],
+                        capture_output=True, text=True, timeout=3600)
+        if proc.returncode != 0:
+            raise StrategyError(f"{host.name}: copying the image failed: "
+                                f"{proc.stderr.strip()}")
+        seconds = time.monotonic() - t0
+        st.stats["copy_s"] = round(seconds, 3)
+        st.stats["image_path"] = path
+        return seconds
+
+
+class CopyStrategy(Strategy):
+    name = "copy"
+    summary = ("every host copies the whole image from the origin first, "
+               "then boots from the local copy (Nova's image cache)")
+
+    def attach(self, host, workdir, vms):
+        st = self.state(host, workdir)
+        self._copy(host, st)
+        return self._cow_exports_of_file(host, st, st.stats["image_path"],
+                                         vms)
+
+
+class PrecacheStrategy(Strategy):
+    name = "precache"
+    summary = ("the copy happens before the clock starts (Nova's image "
+               "pre-caching); boots are local")
+
+    def precache(self, host, workdir):
+        st = self.state(host, workdir)
+        return self._copy(host, st)
+
+    def attach(self, host, workdir, vms):
+        st = self.state(host, workdir)
+        return self._cow_exports_of_file(host, st, st.stats["image_path"],
+                                         vms)
+
+
+class DirectStrategy(Strategy):
+    name = "direct"
+    summary = ("every VM reads straight from the origin's LUN, no local "
+               "cache (a plain network volume; QEMU's libiscsi)")
+
+    def attach(self, host, workdir, vms):
+        st = self.state(host, workdir)
+        disks = {}
+        for vm in vms:
+            sock = os.path.join(st.workdir, f"{vm}.sock")
+            # qemu-nbd --snapshot: writes go to a throw-away local overlay.
+            proc = host.popen(
+                ["qemu-nbd", "--snapshot", "--cache=none", "-f", "raw",
+                 "-k", sock, self.origin.iscsi_url],
+                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=open(os.path.join(st.workdir, f"{vm}.log"), "w"),
+                env=dict(os.environ, TMPDIR=st.workdir))
+            st.procs.append(proc)
+            disks[vm] = (proc, sock)
+        for vm, (proc, sock) in disks.items():
+            _wait_for_socket(proc, sock, f"qemu-nbd for {vm}")
+        return {vm: f"nbd+unix:///?socket={sock}"
+                for vm, (_, sock) in disks.items()}
+
+
+class LazyStrategy(Strategy):
+    name = "lazy"
+    summary = ("vmthunder's chain: origin LUN -> one copy-on-read cache per "
+               "host -> a snapshot per VM; no sharing between hosts")
+
+    def attach(self, host, workdir, vms):
+        st = self.state(host, workdir)
+        sock = os.path.join(st.workdir, "serve.sock")
+        st.stats_file = os.path.join(st.workdir, "serve-stats.json")
+        argv = [sys.executable, "-m", "vmthunder.cli", "--config-file",
+                self.origin.config_file, "serve", self.origin.iscsi_url,
+                "--listen", f"unix:{sock}", "--cache-dir",
+                os.path.join(st.workdir, "cache"), "--stats-file",
+                st.stats_file]
+        for vm in vms:
+            argv += ["--snapshot", vm]
+        proc = host.popen(argv, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, text=True,
+                          stderr=open(os.path.join(st.workdir, "serve.log"),
+                                      "w"))
+        st.procs.append(proc)
+        uris = _read_ready(proc, len(vms) + 1, f"vmthunder serve on "
+                           f"{host.name}")
+        return {vm: uris[vm] for vm in vms}
+
+    def detach(self, host):
+        stats = super().detach(host)
+        st = self.hosts.get(host.name)
+        path = getattr(st, "stats_file", None)
+        if path and os.path.exists(path):
+            with open(path) as f:
+                served = json.load(f)
+            cache = served.get("cache", {})
+            stats["bytes_fetched"] = cache.get("bytes_fetched")
+            stats["chunks_fetched"] = cache.get("chunks_fetched")
+        return stats
+
+
+def _read_ready(proc: subprocess.Popen, count: int, what: str,
+                timeout: float = 60.0) -> dict[str, str]:
+    """The export URIs `vmthunder serve` prints when it is ready.
+
+    A thread reads the pipe (to its end, so serve never blocks on a full
+    pipe): a buffered reader may hold several lines, which select() on
+    the pipe would not see."""
+    lines: queue.Queue = queue.Queue()
+
+    def pump():
+        for line in proc.stdout:
+            lines.put(line)
+        lines.put(None)
+    threading.Thread(target=pump, daemon=True).start()
+    uris: dict[str, str] = {}
+    deadline = time.monotonic() + timeout
+    while len(uris) < count:
+        try:
+            line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+        except queue.Empty:
+            raise StrategyError(f"{what} not ready after {timeout:g} s") \
+                from None
+        if line is None:
+            raise StrategyError(f"{what} exited with code {proc.wait()}")
+        if line.startswith(serve_mod.READY_PREFIX):
+            fields = dict(f.split("=", 1) for f in line.split()[2:])
+            uris[fields["export"]] = fields["uri"]
+    return uris
+
+
+STRATEGIES = {cls.name: cls for cls in (CopyStrategy, PrecacheStrategy,
+                                        DirectStrategy, LazyStrategy)}
