@@ -46,6 +46,8 @@ class Guest:
     append: str
     marker: str
     failure_marker: str
+    # The guest's own needs (guest.json), over [boot] memory_mb.
+    memory_mb: int | None = None
 
 
 def load_guest(guest_dir: str, build: bool = True) -> Guest:
@@ -68,8 +70,14 @@ def load_guest(guest_dir: str, build: bool = True) -> Guest:
     def path(key):
         return os.path.join(guest_dir, meta[key])
 
+    append = meta["append"]
+    if meta.get("poweroff_flag"):
+        # Guests that stay up unless told (the Debian one): power off
+        # after the marker, so the guest's writes are synced and QEMU ends.
+        append = f"{append} {meta['poweroff_flag']}"
     return Guest(kernel=path("kernel"), initrd=path("initrd"),
-                 root=path("root"), append=meta["append"],
+                 root=path("root"), append=append,
+                 memory_mb=meta.get("memory_mb"),
                  marker=meta["marker"],
                  failure_marker=meta.get("failure_marker",
                                          "VMTHUNDER-BOOT-FAILED"))
@@ -77,7 +85,7 @@ def load_guest(guest_dir: str, build: bool = True) -> Guest:
 
 def qemu_command(conf, guest: Guest, drive_uri: str) -> list[str]:
     return [conf.boot.qemu_binary, "-accel", conf.boot.qemu_accel,
-            "-m", str(conf.boot.memory_mb), "-smp", "1",
+            "-m", str(guest.memory_mb or conf.boot.memory_mb), "-smp", "1",
             "-nographic", "-nodefaults", "-serial", "stdio", "-no-reboot",
             "-kernel", guest.kernel, "-initrd", guest.initrd,
             "-append", guest.append,
@@ -178,7 +186,7 @@ async def boot_one(conf, guest: Guest, image: str, cache_dir: str,
     if trace:
         _finish_trace(raw_trace, trace, started, marker_at,
                       qemu_accel=conf.boot.qemu_accel,
-                      memory_mb=conf.boot.memory_mb,
+                      memory_mb=guest.memory_mb or conf.boot.memory_mb,
                       kernel=os.path.basename(guest.kernel))
     return {
         "vm": vm_name,

@@ -30,10 +30,15 @@ import queue
 import shutil
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 
 from vmthunder import serve as serve_mod
+
+
+_REPO = os.path.dirname(os.path.dirname(os.path.dirname(
+    os.path.abspath(__file__))))
 
 
 class StrategyError(RuntimeError):
@@ -52,6 +57,9 @@ class Origin:
 @dataclasses.dataclass
 class HostState:
     workdir: str
+    # Unix sockets live here: a short path, since sun_path holds only
+    # 107 bytes and workdirs (pytest's tmp_path...) can be long.
+    sockdir: str = ""
     procs: list = dataclasses.field(default_factory=list)
     stats: dict = dataclasses.field(default_factory=dict)
 
@@ -80,7 +88,8 @@ class Strategy:
     def state(self, host, workdir: str | None = None) -> HostState:
         if host.name not in self.hosts:
             os.makedirs(workdir, exist_ok=True)
-            self.hosts[host.name] = HostState(workdir)
+            self.hosts[host.name] = HostState(
+                workdir, tempfile.mkdtemp(prefix=f"vmt-{host.name}-"))
         return self.hosts[host.name]
 
     def precache(self, host, workdir: str) -> float | None:
@@ -112,6 +121,7 @@ class Strategy:
         goes too; this frees space between strategies)."""
         for st in self.hosts.values():
             shutil.rmtree(st.workdir, ignore_errors=True)
+            shutil.rmtree(st.sockdir, ignore_errors=True)
         self.hosts.clear()
 
     # -- helpers shared by strategies --------------------------------------
@@ -122,7 +132,7 @@ class Strategy:
         overlay (nbdkit's cow filter; the overlay is thrown away)."""
         disks = {}
         for vm in vms:
-            sock = os.path.join(st.workdir, f"{vm}.sock")
+            sock = os.path.join(st.sockdir, f"{vm}.sock")
             proc = host.popen(
                 ["nbdkit", "--foreground", "--exit-with-parent", "-U", sock,
                  "--filter=cow", "file", path],
@@ -186,7 +196,7 @@ class DirectStrategy(Strategy):
         st = self.state(host, workdir)
         disks = {}
         for vm in vms:
-            sock = os.path.join(st.workdir, f"{vm}.sock")
+            sock = os.path.join(st.sockdir, f"{vm}.sock")
             # qemu-nbd --snapshot: writes go to a throw-away local overlay.
             proc = host.popen(
                 ["qemu-nbd", "--snapshot", "--cache=none", "-f", "raw",
@@ -209,7 +219,7 @@ class LazyStrategy(Strategy):
 
     def attach(self, host, workdir, vms):
         st = self.state(host, workdir)
-        sock = os.path.join(st.workdir, "serve.sock")
+        sock = os.path.join(st.sockdir, "serve.sock")
         st.stats_file = os.path.join(st.workdir, "serve-stats.json")
         argv = [sys.executable, "-m", "vmthunder.cli", "--config-file",
                 self.origin.config_file, "serve", self.origin.iscsi_url,
@@ -221,10 +231,11 @@ class LazyStrategy(Strategy):
         proc = host.popen(argv, stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, text=True,
                           stderr=open(os.path.join(st.workdir, "serve.log"),
-                                      "w"))
+                                      "w"), cwd=_REPO)
         st.procs.append(proc)
+        log_path = os.path.join(st.workdir, "serve.log")
         uris = _read_ready(proc, len(vms) + 1, f"vmthunder serve on "
-                           f"{host.name}")
+                           f"{host.name}", log_path)
         return {vm: uris[vm] for vm in vms}
 
     def detach(self, host):
@@ -241,7 +252,7 @@ class LazyStrategy(Strategy):
 
 
 def _read_ready(proc: subprocess.Popen, count: int, what: str,
-                timeout: float = 60.0) -> dict[str, str]:
+                log_path: str, timeout: float = 60.0) -> dict[str, str]:
     """The export URIs `vmthunder serve` prints when it is ready.
 
     A thread reads the pipe (to its end, so serve never blocks on a full
@@ -263,7 +274,10 @@ def _read_ready(proc: subprocess.Popen, count: int, what: str,
             raise StrategyError(f"{what} not ready after {timeout:g} s") \
                 from None
         if line is None:
-            raise StrategyError(f"{what} exited with code {proc.wait()}")
+            with open(log_path, errors="replace") as f:
+                tail = f.read()[-1500:]
+            raise StrategyError(f"{what} exited with code {proc.wait()}; "
+                                f"its log ends with:\n{tail}")
         if line.startswith(serve_mod.READY_PREFIX):
             fields = dict(f.split("=", 1) for f in line.split()[2:])
             uris[fields["export"]] = fields["uri"]

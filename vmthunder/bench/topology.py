@@ -419,8 +419,10 @@ def main(argv: list[str] | None = None) -> int:
         topo = Topology(args.hosts, origin_rate=rate(args.origin_rate),
                         host_rate=rate(args.host_rate), prefix=args.prefix,
                         subnet=args.subnet)
-        # SIGTERM unwinds like Ctrl-C, so the `with` removes everything.
-        signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+        # SIGTERM unwinds like Ctrl-C, so the `with` removes everything
+        # (SIGINT too when started with it ignored, e.g. by `cmd &`).
+        signal.signal(signal.SIGTERM, signal.default_int_handler)
+        signal.signal(signal.SIGINT, signal.default_int_handler)
         with topo:
             print(f"topology {topo.run_id}: switch namespace "
                   f"{topo.switch_netns}")

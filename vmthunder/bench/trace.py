@@ -272,19 +272,20 @@ class TraceRecorder:
     Per request: :meth:`issue` when it starts, :meth:`record` when its
     reply is ready; both only take the time and append a tuple, so
     recording costs next to nothing. :meth:`flush` (`vmthunder serve`
-    calls it every second) appends the new requests to ``PATH.part``, a
-    valid trace in itself, so a crash loses at most a second;
-    :meth:`close` writes PATH and removes the .part file.
+    calls it every second) appends them to ``PATH.part`` (plain text, in
+    completion order, a valid trace in itself) and forgets them, so a
+    crash loses at most a second and memory does not grow with uptime;
+    :meth:`close` turns the .part file into PATH.
     """
 
     def __init__(self, path: str, image_size: int, **header):
         self.path = path
-        self.part_path = path.removesuffix(".gz") + ".part"
+        self.part_path = path + ".part"
         self.header = {"format": FORMAT, "version": VERSION,
                        "image_size": image_size, **header}
         self.origin: float | None = None     # time.monotonic() of time 0
         self.records: list[tuple] = []
-        self._flushed = 0
+        self._started_part = False
 
     def issue(self) -> float:
         now = time.monotonic()
@@ -299,37 +300,34 @@ class TraceRecorder:
             self.records.append((issued, time.monotonic(), op, offset,
                                  length if op != "F" else 0))
 
-    def _header(self) -> dict:
-        return {**self.header, "origin_monotonic": self.origin,
-                "recorded": datetime.datetime.now(datetime.timezone.utc)
-                .isoformat(timespec="seconds")}
-
-    def _requests(self, records) -> list[Request]:
-        o = self.origin
-        return [Request(round(t - o, 6), round(d - o, 6), op, off, n)
-                for t, d, op, off, n in records]
-
     def flush(self) -> None:
-        new = self.records[self._flushed:]
-        if not new:
+        if not self.records:
             return
-        mode = "a" if self._flushed else "w"
-        with open(self.part_path, mode) as f:
-            if not self._flushed:
-                f.write(json.dumps({**self._header(), "partial": True},
-                                   sort_keys=True) + "\n")
-            f.writelines(format_request(r) for r in self._requests(new))
-        self._flushed += len(new)
+        records, self.records = self.records, []
+        o = self.origin
+        lines = [format_request(Request(round(t - o, 6), round(d - o, 6),
+                                        op, off, n))
+                 for t, d, op, off, n in records]
+        if not self._started_part:
+            now = datetime.datetime.now(datetime.timezone.utc)
+            header = {**self.header, "origin_monotonic": o, "partial": True,
+                      "recorded": now.isoformat(timespec="seconds")}
+            lines.insert(0, json.dumps(header, sort_keys=True) + "\n")
+        with open(self.part_path, "a" if self._started_part else "w") as f:
+            f.writelines(lines)
+        self._started_part = True
 
     def close(self, **header) -> Trace | None:
-        """Write the trace (None, and no file, if nothing was recorded)."""
-        if not self.records:
+        """Write PATH (None, and no file, if nothing was recorded)."""
+        self.flush()
+        if not self._started_part:
             return None
-        trace = Trace({**self._header(), **header},
-                      self._requests(self.records))
+        trace = load(self.part_path)
+        del trace.header["partial"]
+        trace.header.update(header)
         save(trace, self.path)
-        if os.path.exists(self.part_path):
-            os.unlink(self.part_path)
+        os.unlink(self.part_path)
+        self._started_part = False
         return trace
 
 

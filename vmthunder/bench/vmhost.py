@@ -33,7 +33,17 @@ def emit(vm: str, event: str, **fields) -> None:
                       **fields}), flush=True)
 
 
+def until_boot(trace):
+    """The part of a trace a boot needs: requests issued before the boot
+    marker (what a guest does after it, e.g. powering off, is not boot)."""
+    if trace.boot_s is None:
+        return trace
+    return trace_mod.Trace(trace.header, [r for r in trace.requests
+                                          if r.issue_s <= trace.boot_s])
+
+
 async def replay_vm(name: str, uri: str, trace, timeout: float) -> None:
+    started = time.monotonic()
     try:
         result = await asyncio.wait_for(
             replay_mod.replay_nbd(trace, uri), timeout)
@@ -43,7 +53,11 @@ async def replay_vm(name: str, uri: str, trace, timeout: float) -> None:
     if result["failed"]:
         emit(name, "failed", error=result["error"], **_io(result))
     else:
-        emit(name, "booted", boot_s=result["boot_s"], **_io(result))
+        # Booted when the marker came, not when the last I/O ended.
+        print(json.dumps({"vm": name, "event": "booted",
+                          "t": started + result["boot_s"],
+                          "boot_s": result["boot_s"], **_io(result)}),
+              flush=True)
 
 
 def _io(result: dict) -> dict:
@@ -92,7 +106,7 @@ async def run(spec: dict) -> None:
     timeout = float(spec.get("timeout_s", 600))
     vms = spec["vms"]
     if spec["workload"] == "replay":
-        trace = trace_mod.load(spec["trace"])
+        trace = until_boot(trace_mod.load(spec["trace"]))
         jobs = [replay_vm(n, u, trace, timeout) for n, u in vms.items()]
     else:
         from vmthunder import boot as boot_mod
