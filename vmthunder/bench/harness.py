@@ -604,6 +604,9 @@ def main(argv=None) -> int:
         "image_size": os.path.getsize(image),
         "image_allocated_bytes": allocated_bytes(image),
         "working_set_bytes": trace.working_set_bytes(),
+        # The chunks those bytes fall in: what one cold cache fetches.
+        "working_set_chunk_bytes": len(trace.chunks(args.chunk_size))
+        * args.chunk_size,
         "trace_read_bytes": trace.read_bytes(),
         "strategies": {}}
     topo = origin = None
