@@ -138,6 +138,10 @@ class NetCommandFailed(CommandFailed):
         self.args = (message,)
 
 
+class NetnsExists(NetCommandFailed):
+    """A network namespace of that name exists already."""
+
+
 def _require_root_net(what: str) -> None:
     if os.geteuid() != 0:
         raise NotRoot(f"{what} needs root (network namespaces, veth links "
@@ -181,11 +185,18 @@ def netns_list() -> list[str]:
 def netns_add(name: str) -> None:
     """Create network namespace ``name`` and bring its loopback ``lo`` up.
 
-    Fails with a hint to run the cleanup when the name is taken.
+    Raises NetnsExists, with a hint to run the cleanup, when the name is
+    taken.
     """
-    _net(f"creating network namespace {name}", ["ip", "netns", "add", name],
-         hints=[("File exists", f"namespace {name} exists already; "
-                 + STALE_HINT)])
+    try:
+        _net(f"creating network namespace {name}",
+             ["ip", "netns", "add", name])
+    except NetCommandFailed as e:
+        if "File exists" in e.detail:
+            raise NetnsExists(e.what, e.argv, e.returncode, e.stderr,
+                              f"namespace {name} exists already; "
+                              + STALE_HINT) from None
+        raise
     _net(f"bringing up lo in namespace {name}",
          ["ip", "-n", name, "link", "set", "dev", "lo", "up"])
 

@@ -173,6 +173,9 @@ class Topology:
         self._lock = threading.RLock()
         self._created = False
         self._destroyed = False
+        # Namespaces with our names that create() found already there (a
+        # PID and tag reused after a crash): never ours to delete.
+        self._foreign: set[str] = set()
 
     @property
     def all_hosts(self) -> list[Host]:
@@ -199,17 +202,25 @@ class Topology:
         with self._lock:
             if self._created or self._destroyed:
                 raise TopologyError(f"topology {self.run_id} was already "
-                                    "created: make a new Topology")
+                                    "created or destroyed: make a new "
+                                    "Topology")
             self._created = True
         try:
             self._build()
-        except BaseException:
+        except BaseException as e:
+            # Destroyed under our feet (by a signal handler): say so rather
+            # than report whichever step then failed.
+            interrupted = self._destroyed and isinstance(e, Exception) \
+                and not isinstance(e, TopologyError)
             try:
                 self.destroy()
             except Exception as cleanup_error:  # keep the first error
                 print(f"vmthunder.bench.topology: cleanup after a failed "
                       f"create also failed: {cleanup_error}",
                       file=sys.stderr)
+            if interrupted:
+                raise TopologyError(f"topology {self.run_id} was destroyed "
+                                    "while being created") from e
             raise
 
     def _check(self) -> None:
@@ -221,13 +232,13 @@ class Topology:
     def _build(self) -> None:
         sw = self.switch_netns
         self._check()
-        privileged.netns_add(sw)
+        self._netns_add(sw)
         privileged.link_add_bridge(sw, BRIDGE)
         privileged.link_set(sw, BRIDGE, no_ipv6_ll=True, up=True)
         for host in self.all_hosts:
             self._check()
             port = self.port_of(host)
-            privileged.netns_add(host.netns)
+            self._netns_add(host.netns)
             privileged.link_add_veth(sw, port, host.netns, UPLINK)
             privileged.link_set(sw, port, master=BRIDGE, no_ipv6_ll=True,
                                 up=True)
@@ -245,10 +256,22 @@ class Topology:
                 privileged.tc_tbf(sw, port, rate, burst, latency)
         self._check()
 
+    def _netns_add(self, name: str) -> None:
+        try:
+            privileged.netns_add(name)
+        except privileged.NetnsExists:
+            self._foreign.add(name)
+            raise
+
     def namespaces(self) -> list[str]:
-        """The namespaces of this run that exist now (switch last)."""
+        """The namespaces of this run that exist now (switch last).
+
+        Found by name (so a namespace whose creation was interrupted
+        counts too), less any that create() found already there.
+        """
         mine = [ns for ns in privileged.netns_list()
-                if ns.startswith(self.run_id + "-")]
+                if ns.startswith(self.run_id + "-")
+                and ns not in self._foreign]
         return sorted(mine, key=lambda ns: ns == self.switch_netns)
 
     def destroy(self) -> None:
