@@ -75,7 +75,8 @@ Approximations and shortcuts (what makes 10,000 VMs run in pure Python):
   reading, and the boot no shorter than N x bytes read / origin rate
   (or V x bytes read / host rate).
 
-``simulate(...)`` is the entry point for the harness; ``python -m
+``simulate(...)`` is the entry point for the harness (``simulate_trace``
+takes a trace object instead of tuples); ``python -m
 vmthunder.bench.sim --help`` runs it from a trace file or a synthetic
 trace and prints a table, then one JSON object as the last line.
 """
@@ -882,6 +883,15 @@ def simulate(trace_requests, boot_s: float, image_size: int,
     a BootTrace (then boot_s and image_size are taken from it). Times in
     the result are seconds from the clock start (t=0, when the first VM
     may start); per-VM boot times are counted from each VM's own start.
+
+    Result keys: strategy, model ("event", or "fluid" for a big
+    ``direct``), hosts, vms_per_host, vms, boot_p50_s, boot_p95_s,
+    boot_max_s, boot_mean_s, all_booted_s, origin_bytes, peer_bytes,
+    peak_origin_bps (bit/s, highest ``window_s`` average), precache_s,
+    local_boot_s, working_set_bytes, working_set_chunks,
+    working_set_chunk_bytes, reads_per_vm, bytes_read_per_vm,
+    requests_per_vm, candidates_per_vm, events, rate_recomputations,
+    sim_wall_s, params.
     """
     wall0 = time.perf_counter()
     if strategy not in STRATEGIES:
@@ -969,6 +979,25 @@ def simulate(trace_requests, boot_s: float, image_size: int,
         "merge_identical": merge_identical, "window_s": window_s,
         "seed": seed}
     return result
+
+
+def simulate_trace(trace, *, strategy: str, hosts: int, vms_per_host: int,
+                   origin_rate_bps: float, host_rate_bps: float,
+                   image_bytes: int, chunk_size: int = 256 * KiB,
+                   **kw) -> dict:
+    """simulate() for any trace object with ``requests`` (5-tuples or
+    NamedTuples of issue_s, complete_s, op, offset, length), ``image_size``
+    and ``boot_s`` (None: the last completion) -- e.g. a
+    vmthunder.bench.trace.Trace, without importing that module. Requests
+    completing after boot_s (I/O after the boot marker) are dropped."""
+    rows = [tuple(r)[:5] for r in trace.requests]
+    boot_s = trace.boot_s
+    if boot_s is None:
+        boot_s = max((r[1] for r in rows), default=0.0)
+    rows = [r for r in rows if r[1] <= boot_s]
+    return simulate(rows, boot_s, trace.image_size, image_bytes, hosts,
+                    vms_per_host, strategy, origin_rate_bps, host_rate_bps,
+                    chunk_size, **kw)
 
 
 # -- command line -------------------------------------------------------------
