@@ -32,6 +32,7 @@ PACKAGES=(
     fio
     libiscsi-bin libiscsi-dev
     iproute2
+    redis-server debootstrap
 )
 
 missing_packages() {
