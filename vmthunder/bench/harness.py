@@ -117,15 +117,9 @@ def _free_control_port() -> int:
 def _wait_port(host, address: str, port: int, proc, timeout=20.0) -> None:
     probe = (f"import socket,sys;s=socket.socket();s.settimeout(1);"
              f"sys.exit(s.connect_ex(({address!r},{port})))")
-    deadline = time.monotonic() + timeout
-    while host.run([sys.executable, "-c", probe]).returncode != 0:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server on {address}:{port} exited with "
-                               f"code {proc.returncode}")
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"nothing listens on {address}:{port} after "
-                               f"{timeout:g} s")
-        time.sleep(0.1)
+    strat_mod.wait_listening(
+        proc, lambda: host.run([sys.executable, "-c", probe]).returncode == 0,
+        f"{address}:{port}", "the image store (nbdkit)", timeout, 0.1)
 
 
 # -- sampling the origin's uplink ---------------------------------------------

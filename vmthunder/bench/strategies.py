@@ -64,17 +64,23 @@ class HostState:
     stats: dict = dataclasses.field(default_factory=dict)
 
 
-def _wait_for_socket(proc: subprocess.Popen, path: str, what: str,
-                     timeout: float = 30.0) -> None:
+def wait_listening(proc: subprocess.Popen, ready, where: str, what: str,
+                   timeout: float = 30.0, poll_s: float = 0.02) -> None:
+    """Wait until ``ready()`` says the server ``proc`` listens at
+    ``where``; fail if it exits first or takes longer than ``timeout``."""
     deadline = time.monotonic() + timeout
-    while not os.path.exists(path):
+    while not ready():
         if proc.poll() is not None:
             raise StrategyError(f"{what} exited with code {proc.returncode}"
-                                f" before listening on {path}")
+                                f" before listening on {where}")
         if time.monotonic() > deadline:
-            raise StrategyError(f"{what} not listening on {path} after "
+            raise StrategyError(f"{what} not listening on {where} after "
                                 f"{timeout:g} s")
-        time.sleep(0.02)
+        time.sleep(poll_s)
+
+
+def _wait_for_socket(proc: subprocess.Popen, path: str, what: str) -> None:
+    wait_listening(proc, lambda: os.path.exists(path), path, what)
 
 
 class Strategy:
@@ -126,24 +132,33 @@ class Strategy:
 
     # -- helpers shared by strategies --------------------------------------
 
-    def _cow_exports_of_file(self, host, st: HostState, path: str,
-                             vms: list[str]) -> dict[str, str]:
-        """One nbdkit per VM: the local image file under a copy-on-write
-        overlay (nbdkit's cow filter; the overlay is thrown away)."""
-        disks = {}
+    def _servers_per_vm(self, host, st: HostState, vms: list[str],
+                        what: str, argv_of, **popen) -> dict[str, str]:
+        """Start one NBD server per VM, ``argv_of(sock)``, listening on a
+        unix socket; the VMs' disk URIs once all listen."""
+        socks = {}
         for vm in vms:
             sock = os.path.join(st.sockdir, f"{vm}.sock")
             proc = host.popen(
-                ["nbdkit", "--foreground", "--exit-with-parent", "-U", sock,
-                 "--filter=cow", "file", path],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=open(os.path.join(st.workdir, f"{vm}.log"), "w"))
+                argv_of(sock), stdin=subprocess.DEVNULL,
+                stdout=subprocess.DEVNULL,
+                stderr=open(os.path.join(st.workdir, f"{vm}.log"), "w"),
+                **popen)
             st.procs.append(proc)
-            disks[vm] = (proc, sock)
-        for vm, (proc, sock) in disks.items():
-            _wait_for_socket(proc, sock, f"nbdkit for {vm}")
+            socks[vm] = (proc, sock)
+        for vm, (proc, sock) in socks.items():
+            _wait_for_socket(proc, sock, f"{what} for {vm}")
         return {vm: f"nbd+unix:///?socket={sock}"
-                for vm, (_, sock) in disks.items()}
+                for vm, (_, sock) in socks.items()}
+
+    def _cow_exports_of_file(self, host, st: HostState, path: str,
+                             vms: list[str]) -> dict[str, str]:
+        """The local image file under a copy-on-write overlay per VM
+        (nbdkit's cow filter; the overlay is thrown away)."""
+        return self._servers_per_vm(
+            host, st, vms, "nbdkit", lambda sock: [
+                "nbdkit", "--foreground", "--exit-with-parent", "-U", sock,
+                "--filter=cow", "file", path])
 
     def _copy(self, host, st: HostState) -> float:
         """Copy the image from the origin's store into the host; seconds."""
@@ -194,22 +209,12 @@ class DirectStrategy(Strategy):
 
     def attach(self, host, workdir, vms):
         st = self.state(host, workdir)
-        disks = {}
-        for vm in vms:
-            sock = os.path.join(st.sockdir, f"{vm}.sock")
-            # qemu-nbd --snapshot: writes go to a throw-away local overlay.
-            proc = host.popen(
-                ["qemu-nbd", "--snapshot", "--cache=none", "-f", "raw",
-                 "-k", sock, self.origin.iscsi_url],
-                stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=open(os.path.join(st.workdir, f"{vm}.log"), "w"),
-                env=dict(os.environ, TMPDIR=st.workdir))
-            st.procs.append(proc)
-            disks[vm] = (proc, sock)
-        for vm, (proc, sock) in disks.items():
-            _wait_for_socket(proc, sock, f"qemu-nbd for {vm}")
-        return {vm: f"nbd+unix:///?socket={sock}"
-                for vm, (_, sock) in disks.items()}
+        # qemu-nbd --snapshot: writes go to a throw-away local overlay.
+        return self._servers_per_vm(
+            host, st, vms, "qemu-nbd", lambda sock: [
+                "qemu-nbd", "--snapshot", "--cache=none", "-f", "raw",
+                "-k", sock, self.origin.iscsi_url],
+            env=dict(os.environ, TMPDIR=st.workdir))
 
 
 class LazyStrategy(Strategy):
