@@ -43,6 +43,8 @@ _VERIFY_IN_THREAD = 64 * 1024
 # source up to this many bytes: per-chunk work (a command, a thread hop, a
 # pwrite) dominated cold sequential reads of 256 KiB chunks.
 MAX_FETCH_BYTES = 2 * 1024 * 1024
+# chunk_states() values.
+MISSING, HELD, FETCHING = 0, 1, 2
 
 
 class _Fetch:
@@ -274,6 +276,45 @@ class CacheLayer(blockdev.BlockDevice):
                 f"{self.directory}/data is shorter than the image; delete "
                 "the cache directory")
         return data
+
+    # -- what this cache holds (for peers) ---------------------------------
+
+    def chunk_states(self, first: int, last: int) -> list[int]:
+        """State of each chunk in [first, last): HELD (marked, or written
+        and not yet durable), FETCHING (in flight here) or MISSING."""
+        states = []
+        for i in range(first, last):
+            if i in self._inflight:
+                states.append(FETCHING)
+            elif self.map.present(i) or i in self._unsynced:
+                states.append(HELD)
+            else:
+                states.append(MISSING)
+        return states
+
+    async def read_held(self, offset: int, length: int, *,
+                        wait=None) -> list:
+        """Like :meth:`read_parts`, but never fetches.
+
+        Every chunk of the range must be held or in flight (and, when
+        ``wait`` is given, ``wait(index)`` true for the in-flight ones:
+        the reader waits for those to land); otherwise BlockError(ENODATA)
+        at once, and nothing is fetched.
+        """
+        self.check_range(offset, length)
+        if length:
+            cs = self.chunk_size
+            first, last = offset // cs, (offset + length - 1) // cs + 1
+            if not self.map.all_present(first, last):
+                for i, state in enumerate(self.chunk_states(first, last),
+                                          first):
+                    if state == MISSING or (state == FETCHING and wait
+                                            is not None and not wait(i)):
+                        raise blockdev.BlockError(
+                            errno.ENODATA, f"{self.describe()} does not "
+                            f"hold chunk {i}")
+        # No await since the check: read_parts starts no fetch.
+        return await self.read_parts(offset, length)
 
     async def chunk(self, index: int) -> bytes:
         """The bytes of chunk ``index``, fetched once however many ask."""

@@ -565,6 +565,14 @@ class NbdClient:
                 f"without extents for {context!r}")
         return extents
 
+    def abort(self) -> None:
+        """Drop the connection at once: requests in flight fail with
+        NbdConnectionError, and no more reply data lands in the buffers
+        of read_into() requests (give up on a slow server safely)."""
+        self._closing = True
+        if self._conn.transport is not None:
+            self._conn.transport.abort()
+
     async def close(self, timeout: float = 10.0) -> None:
         """Wait for requests in flight, send NBD_CMD_DISC, close.
 

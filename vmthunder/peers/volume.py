@@ -1,0 +1,593 @@
+"""ImageVolume: one image's origin and its peers behind one read interface.
+
+A compute host stacks its copy-on-read cache of an image on an
+ImageVolume (the cache then runs with ``verify=None``: the volume checks
+every chunk against the manifest, wherever it came from). For each chunk
+of a read the volume picks a source:
+
+mesh mode (the default)
+    1. a peer that holds the chunk; consecutive chunks held by the same
+       peers are split evenly among them (the least loaded first), one NBD
+       read per piece;
+    2. else a peer already fetching it (from the origin, or from a holder:
+       such fetches are "rooted", and only those are offered, so waits
+       never chain and two hosts never wait for each other);
+    3. else the origin.
+    Which peer holds what comes from NBD block status in the
+    ``vmthunder:cache`` context of the peer's export (peers/export.py),
+    asked for a window of chunks at a time and remembered for
+    ``status_ttl`` seconds.
+tree mode
+    The first peer the directory names is the fixed parent; every read
+    goes to it (its export reads through its own cache), an empty list
+    means "read the origin".
+
+A peer that times out (``peer_timeout`` covers connecting, the status
+query and each read), breaks the connection, answers with an error or
+sends a chunk that does not match the manifest is counted, avoided for
+``avoid_s`` seconds, and the chunks it owed are read from the next holder,
+finally from the origin. A peer answering "not held" (its status was
+stale) is only skipped for that read. Origin data is checked too: a chunk
+that mismatches twice fails the read with EIO naming image and chunk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import logging
+import random
+import time
+from typing import Protocol
+
+from vmthunder import blockdev
+from vmthunder.nbd.client import NbdClient, NbdError, open_nbd
+from vmthunder.volume.manifest import Manifest
+
+LOG = logging.getLogger(__name__)
+
+MODES = ("mesh", "tree")
+# Chunk states as a peer reports them.
+MISSING, HELD, FETCHING = 0, 1, 2
+# One read from a peer carries at most this much.
+PEER_READ_MAX = 4 * 1024 * 1024
+# Chunks digested in a worker thread from this many bytes on.
+_VERIFY_IN_THREAD = 64 * 1024
+ERROR_KINDS = ("timeout", "mismatch", "io", "not_held")
+# What a failing peer may raise (a bad URI in the directory included).
+_PEER_ERRORS = (blockdev.BlockError, NbdError, OSError, ValueError)
+
+
+class PeerDirectory(Protocol):
+    """Who else serves an image (the agent answers from tooz membership)."""
+
+    def peers_for(self, image: str) -> list[str]:
+        """NBD URIs (``nbd://HOST:PORT/EXPORT``) of the peer exports of
+        ``image`` on *other* hosts; in tree mode the first is the parent.
+        """
+
+
+class StaticPeers:
+    """A PeerDirectory with a fixed list (tests, one-off setups)."""
+
+    def __init__(self, uris=()):
+        self.uris = list(uris)
+
+    def peers_for(self, image: str) -> list[str]:
+        return list(self.uris)
+
+
+class _Peer:
+    """One peer export: a few connections, its status, its record."""
+
+    def __init__(self, uri: str):
+        self.uri = uri
+        self.clients: list[NbdClient] = []
+        self._open_lock = asyncio.Lock()
+        self.avoid_until = 0.0
+        self.load = 0                   # bytes being read from it now
+        # status window -> (expires, bytes of chunk states)
+        self.status: dict[int, tuple[float, bytes]] = {}
+        self.status_pending: dict[int, asyncio.Future] = {}
+        self.counters = {"chunks": 0, "bytes": 0, "status_queries": 0,
+                         **{k: 0 for k in ERROR_KINDS}}
+
+    def avoided(self, now: float) -> bool:
+        return now < self.avoid_until
+
+    async def client(self, size: int, timeout: float,
+                     limit: int) -> NbdClient:
+        """A connection: an idle one, a new one (up to ``limit``), else
+        the least busy."""
+        self.clients = [c for c in self.clients if not c.closed]
+        best = min(self.clients, key=lambda c: c.in_flight, default=None)
+        if best is not None and (best.in_flight == 0
+                                 or len(self.clients) >= limit):
+            return best
+        async with self._open_lock:
+            self.clients = [c for c in self.clients if not c.closed]
+            best = min(self.clients, key=lambda c: c.in_flight, default=None)
+            if best is not None and (best.in_flight == 0
+                                     or len(self.clients) >= limit):
+                return best
+            try:
+                client = await open_nbd(
+                    self.uri, meta_contexts=[blockdev.VMTHUNDER_CACHE],
+                    timeout=timeout)
+            except (blockdev.BlockError, NbdError, OSError):
+                if best is not None:
+                    return best
+                raise
+            if client.size != size:
+                client.abort()
+                raise blockdev.BlockError(
+                    errno.EIO, f"peer {self.uri} exports {client.size} "
+                    f"bytes, the image has {size}")
+            self.clients.append(client)
+            return client
+
+    def drop(self, client: NbdClient | None = None) -> None:
+        """Abort one connection (or all): nothing more lands in buffers."""
+        for c in ([client] if client is not None else list(self.clients)):
+            c.abort()
+            if c in self.clients:
+                self.clients.remove(c)
+
+    def forget_status(self) -> None:
+        self.status.clear()
+
+
+class ImageVolume(blockdev.BlockDevice):
+    def __init__(self, origin: blockdev.BlockDevice, manifest: Manifest,
+                 image: str, peers: PeerDirectory, *,
+                 peer_timeout: float = 2.0, avoid_s: float = 30.0,
+                 max_peer_connections: int = 2, mode: str = "mesh",
+                 status_ttl: float = 0.5, status_window: int = 1024):
+        if mode not in MODES:
+            raise ValueError(f"image volume mode {mode!r}: expected one of "
+                             f"{', '.join(MODES)}")
+        if manifest.size != origin.size:
+            raise ValueError(
+                f"image {image!r}: the manifest says {manifest.size} bytes, "
+                f"the origin {origin.describe()} has {origin.size}")
+        self.origin = origin
+        self.manifest = manifest
+        self.image = image
+        self.peers = peers
+        self.mode = mode
+        self.size = origin.size
+        self.chunk_size = manifest.chunk_size
+        self.peer_timeout = peer_timeout
+        self.avoid_s = avoid_s
+        self.max_peer_connections = max(1, max_peer_connections)
+        self.status_ttl = status_ttl
+        # A status query asks for this many chunks (and fits NBD's 32-bit
+        # length).
+        self.status_window = max(1, min(status_window,
+                                        (1 << 30) // self.chunk_size))
+        self.capabilities = blockdev.Capabilities(
+            block_status=origin.capabilities.block_status)
+        self._peers: dict[str, _Peer] = {}
+        # chunk -> number of reads of it going to the origin or to a peer
+        # that holds it (see fetch_is_rooted).
+        self._rooted: dict[int, int] = {}
+        self._closed = False
+        self.counters = {"reads": 0, "chunks_from_origin": 0,
+                         "bytes_from_origin": 0, "chunks_from_peers": 0,
+                         "bytes_from_peers": 0, "origin_mismatches": 0,
+                         "status_queries": 0}
+        self.peer_errors = {k: 0 for k in ERROR_KINDS}
+
+    # -- identity and status ------------------------------------------
+
+    def identity(self) -> str:
+        identity = getattr(self.origin, "identity", None)
+        return identity() if identity is not None \
+            else self.manifest.identity()
+
+    def describe(self) -> str:
+        return (f"image {self.image!r} ({self.mode}; origin "
+                f"{self.origin.describe()})")
+
+    def fetch_is_rooted(self, index: int) -> bool:
+        """True while chunk ``index`` is being read from the origin or from
+        a peer that holds it: a fetch peers may wait for."""
+        return index in self._rooted
+
+    def stats(self) -> dict:
+        now = time.monotonic()
+        return dict(
+            self.counters, mode=self.mode, image=self.image,
+            peer_errors=dict(self.peer_errors),
+            avoided=sorted(p.uri for p in self._peers.values()
+                           if p.avoided(now)),
+            peers={p.uri: dict(p.counters, connections=len(p.clients),
+                               avoided=p.avoided(now))
+                   for p in self._peers.values()})
+
+    async def block_status(self, offset, length,
+                           context=blockdev.BASE_ALLOCATION):
+        return await self.origin.block_status(offset, length, context)
+
+    async def close(self) -> None:
+        if self._closed:
+            return
+        self._closed = True
+        clients = [c for p in self._peers.values() for c in p.clients]
+        for p in self._peers.values():
+            p.clients = []
+        await asyncio.gather(*(c.close(timeout=1.0) for c in clients),
+                             return_exceptions=True)
+        await self.origin.close()
+
+    # -- reads -----------------------------------------------------------
+
+    async def read(self, offset: int, length: int) -> bytes:
+        buf = bytearray(length)
+        await self.read_into(offset, buf)
+        return bytes(buf)
+
+    async def read_into(self, offset: int, buffer) -> None:
+        view = memoryview(buffer).cast("B")
+        length = view.nbytes
+        self.check_range(offset, length)
+        if length == 0:
+            return
+        if self._closed:
+            raise blockdev.BlockError(errno.EIO, f"{self.describe()} is "
+                                      "closed")
+        self.counters["reads"] += 1
+        cs = self.chunk_size
+        first, last = offset // cs, (offset + length - 1) // cs + 1
+        start, stop = first * cs, min(last * cs, self.size)
+        if start == offset and stop == offset + length:
+            await self._read_chunks(first, last, view)
+            return
+        # Chunks are checked whole: read them whole, hand out the part.
+        tmp = bytearray(stop - start)
+        await self._read_chunks(first, last, memoryview(tmp))
+        view[:] = memoryview(tmp)[offset - start:offset - start + length]
+
+    def _part(self, view: memoryview, first: int, a: int, b: int):
+        """The piece of ``view`` (chunk ``first`` at its start) holding
+        chunks [a, b)."""
+        cs = self.chunk_size
+        return view[(a - first) * cs:min(b * cs, self.size) - first * cs]
+
+    async def _read_chunks(self, first: int, last: int,
+                           view: memoryview) -> None:
+        if self.mode == "tree":
+            uris = self._peer_uris()
+            parent = self._peer(uris[0]) if uris else None
+            if parent is None or parent.avoided(time.monotonic()):
+                await self._from_origin(first, last, view)
+                return
+            self._root(first, last, 1)
+            try:
+                missing = await self._from_peer(parent, first, last, view)
+            finally:
+                self._root(first, last, -1)
+            for a, b in _runs(missing):
+                await self._from_origin(a, b, self._part(view, first, a, b))
+            return
+        await self._fill(first, last, view, frozenset(), True)
+
+    # -- mesh ------------------------------------------------------------
+
+    def _peer_uris(self) -> list[str]:
+        try:
+            return list(self.peers.peers_for(self.image))
+        except Exception:
+            # Membership trouble must not fail a read: the origin serves.
+            LOG.exception("%s: cannot list peers; reading the origin",
+                          self.describe())
+            return []
+
+    def _peer(self, uri: str) -> _Peer:
+        peer = self._peers.get(uri)
+        if peer is None:
+            peer = self._peers[uri] = _Peer(uri)
+        return peer
+
+    async def _fill(self, first: int, last: int, view: memoryview,
+                    tried: frozenset, first_try: bool) -> None:
+        """Fill chunks [first, last) from holders (on the first try also
+        from peers fetching them), else the origin; ``tried`` peers are
+        not asked again."""
+        now = time.monotonic()
+        peers = [p for p in map(self._peer, self._peer_uris())
+                 if p not in tried and not p.avoided(now)]
+        states = {}
+        if peers:
+            answers = await asyncio.gather(
+                *(self._status(p, first, last) for p in peers))
+            states = {p: s for p, s in zip(peers, answers) if s is not None}
+        pieces = self._plan(first, last, states, first_try)
+        results = await asyncio.gather(
+            *(self._run_piece(peer, kind, a, b,
+                              self._part(view, first, a, b), tried)
+              for peer, kind, a, b in pieces), return_exceptions=True)
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    def _plan(self, first: int, last: int, states: dict,
+              first_try: bool) -> list:
+        """(peer or None, kind, a, b) pieces covering [first, last)."""
+        def holders(i):
+            held = [p for p, s in states.items() if s[i - first] == HELD]
+            if held or not first_try:
+                return HELD, held
+            return FETCHING, [p for p, s in states.items()
+                              if s[i - first] == FETCHING]
+
+        cs = self.chunk_size
+        most = max(1, PEER_READ_MAX // cs)
+        load = {p: p.load for p in states}
+        pieces = []
+        i = first
+        while i < last:
+            kind, who = holders(i)
+            j = i + 1
+            while j < last and holders(j) == (kind, who):
+                j += 1
+            if not who:
+                pieces.append((None, MISSING, i, j))
+                i = j
+                continue
+            # Split [i, j) evenly among its holders, least loaded first.
+            who = sorted(who, key=lambda p: (load[p], random.random()))
+            n = j - i
+            parts = min(len(who), n)
+            pos = i
+            for k in range(parts):
+                share = n // parts + (1 if k < n % parts else 0)
+                peer = who[k]
+                end = pos + share
+                while pos < end:
+                    b = min(end, pos + most)
+                    pieces.append((peer, kind, pos, b))
+                    load[peer] += (b - pos) * cs
+                    pos = b
+            i = j
+        return pieces
+
+    async def _run_piece(self, peer, kind, a, b, part, tried) -> None:
+        if peer is None:
+            await self._from_origin(a, b, part)
+            return
+        # Reads of held chunks are rooted; in-flight ones wait on a peer.
+        rooted = kind == HELD
+        if rooted:
+            self._root(a, b, 1)
+        try:
+            missing = await self._from_peer(peer, a, b, part)
+        finally:
+            if rooted:
+                self._root(a, b, -1)
+        for m0, m1 in _runs(missing):
+            # Elsewhere: other holders, then the origin (never a peer's
+            # fetch in flight: such a wait could chain).
+            await self._fill(m0, m1, self._part(part, a, m0, m1),
+                             tried | {peer}, False)
+
+    def _root(self, a: int, b: int, delta: int) -> None:
+        rooted = self._rooted
+        for i in range(a, b):
+            n = rooted.get(i, 0) + delta
+            if n > 0:
+                rooted[i] = n
+            else:
+                rooted.pop(i, None)
+
+    # -- peer status -----------------------------------------------------
+
+    async def _status(self, peer: _Peer, first: int, last: int):
+        """Chunk states of [first, last) at ``peer`` (bytes), or None if
+        it could not say (it is then avoided)."""
+        w = self.status_window
+        out = bytearray()
+        for window in range(first // w, (last - 1) // w + 1):
+            states = await self._window_status(peer, window)
+            if states is None:
+                return None
+            lo = max(first, window * w) - window * w
+            hi = min(last, (window + 1) * w) - window * w
+            out += states[lo:hi]
+        return bytes(out)
+
+    async def _window_status(self, peer: _Peer, window: int):
+        now = time.monotonic()
+        cached = peer.status.get(window)
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        pending = peer.status_pending.get(window)
+        if pending is None:
+            pending = asyncio.ensure_future(self._query_status(peer, window))
+            peer.status_pending[window] = pending
+            pending.add_done_callback(
+                lambda f: peer.status_pending.pop(window, None))
+        return await asyncio.shield(pending)
+
+    async def _query_status(self, peer: _Peer, window: int):
+        cs, w = self.chunk_size, self.status_window
+        first = window * w
+        last = min(first + w, self.manifest.chunks)
+        offset, length = first * cs, min(last * cs, self.size) - first * cs
+        self.counters["status_queries"] += 1
+        peer.counters["status_queries"] += 1
+        try:
+            extents = await asyncio.wait_for(
+                self._ask_status(peer, offset, length), self.peer_timeout)
+        except asyncio.TimeoutError:
+            peer.drop()
+            self._peer_failed(peer, "timeout", "block status timed out "
+                              f"after {self.peer_timeout} s")
+            return None
+        except _PEER_ERRORS as exc:
+            self._peer_failed(peer, _kind(exc), f"block status: {exc}")
+            return None
+        states = bytearray(last - first)      # unreported chunks: MISSING
+        pos = offset
+        for ext in extents:
+            end = min(pos + ext.length, offset + length)
+            if ext.flags & blockdev.STATE_CACHED:
+                state = FETCHING if ext.flags & blockdev.STATE_FETCHING \
+                    else HELD
+                # Chunks whose start lies in the extent.
+                for i in range(-(-pos // cs), (end - 1) // cs + 1):
+                    if first <= i < last:
+                        states[i - first] = state
+            pos = end
+            if pos >= offset + length:
+                break
+        states = bytes(states)
+        peer.status[window] = (time.monotonic() + self.status_ttl, states)
+        return states
+
+    async def _ask_status(self, peer: _Peer, offset: int, length: int):
+        client = await peer.client(self.size, self.peer_timeout,
+                                   self.max_peer_connections)
+        return await client.block_status(offset, length,
+                                         blockdev.VMTHUNDER_CACHE)
+
+    # -- peer reads ------------------------------------------------------
+
+    async def _from_peer(self, peer: _Peer, a: int, b: int,
+                         part: memoryview) -> list[int]:
+        """Read chunks [a, b) from ``peer`` into ``part``; the chunks still
+        missing (all if the read failed, the wrong ones otherwise)."""
+        cs = self.chunk_size
+        nbytes = part.nbytes
+        peer.load += nbytes
+        try:
+            await asyncio.wait_for(self._peer_read(peer, a * cs, part),
+                                   self.peer_timeout)
+        except asyncio.TimeoutError:
+            peer.drop()            # a hung peer: drop every connection
+            self._peer_failed(peer, "timeout", f"read of chunks "
+                              f"{_span(a, b)} timed out after "
+                              f"{self.peer_timeout} s")
+            return list(range(a, b))
+        except _PEER_ERRORS as exc:
+            self._peer_failed(peer, _kind(exc), f"read of chunks "
+                              f"{_span(a, b)}: {exc}")
+            return list(range(a, b))
+        finally:
+            peer.load -= nbytes
+        bad = await self._verify(a, part)
+        if bad:
+            self._peer_failed(peer, "mismatch", f"chunks {bad} do "
+                              "not match the manifest", count=len(bad))
+        got = (b - a) - len(bad)
+        got_bytes = nbytes - sum(self.manifest.chunk_range(i)[1]
+                                 for i in bad)
+        self.counters["chunks_from_peers"] += got
+        self.counters["bytes_from_peers"] += got_bytes
+        peer.counters["chunks"] += got
+        peer.counters["bytes"] += got_bytes
+        return bad
+
+    async def _peer_read(self, peer: _Peer, offset: int,
+                         part: memoryview) -> None:
+        client = await peer.client(self.size, self.peer_timeout,
+                                   self.max_peer_connections)
+        step = min(PEER_READ_MAX, client.max_request)
+        step = max(step - step % client.min_block, client.min_block)
+        try:
+            results = await asyncio.gather(*(
+                client.read_into(offset + pos, part[pos:pos + step])
+                for pos in range(0, part.nbytes, step)),
+                return_exceptions=True)
+        except BaseException:
+            # Cancelled (timed out): a reply still on its way would land
+            # in ``part``, which the next source fills. Drop the link.
+            peer.drop(client)
+            raise
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+
+    def _peer_failed(self, peer: _Peer, kind: str, why: str,
+                     count: int = 1) -> None:
+        self.peer_errors[kind] += count
+        peer.counters[kind] += count
+        if kind == "not_held":
+            # Its status was stale: ask again next time, no penalty.
+            peer.forget_status()
+            LOG.debug("%s: peer %s: %s", self.describe(), peer.uri, why)
+            return
+        peer.avoid_until = time.monotonic() + self.avoid_s
+        peer.forget_status()
+        LOG.warning("%s: peer %s: %s; avoiding it for %g s",
+                    self.describe(), peer.uri, why, self.avoid_s)
+
+    # -- origin ------------------------------------------------------------
+
+    async def _from_origin(self, a: int, b: int, part: memoryview) -> None:
+        cs = self.chunk_size
+        self._root(a, b, 1)
+        try:
+            await self.origin.read_into(a * cs, part)
+            bad = await self._verify(a, part)
+            for i in bad:
+                self.counters["origin_mismatches"] += 1
+                LOG.warning("%s: chunk %d from the origin does not match "
+                            "the manifest; reading it again",
+                            self.describe(), i)
+                piece = self._part(part, a, i, i + 1)
+                await self.origin.read_into(i * cs, piece)
+                if await self._verify(i, piece):
+                    self.counters["origin_mismatches"] += 1
+                    raise blockdev.BlockError(
+                        errno.EIO, f"image {self.image!r}: chunk {i} "
+                        f"(offset {i * cs}) from the origin "
+                        f"{self.origin.describe()} does not match the "
+                        "manifest (read twice)")
+        finally:
+            self._root(a, b, -1)
+        self.counters["chunks_from_origin"] += b - a
+        self.counters["bytes_from_origin"] += part.nbytes
+
+    async def _verify(self, first: int, view: memoryview) -> list[int]:
+        """Chunks of ``view`` (chunk ``first`` at its start) that do not
+        match the manifest."""
+        cs = self.chunk_size
+        verify = self.manifest.verify
+
+        def check() -> list[int]:
+            bad = []
+            for pos in range(0, view.nbytes, cs):
+                try:
+                    verify(first + pos // cs, view[pos:pos + cs])
+                except blockdev.BlockError:
+                    bad.append(first + pos // cs)
+            return bad
+        if view.nbytes >= _VERIFY_IN_THREAD:
+            return await asyncio.to_thread(check)
+        return check()
+
+
+def _kind(exc: Exception) -> str:
+    err = getattr(exc, "errno", None)
+    if err == errno.ENOTSUP:
+        return "not_held"
+    if err == errno.ETIMEDOUT:
+        return "timeout"
+    return "io"
+
+
+def _runs(indices) -> list[tuple[int, int]]:
+    """[a, b) runs of consecutive chunk indices (sorted input)."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
+def _span(a: int, b: int) -> str:
+    """Chunks [a, b) for messages."""
+    return str(a) if b == a + 1 else f"{a}-{b - 1}"
