@@ -161,6 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     delete.add_argument("--cache-dir", metavar="DIR")
 
     _add_export_parsers(sub)
+    from vmthunder.agent import client as agent_client
+    agent_client.add_parsers(sub)
     return parser
 
 
@@ -398,6 +400,9 @@ def main(argv=None) -> int:
                 "snapshot-delete": _cmd_snapshot_delete,
                 "export": _cmd_export, "unexport": _cmd_unexport,
                 "exports": _cmd_exports}
+    from vmthunder.agent import client as agent_client
+    for name in agent_client.COMMANDS:
+        handlers[name] = lambda args: agent_client.run(args, CONF)
     try:
         return handlers[args.command](args)
     except (blockdev.BlockError, ValueError) as exc:

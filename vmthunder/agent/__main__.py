@@ -1,0 +1,5 @@
+import sys
+
+from vmthunder.agent.main import main
+
+sys.exit(main())

@@ -1,0 +1,166 @@
+"""The agent's local API: JSON over HTTP on a unix socket (aiohttp).
+
+    GET    /images              {"images": [IMAGE...]}
+    POST   /images              {"name": N, "origin": URL}  201 attached,
+                                200 already attached from that origin
+    DELETE /images/N            409 while VMs use it
+    GET    /vms                 {"vms": [VM...]}
+    POST   /vms                 {"name": V, "image": N}  201
+                                {"name", "image", "state", "nbd": URI}
+    DELETE /vms/V               removes the VM's snapshot files
+    GET    /status              counters per image and per VM
+
+Every refusal is a 4xx (5xx: the agent failed) with a body
+``{"error": "what was wrong and what to do"}``, and changes nothing.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+
+from aiohttp import web
+
+from vmthunder.agent.service import Agent, AgentError
+
+LOG = logging.getLogger(__name__)
+
+MAX_BODY = 64 * 1024
+PATHS = "/images, /images/NAME, /vms, /vms/NAME, /status"
+EXAMPLES = {
+    "POST /images": '{"name": "debian", "origin": "export:debian"}',
+    "POST /vms": '{"name": "vm1", "image": "debian"}',
+}
+
+
+def _json(status: int, body: dict) -> web.Response:
+    return web.json_response(body, status=status,
+                             dumps=lambda o: json.dumps(o, indent=1))
+
+
+def error(status: int, message: str) -> web.Response:
+    return _json(status, {"error": message})
+
+
+@web.middleware
+async def _errors(request: web.Request, handler):
+    try:
+        return await handler(request)
+    except AgentError as exc:
+        LOG.info("%s %s refused (%d): %s", request.method, request.path,
+                 exc.status, exc.message)
+        return error(exc.status, exc.message)
+    except web.HTTPNotFound:
+        return error(404, f"no such API path {request.path!r}; the API "
+                          f"has {PATHS}")
+    except web.HTTPMethodNotAllowed as exc:
+        return error(405, f"{request.method} is not allowed on "
+                          f"{request.path}; use "
+                          f"{', '.join(sorted(exc.allowed_methods))}")
+    except web.HTTPRequestEntityTooLarge:
+        return error(413, f"request body larger than {MAX_BODY} bytes")
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        return error(exc.status, exc.reason)
+    except Exception as exc:
+        LOG.exception("%s %s failed", request.method, request.path)
+        return error(500, f"internal error of the agent: {exc}; see its "
+                          "log")
+
+
+async def _body(request: web.Request, fields: tuple[str, ...]) -> dict:
+    """The request's JSON object with exactly ``fields``, all strings."""
+    example = EXAMPLES[f"{request.method} {request.path}"]
+    raw = await request.read()
+    try:
+        body = json.loads(raw)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AgentError(400, f"request body is not valid JSON ({exc}); "
+                              f"send an object like {example}") from None
+    if not isinstance(body, dict):
+        raise AgentError(400, f"request body must be a JSON object like "
+                              f"{example}, not {type(body).__name__}")
+    unknown = sorted(set(body) - set(fields))
+    if unknown:
+        raise AgentError(400, f"unknown field(s) {', '.join(unknown)}; "
+                              f"expected {', '.join(fields)}, e.g. "
+                              f"{example}")
+    for field in fields:
+        if field not in body:
+            raise AgentError(400, f"missing field {field!r}; expected "
+                                  f"{', '.join(fields)}, e.g. {example}")
+        if not isinstance(body[field], str):
+            raise AgentError(400, f"field {field!r} must be a string, not "
+                                  f"{type(body[field]).__name__}; e.g. "
+                                  f"{example}")
+    return body
+
+
+def make_app(agent: Agent) -> web.Application:
+    app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
+
+    async def list_images(request):
+        return _json(200, {"images": agent.list_images()})
+
+    async def attach_image(request):
+        body = await _body(request, ("name", "origin"))
+        info, created = await agent.attach_image(body["name"],
+                                                 body["origin"])
+        return _json(201 if created else 200, dict(info, created=created))
+
+    async def detach_image(request):
+        return _json(200, await agent.detach_image(
+            request.match_info["name"]))
+
+    async def list_vms(request):
+        return _json(200, {"vms": agent.list_vms()})
+
+    async def create_vm(request):
+        body = await _body(request, ("name", "image"))
+        return _json(201, await agent.create_vm(body["name"], body["image"]))
+
+    async def delete_vm(request):
+        return _json(200, await agent.delete_vm(request.match_info["name"]))
+
+    async def status(request):
+        return _json(200, agent.status())
+
+    app.router.add_get("/images", list_images)
+    app.router.add_post("/images", attach_image)
+    app.router.add_delete("/images/{name}", detach_image)
+    app.router.add_get("/vms", list_vms)
+    app.router.add_post("/vms", create_vm)
+    app.router.add_delete("/vms/{name}", delete_vm)
+    app.router.add_get("/status", status)
+    return app
+
+
+class ApiServer:
+    """The API on a unix socket (mode 0660)."""
+
+    def __init__(self, agent: Agent, path: str):
+        self.agent = agent
+        self.path = path
+        self._runner: web.AppRunner | None = None
+
+    async def start(self) -> None:
+        from vmthunder.agent.service import prepare_socket_path
+        prepare_socket_path(self.path, "API")
+        self._runner = web.AppRunner(make_app(self.agent), access_log=None,
+                                     handle_signals=False)
+        await self._runner.setup()
+        site = web.UnixSite(self._runner, self.path)
+        await site.start()
+        os.chmod(self.path, 0o660)
+        LOG.info("API listening on unix:%s", self.path)
+
+    async def stop(self) -> None:
+        if self._runner is not None:
+            await self._runner.cleanup()
+            self._runner = None
+            try:
+                os.unlink(self.path)
+            except FileNotFoundError:
+                pass

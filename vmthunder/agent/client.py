@@ -1,0 +1,302 @@
+"""Client of the agent's local API, and the `vmthunder image|vm|status`
+commands built on it.
+
+Plain http.client over an AF_UNIX socket: synchronous, no event loop, so
+the Nova driver and the CLI can call it from anywhere.
+"""
+
+from __future__ import annotations
+
+import http.client
+import json
+import os
+import socket
+import sys
+import urllib.parse
+
+DEFAULT_TIMEOUT = 120.0     # an iSCSI attach may wait for a login
+
+
+class AgentError(Exception):
+    """The agent refused a request; the message says why."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+
+
+class AgentUnavailable(AgentError):
+    """Nothing answers on the API socket."""
+
+
+class _UnixConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float):
+        super().__init__("localhost", timeout=timeout)
+        self.socket_path = path
+
+    def connect(self):
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        try:
+            sock.connect(self.socket_path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
+class AgentClient:
+    def __init__(self, socket_path: str, timeout: float = DEFAULT_TIMEOUT):
+        self.socket_path = socket_path
+        self.timeout = timeout
+
+    def request(self, method: str, path: str, body=None) -> dict:
+        """One API call; the decoded JSON reply, or AgentError."""
+        conn = _UnixConnection(self.socket_path, self.timeout)
+        payload = None
+        headers = {}
+        if body is not None:
+            payload = (body if isinstance(body, (bytes, str))
+                       else json.dumps(body))
+            headers["Content-Type"] = "application/json"
+        try:
+            try:
+                conn.request(method, path, body=payload, headers=headers)
+                response = conn.getresponse()
+                raw = response.read()
+            except (FileNotFoundError, ConnectionRefusedError) as exc:
+                why = ("no such socket" if isinstance(exc, FileNotFoundError)
+                       else "connection refused")
+                raise AgentUnavailable(
+                    0, f"cannot reach the vmthunder agent at "
+                    f"{self.socket_path} ({why}); is vmthunder-agent "
+                    "running? Start it, or give the socket it uses with "
+                    "--api-socket") from None
+            except PermissionError:
+                raise AgentUnavailable(
+                    0, f"no permission to use the agent socket "
+                    f"{self.socket_path}; run as root or as a member of "
+                    "its group") from None
+            except TimeoutError:
+                raise AgentError(
+                    0, f"the agent at {self.socket_path} did not answer "
+                    f"{method} {path} within {self.timeout:g} s") from None
+            except (OSError, http.client.HTTPException) as exc:
+                raise AgentError(
+                    0, f"talking to the agent at {self.socket_path}: "
+                    f"{exc or type(exc).__name__}; see the agent's log"
+                ) from None
+        finally:
+            conn.close()
+        try:
+            reply = json.loads(raw) if raw else {}
+        except ValueError:
+            reply = {"error": raw.decode("utf-8", "replace")[:500]}
+        if response.status >= 400:
+            message = (reply.get("error") if isinstance(reply, dict)
+                       else None) or f"HTTP {response.status}"
+            raise AgentError(response.status, message)
+        return reply
+
+    @staticmethod
+    def _quote(name: str) -> str:
+        return urllib.parse.quote(name, safe="")
+
+    def attach_image(self, name: str, origin: str) -> dict:
+        return self.request("POST", "/images",
+                            {"name": name, "origin": origin})
+
+    def detach_image(self, name: str) -> dict:
+        return self.request("DELETE", f"/images/{self._quote(name)}")
+
+    def images(self) -> list[dict]:
+        return self.request("GET", "/images")["images"]
+
+    def create_vm(self, name: str, image: str) -> dict:
+        return self.request("POST", "/vms", {"name": name, "image": image})
+
+    def delete_vm(self, name: str) -> dict:
+        return self.request("DELETE", f"/vms/{self._quote(name)}")
+
+    def vms(self) -> list[dict]:
+        return self.request("GET", "/vms")["vms"]
+
+    def status(self) -> dict:
+        return self.request("GET", "/status")
+
+
+# -- the `vmthunder` subcommands ----------------------------------------
+
+COMMANDS = ("image", "vm", "status")
+
+
+def add_parsers(sub) -> None:
+    """Add `image`, `vm` and `status` to the `vmthunder` parser."""
+    def socket_arg(p):
+        p.add_argument("--api-socket", metavar="PATH",
+                       help="the agent's API socket (default from [agent] "
+                            "api_socket, /run/vmthunder/agent.sock)")
+
+    image = sub.add_parser(
+        "image", help="attach, detach and list images on the local agent",
+        description="Manage the images attached to the local "
+                    "vmthunder-agent. An attached image has one "
+                    "copy-on-read cache on this host, shared by its VMs.")
+    isub = image.add_subparsers(dest="action", metavar="ACTION",
+                                required=True)
+    p = isub.add_parser("attach", help="attach an image",
+                        description="Attach ORIGIN as image NAME. Attaching "
+                                    "the same name and origin again changes "
+                                    "nothing.")
+    p.add_argument("name", help="image name (letters, digits, . _ -)")
+    p.add_argument("origin", help="iscsi://[USER@]HOST[:PORT]/IQN/LUN, "
+                                  "export:NAME, or a raw image file")
+    socket_arg(p)
+    p = isub.add_parser("detach", help="detach an image (no VMs may use it)",
+                        description="Detach image NAME. Refused while VMs "
+                                    "use it. Its cache stays on disk and is "
+                                    "reused by a later attach.")
+    p.add_argument("name")
+    socket_arg(p)
+    p = isub.add_parser("list", help="list attached images")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    socket_arg(p)
+
+    vm = sub.add_parser(
+        "vm", help="create, delete and list VM disks on the local agent",
+        description="Manage VM disks: a copy-on-write snapshot of an "
+                    "attached image, served to the hypervisor over NBD.")
+    vsub = vm.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = vsub.add_parser("create", help="create a VM disk",
+                        description="Create the disk of VM NAME on IMAGE "
+                                    "and print the NBD URI the hypervisor "
+                                    "opens.")
+    p.add_argument("name")
+    p.add_argument("--image", required=True, help="an attached image")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    socket_arg(p)
+    p = vsub.add_parser("delete", help="delete a VM disk and its data")
+    p.add_argument("name")
+    socket_arg(p)
+    p = vsub.add_parser("list", help="list VM disks")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    socket_arg(p)
+
+    status = sub.add_parser(
+        "status", help="show the local agent's images, VMs and counters",
+        description="Per image: chunks held, bytes from the origin, from "
+                    "peers and served to peers; per VM: bytes read and "
+                    "written.")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    socket_arg(status)
+
+
+def _table(rows: list[list], header: list[str]) -> str:
+    rows = [header] + [[str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r, widths))
+                     .rstrip() for r in rows)
+
+
+def _size(n) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def _origin(text: str) -> str:
+    """A local file given relative to the caller's directory is made
+    absolute: the agent runs elsewhere."""
+    if "://" in text or text.startswith("export:") or os.path.isabs(text):
+        return text
+    if os.path.exists(text):
+        return os.path.abspath(text)
+    return text
+
+
+def run(args, conf) -> int:
+    """Run `vmthunder image|vm|status`; errors as `vmthunder: error: ...`."""
+    client = AgentClient(args.api_socket or conf.agent.api_socket)
+    out = print
+    try:
+        if args.command == "image":
+            if args.action == "attach":
+                info = client.attach_image(args.name, _origin(args.origin))
+                out(f"image {info['name']} "
+                    f"{'attached' if info.get('created') else 'was attached'}"
+                    f" from {info['origin']}")
+            elif args.action == "detach":
+                client.detach_image(args.name)
+                out(f"image {args.name} detached")
+            else:
+                images = client.images()
+                if args.json:
+                    out(json.dumps(images, indent=1))
+                elif images:
+                    out(_table([[i["name"], i["state"], i["origin"],
+                                 ",".join(i["vms"]) or "-"]
+                                for i in images],
+                               ["NAME", "STATE", "ORIGIN", "VMS"]))
+                else:
+                    out("no images attached")
+        elif args.command == "vm":
+            if args.action == "create":
+                info = client.create_vm(args.name, args.image)
+                out(json.dumps(info, indent=1) if args.json
+                    else f"VM {info['name']} on image {info['image']}: "
+                         f"{info['nbd']}")
+            elif args.action == "delete":
+                client.delete_vm(args.name)
+                out(f"VM {args.name} deleted")
+            else:
+                vms = client.vms()
+                if args.json:
+                    out(json.dumps(vms, indent=1))
+                elif vms:
+                    out(_table([[v["name"], v["image"], v["state"],
+                                 v.get("nbd") or v.get("error")]
+                                for v in vms],
+                               ["NAME", "IMAGE", "STATE", "NBD"]))
+                else:
+                    out("no VMs")
+        else:
+            status = client.status()
+            if args.json:
+                out(json.dumps(status, indent=1))
+            else:
+                out(format_status(status))
+    except AgentError as exc:
+        print(f"vmthunder: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def format_status(status: dict) -> str:
+    lines = [f"agent up {status['uptime_s']:.0f} s; VM disks on "
+             f"{status['hypervisor_nbd']}"
+             + (f"; peers on {status['peer_nbd']}" if status.get("peer_nbd")
+                else "")]
+    images = status["images"].values()
+    if images:
+        lines.append("")
+        lines.append(_table(
+            [[i["name"], i["state"],
+              f"{i.get('chunks_held', '-')}/{i.get('chunks_total', '-')}",
+              _size(i.get("bytes_from_origin", 0)),
+              _size(i.get("bytes_from_peers", 0)),
+              _size(i.get("bytes_served_to_peers", 0))] for i in images],
+            ["IMAGE", "STATE", "CHUNKS", "FROM ORIGIN", "FROM PEERS",
+             "TO PEERS"]))
+    vms = status["vms"].values()
+    if vms:
+        lines.append("")
+        lines.append(_table(
+            [[v["name"], v["image"], v["state"],
+              _size(v.get("bytes_read", 0)),
+              _size(v.get("bytes_written", 0))] for v in vms],
+            ["VM", "IMAGE", "STATE", "READ", "WRITTEN"]))
+    if not images and not vms:
+        lines.append("no images, no VMs")
+    return "\n".join(lines)

@@ -1,0 +1,171 @@
+"""`vmthunder-agent` (also `python -m vmthunder.agent`): the host daemon."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import os
+import signal
+import sys
+
+from oslo_config import cfg
+
+from vmthunder import opts
+from vmthunder.agent import state as state_mod
+from vmthunder.nbd.address import parse_address
+
+LOG = logging.getLogger("vmthunder.agent")
+
+DEFAULT_CONFIG = "/etc/vmthunder/vmthunder.conf"
+# Printed on stdout once the API and the NBD servers accept connections.
+READY_PREFIX = "vmthunder-agent: ready"
+
+
+def _address(text: str):
+    try:
+        return parse_address(text, listen=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="vmthunder-agent",
+        description="The vmthunder host agent: attaches images (one shared "
+                    "copy-on-read cache each), creates per-VM "
+                    "copy-on-write snapshots and serves them to the "
+                    "hypervisor over NBD, and takes orders on a local "
+                    "JSON/HTTP API (`vmthunder image|vm|status` talk to "
+                    "it). Images and VMs are recorded in the state "
+                    "directory and restored at start. Runs until SIGTERM or "
+                    "Ctrl-C, then flushes every snapshot and cache. Each "
+                    "flag defaults to its [agent] option in the config "
+                    "file.")
+    parser.add_argument("--config-file", metavar="PATH",
+                        help="oslo.config file (default: "
+                             f"{DEFAULT_CONFIG} if it exists)")
+    parser.add_argument("--state-dir", metavar="DIR",
+                        help="where state.json (images and VMs) is kept "
+                             "([agent] state_dir, default "
+                             "/var/lib/vmthunder/agent); one agent per "
+                             "directory")
+    parser.add_argument("--api-socket", metavar="PATH",
+                        help="unix socket of the local API ([agent] "
+                             "api_socket, default /run/vmthunder/agent.sock)")
+    parser.add_argument("--hypervisor-listen", type=_address,
+                        metavar="unix:PATH|tcp:127.0.0.1:PORT",
+                        help="where VM disks are served over NBD, one "
+                             "export per VM named after it ([agent] "
+                             "hypervisor_listen, default "
+                             "unix:/run/vmthunder/nbd.sock)")
+    parser.add_argument("--peer-listen", type=_address,
+                        metavar="tcp:HOST:PORT|unix:PATH",
+                        help="serve each image's cache read-only to peer "
+                             "hosts here, export name = image name "
+                             "([agent] peer_listen; default: not served)")
+    parser.add_argument("--cache-dir", metavar="DIR",
+                        help="image caches and VM overlays ([agent] "
+                             "cache_dir, else [cache] cache_dir)")
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="debug log output")
+    return parser
+
+
+def load_config(path: str | None) -> cfg.ConfigOpts:
+    conf = cfg.ConfigOpts()
+    opts.register_opts(conf)
+    files = []
+    if path:
+        if not os.path.exists(path):
+            raise SystemExit(f"vmthunder-agent: config file {path} does not "
+                             "exist")
+        files = [path]
+    elif os.path.exists(DEFAULT_CONFIG):
+        files = [DEFAULT_CONFIG]
+    conf(args=[], project="vmthunder", default_config_files=files)
+    return conf
+
+
+def make_config(args, conf):
+    from vmthunder.agent.service import AgentConfig
+    from vmthunder.volume import export
+    a = conf.agent
+    try:
+        hypervisor = (args.hypervisor_listen
+                      or parse_address(a.hypervisor_listen, listen=True))
+        peer = args.peer_listen or (parse_address(a.peer_listen, listen=True)
+                                    if a.peer_listen else None)
+    except ValueError as exc:
+        raise SystemExit(f"vmthunder-agent: error: [agent] option: {exc}")
+    return AgentConfig(
+        state_dir=args.state_dir or a.state_dir,
+        api_socket=os.path.abspath(args.api_socket or a.api_socket),
+        hypervisor_listen=hypervisor,
+        peer_listen=peer,
+        cache_dir=args.cache_dir or a.cache_dir or conf.cache.cache_dir,
+        chunk_size=conf.cache.chunk_size,
+        block_size=conf.snapshot.block_size,
+        max_pending_writes=conf.cache.max_pending_writes,
+        sync_interval=conf.cache.sync_interval,
+        max_request=conf.nbd.max_request_bytes,
+        max_inflight=conf.nbd.max_inflight_bytes,
+        iscsi=conf.iscsi,
+        exports=export.ExportConfig.from_conf(conf.export, None))
+
+
+async def run(config) -> int:
+    from vmthunder.agent.api import ApiServer
+    from vmthunder.agent.service import Agent
+    agent = Agent(config)
+    api = ApiServer(agent, config.api_socket)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        await agent.start()
+        await api.start()
+    except BaseException:
+        await api.stop()
+        await agent.stop()
+        raise
+    LOG.info("agent ready: %d image(s), %d VM(s); API unix:%s, VM disks "
+             "on %s", len(agent.images), len(agent.vms), config.api_socket,
+             agent.hypervisor_address)
+    print(f"{READY_PREFIX} api=unix:{config.api_socket} "
+          f"nbd={agent.hypervisor_address}"
+          + (f" peers={agent.peer_address}" if agent.peer_address else ""),
+          flush=True)
+    await stop.wait()
+    LOG.info("stopping: closing the API and NBD servers, flushing "
+             "snapshots and caches")
+    await api.stop()
+    await agent.stop()
+    LOG.info("stopped; state in %s", agent.store.path)
+    return 0
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    conf = load_config(args.config_file)
+    config = make_config(args, conf)
+    from vmthunder.cli import _run
+    try:
+        return _run(run(config))
+    except state_mod.StateError as exc:
+        print(f"vmthunder-agent: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"vmthunder-agent: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,640 @@
+"""The agent: images with their shared caches, VMs with their snapshots.
+
+Per host, every attached image has ONE CacheLayer over its source, shared
+by all VMs of that image; every VM has a SnapshotLayer over its image's
+cache, served writable to the hypervisor by one NbdServer under the VM's
+name. Optionally a second NbdServer serves each image's cache read-only to
+peer hosts under the image's name.
+
+Every change is recorded in the state file (state.py) before it is
+answered; on start the agent re-attaches the images and re-opens the VMs'
+snapshots recorded there. Their data is found again on disk: a CacheLayer
+reuses its directory for the same source identity, a SnapshotLayer reopens
+its overlay and map.
+
+Errors for the API are AgentError(status, message): the HTTP status and a
+message that says what was wrong and what to do. A refused request
+changes nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import logging
+import os
+import re
+import socket
+import time
+from typing import NamedTuple
+
+from vmthunder import blockdev
+from vmthunder.agent import state as state_mod
+from vmthunder.cache import snapshot as snapshot_mod
+from vmthunder.cache.cache_layer import CacheInUse, CacheLayer
+from vmthunder.cache.snapshot import SnapshotLayer
+from vmthunder.nbd.address import Address
+from vmthunder.nbd.server import NbdServer
+
+LOG = logging.getLogger(__name__)
+
+NAME_RULE = ("use 1-128 letters, digits, '.', '_' or '-', starting with a "
+             "letter or digit")
+
+
+class AgentError(Exception):
+    """A request the agent refuses; ``status`` is its HTTP status."""
+
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+
+
+@dataclasses.dataclass
+class AgentConfig:
+    state_dir: str
+    api_socket: str
+    hypervisor_listen: Address
+    cache_dir: str
+    peer_listen: Address | None = None
+    chunk_size: int = 256 * 1024
+    block_size: int = 4096
+    max_pending_writes: int = 32
+    sync_interval: float = 2.0
+    max_request: int = 32 * 1024 * 1024
+    max_inflight: int = 64 * 1024 * 1024
+    # [iscsi] options and the [export] settings resolving export:NAME.
+    iscsi: object = None
+    exports: object = None
+
+
+class ImageSource(NamedTuple):
+    """What an image's cache reads from (see Agent.open_image_source)."""
+    source: blockdev.BlockDevice
+    # verify(index, data) raises BlockError for a wrong chunk; None trusts
+    # the source.
+    verify: object
+    # The cache's chunk size: the manifest's when there is one (each
+    # fetched chunk is then checked against exactly one digest).
+    chunk_size: int
+
+
+@dataclasses.dataclass
+class Image:
+    name: str
+    origin: str
+    cache: CacheLayer | None = None
+    source: blockdev.BlockDevice | None = None
+    # Why the image is not usable (restore failed); None when attached.
+    error: str | None = None
+    attached_at: float = 0.0
+
+    def record(self) -> dict:
+        return {"name": self.name, "origin": self.origin}
+
+
+@dataclasses.dataclass
+class Vm:
+    name: str
+    image: str
+    snapshot: SnapshotLayer | None = None
+    error: str | None = None
+
+    def record(self) -> dict:
+        return {"name": self.name, "image": self.image}
+
+
+def check_name(kind: str, name) -> str:
+    """A VM or image name (a file name and an NBD export name)."""
+    if not isinstance(name, str):
+        raise AgentError(400, f"{kind} name must be a string, got "
+                              f"{type(name).__name__}; {NAME_RULE}")
+    try:
+        return snapshot_mod.check_name(name)
+    except ValueError:
+        raise AgentError(400, f"{kind} name {name!r} is not valid: "
+                              f"{NAME_RULE}") from None
+
+
+def redact(origin: str) -> str:
+    """The origin without a password (iscsi://user%secret@host/...)."""
+    return re.sub(r"^(iscsi://[^/@%]*)%[^/@]*@", r"\1%***@", origin)
+
+
+def describe_origins() -> str:
+    return ("an absolute path of a raw image file, "
+            "iscsi://[USER@]HOST[:PORT]/IQN/LUN, or export:NAME (an image "
+            "`vmthunder export` published)")
+
+
+def check_origin(origin) -> str:
+    """Refuse an origin that cannot be one before touching anything."""
+    if not isinstance(origin, str) or not origin:
+        raise AgentError(400, "origin must be a non-empty string: "
+                              + describe_origins())
+    if any(ch in origin for ch in "\0\n\r"):
+        raise AgentError(400, "origin contains control characters; give "
+                              + describe_origins())
+    if origin.startswith("export:"):
+        from vmthunder.volume import export as export_mod
+        try:
+            export_mod.check_name(origin.removeprefix("export:"))
+        except export_mod.ExportError as exc:
+            raise AgentError(400, f"origin {origin!r}: {exc}") from None
+    elif origin.startswith("iscsi://"):
+        from vmthunder.volume.iscsi_source import parse_iscsi_url
+        try:
+            parse_iscsi_url(origin)
+        except ValueError as exc:
+            raise AgentError(400, f"origin {redact(origin)!r}: {exc}") \
+                from None
+    elif "://" in origin:
+        raise AgentError(400, f"origin {origin!r} has an unknown scheme; "
+                              f"give {describe_origins()}")
+    elif not os.path.isabs(origin):
+        raise AgentError(400, f"origin {origin!r} is a relative path; give "
+                              "an absolute path (the agent does not run in "
+                              "your working directory)")
+    return origin
+
+
+def socket_in_use(path: str) -> bool:
+    """True when something accepts connections on unix socket ``path``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(1.0)
+        try:
+            s.connect(path)
+        except OSError:
+            return False
+        return True
+
+
+def prepare_socket_path(path: str, what: str) -> None:
+    """Make the socket's directory; remove a stale socket, refuse a live
+    one (another agent)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), mode=0o755,
+                exist_ok=True)
+    if os.path.exists(path) or os.path.islink(path):
+        if socket_in_use(path):
+            raise state_mod.StateError(
+                f"{what} socket {path} is in use by another process (another "
+                "vmthunder-agent?); stop it, or choose another path")
+        os.unlink(path)
+
+
+class Agent:
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self.store = state_mod.StateStore(config.state_dir)
+        self.images: dict[str, Image] = {}
+        self.vms: dict[str, Vm] = {}
+        self.hypervisor_server = NbdServer(max_request=config.max_request,
+                                           max_inflight=config.max_inflight)
+        self.hypervisor_address: Address = config.hypervisor_listen
+        self.peer_server: NbdServer | None = None
+        self.peer_address: Address | None = None
+        # Changes (attach, detach, create, delete) happen one at a time:
+        # each ends with the state file written.
+        self._lock = asyncio.Lock()
+        self.started = time.monotonic()
+
+    # -- start and stop ---------------------------------------------------
+
+    async def start(self) -> None:
+        """Lock the state, restore images and VMs, then serve NBD.
+
+        The API (api.py) is started by the caller once this returns.
+        """
+        self.store.lock()
+        await self.restore()
+        listen = self.config.hypervisor_listen
+        if listen.kind == "unix":
+            prepare_socket_path(listen.path, "hypervisor NBD")
+        elif listen.port == 0:
+            LOG.warning("hypervisor_listen %s picks a new port at every "
+                        "start: VMs' NBD URIs will not survive a restart; "
+                        "configure a fixed port", listen)
+        self.hypervisor_address = await self.hypervisor_server.listen(listen)
+        await self.start_peer_server()
+
+    async def stop(self) -> None:
+        """Stop serving, flush and close every snapshot and cache, write
+        the state (unchanged by a stop: the VMs come back at next start)."""
+        await self.hypervisor_server.close()
+        if self.peer_server is not None:
+            await self.peer_server.close()
+        for vm in self.vms.values():
+            if vm.snapshot is not None:
+                try:
+                    await vm.snapshot.close()
+                except Exception as exc:      # keep closing the others
+                    LOG.error("VM %s: closing its snapshot: %s", vm.name, exc)
+                vm.snapshot = None
+        for image in self.images.values():
+            if image.cache is not None:
+                try:
+                    await image.cache.close()
+                except Exception as exc:
+                    LOG.error("image %s: closing its cache: %s", image.name,
+                              exc)
+                image.cache = None
+        if self.store.locked:
+            self._save()
+            self.store.unlock()
+
+    async def restore(self) -> None:
+        """Re-attach the images and re-open the VMs of the state file.
+
+        An image that cannot be attached now (origin unreachable) stays
+        recorded, shown with its error; attaching it again with the same
+        origin retries, and brings its VMs back.
+        """
+        state = self.store.load()
+        if state["images"] or state["vms"]:
+            LOG.info("restoring %d image(s) and %d VM(s) from %s",
+                     len(state["images"]), len(state["vms"]),
+                     self.store.path)
+        for rec in state["images"]:
+            image = Image(rec["name"], rec["origin"])
+            self.images[image.name] = image
+            try:
+                await self._open_image(image)
+            except Exception as exc:
+                image.error = _message(exc)
+                LOG.error("restore: image %s from %s not attached: %s",
+                          image.name, redact(image.origin), image.error)
+            else:
+                LOG.info("restore: image %s attached from %s (%d of %d "
+                         "chunks cached)", image.name, redact(image.origin),
+                         image.cache.map.count_present(), image.cache.chunks)
+        for rec in state["vms"]:
+            vm = Vm(rec["name"], rec["image"])
+            self.vms[vm.name] = vm
+            self._reopen_vm(vm)
+
+    def _reopen_vm(self, vm: Vm) -> None:
+        image = self.images.get(vm.image)
+        if image is None or image.cache is None:
+            vm.error = (f"its image {vm.image!r} is not attached"
+                        + (f" ({image.error})" if image and image.error
+                           else ""))
+            LOG.error("restore: VM %s not restored: %s", vm.name, vm.error)
+            return
+        try:
+            vm.snapshot = self._open_snapshot(image, vm.name)
+        except Exception as exc:
+            vm.error = _message(exc)
+            LOG.error("restore: VM %s not restored: %s", vm.name, vm.error)
+            return
+        vm.error = None
+        self._export_vm(vm)
+        LOG.info("restore: VM %s on image %s (%d blocks written)",
+                 vm.name, vm.image, vm.snapshot.map.count_present())
+
+    # -- sources, caches, exports ------------------------------------------
+
+    async def open_image_source(self, name: str, origin: str) -> ImageSource:
+        """THE place an image's cache gets its source from.
+
+        Today: the origin itself (a file, an iSCSI LUN, export:NAME), with
+        its manifest's verify when it has one. Peer fetching wraps this:
+        ``src = await super().open_image_source(name, origin)`` then
+        ``src._replace(source=PeerSource(src.source, ...))``.
+        """
+        from vmthunder import serve
+        source = await serve.open_source(origin, self.config.iscsi,
+                                         self.config.exports)
+        manifest = getattr(source, "manifest", None)
+        return ImageSource(
+            source=source,
+            verify=manifest.verify if manifest else None,
+            chunk_size=(manifest.chunk_size if manifest
+                        else self.config.chunk_size))
+
+    async def _open_image(self, image: Image) -> None:
+        src = await self.open_image_source(image.name, image.origin)
+        try:
+            cache = CacheLayer(
+                src.source, self.config.cache_dir,
+                chunk_size=src.chunk_size,
+                max_pending_writes=self.config.max_pending_writes,
+                sync_interval=self.config.sync_interval,
+                verify=src.verify)
+        except BaseException:
+            await src.source.close()
+            raise
+        image.source = src.source
+        image.cache = cache
+        image.error = None
+        image.attached_at = time.time()
+        if self.peer_server is not None:
+            self._export_to_peers(image)
+
+    def _snapshot_dir(self, image: Image) -> str:
+        # Where `vmthunder serve` keeps them too (snapshot-delete finds
+        # them there).
+        return os.path.join(image.cache.directory, "snapshots")
+
+    def _open_snapshot(self, image: Image, name: str) -> SnapshotLayer:
+        return SnapshotLayer(image.cache, self._snapshot_dir(image), name,
+                             block_size=self.config.block_size)
+
+    def _export_vm(self, vm: Vm) -> None:
+        self.hypervisor_server.add_export(
+            vm.name, vm.snapshot, read_only=False,
+            description=f"VM {vm.name} on image {vm.image}")
+
+    async def start_peer_server(self) -> None:
+        """Serve every image's cache read-only to peer hosts, when
+        [agent] peer_listen is set (export name = image name)."""
+        if self.config.peer_listen is None:
+            return
+        self.peer_server = NbdServer(max_request=self.config.max_request,
+                                     max_inflight=self.config.max_inflight)
+        for image in self.images.values():
+            if image.cache is not None:
+                self._export_to_peers(image)
+        listen = self.config.peer_listen
+        if listen.kind == "unix":
+            prepare_socket_path(listen.path, "peer NBD")
+        self.peer_address = await self.peer_server.listen(listen)
+        LOG.info("serving image caches to peers on %s", self.peer_address)
+
+    def peer_export_device(self, image: Image) -> blockdev.BlockDevice:
+        """What peers read of ``image``: today its cache as it is."""
+        return image.cache
+
+    def _export_to_peers(self, image: Image) -> None:
+        self.peer_server.add_export(
+            image.name, self.peer_export_device(image), read_only=True,
+            description=f"cache of image {image.name}")
+
+    def _unexport_from_peers(self, image: Image) -> None:
+        if self.peer_server is not None \
+                and image.name in self.peer_server.exports:
+            self.peer_server.remove_export(image.name)
+
+    def _save(self) -> None:
+        self.store.save([i.record() for i in self.images.values()],
+                        [v.record() for v in self.vms.values()])
+
+    # -- API operations ---------------------------------------------------
+
+    async def attach_image(self, name, origin) -> tuple[dict, bool]:
+        """Attach ``origin`` as image ``name``; (info, created).
+
+        The same name and origin again is a no-op (or a retry, when the
+        image is in error); another origin under a known name is refused.
+        """
+        check_name("image", name)
+        check_origin(origin)
+        async with self._lock:
+            image = self.images.get(name)
+            if image is not None and image.origin != origin:
+                raise AgentError(
+                    409, f"image {name!r} is already attached from "
+                    f"{redact(image.origin)}, not {redact(origin)}; detach "
+                    "it first (DELETE /images/NAME, `vmthunder image detach "
+                    f"{name}`) or attach under another name")
+            if image is not None and image.cache is not None:
+                return self.image_info(image), False
+            for other in self.images.values():
+                if other.origin == origin and other.name != name:
+                    raise AgentError(
+                        409, f"origin {redact(origin)} is already attached "
+                        f"as image {other.name!r}; use that name (one "
+                        "cache per image per host)")
+            retry = image is not None
+            image = image or Image(name, origin)
+            try:
+                await self._open_image(image)
+            except AgentError:
+                raise
+            except CacheInUse as exc:
+                raise AgentError(409, f"cannot attach image {name!r}: "
+                                      f"{exc}") from None
+            except (ValueError, blockdev.BlockError, OSError) as exc:
+                bad_input = isinstance(exc, ValueError) or getattr(
+                    exc, "errno", None) in (errno.ENOENT, errno.EISDIR,
+                                            errno.EACCES, errno.EINVAL)
+                raise AgentError(
+                    400 if bad_input else 502,
+                    f"cannot attach image {name!r} from {redact(origin)}: "
+                    f"{_message(exc)}") from None
+            self.images[name] = image
+            try:
+                self._save()
+            except OSError as exc:
+                if not retry:
+                    del self.images[name]
+                    self._unexport_from_peers(image)
+                    await image.cache.close()
+                    image.cache = None
+                raise AgentError(500, f"cannot record image {name!r} in "
+                                      f"{self.store.path}: {exc}") from None
+            LOG.info("image %s attached from %s: %s, %d of %d chunks cached",
+                     name, redact(origin), image.cache.directory,
+                     image.cache.map.count_present(), image.cache.chunks)
+            if retry:
+                for vm in self.vms.values():
+                    if vm.image == name and vm.snapshot is None:
+                        self._reopen_vm(vm)
+            return self.image_info(image), True
+
+    async def detach_image(self, name: str) -> dict:
+        check_name("image", name)
+        async with self._lock:
+            image = self._image(name)
+            users = sorted(v.name for v in self.vms.values()
+                           if v.image == name)
+            if users:
+                raise AgentError(
+                    409, f"image {name!r} is in use by VM(s) "
+                    f"{', '.join(users)}; delete them first (DELETE "
+                    "/vms/NAME, `vmthunder vm delete NAME`)")
+            del self.images[name]
+            try:
+                self._save()
+            except OSError as exc:
+                self.images[name] = image
+                raise AgentError(500, f"cannot record the detach in "
+                                      f"{self.store.path}: {exc}") from None
+            self._unexport_from_peers(image)
+            if image.cache is not None:
+                await image.cache.close()
+                image.cache = None
+            LOG.info("image %s detached (its cache stays on disk for a "
+                     "later attach)", name)
+            return {"name": name, "detached": True}
+
+    async def create_vm(self, name, image_name) -> dict:
+        check_name("VM", name)
+        check_name("image", image_name)
+        async with self._lock:
+            if name in self.vms:
+                raise AgentError(
+                    409, f"VM {name!r} exists already (on image "
+                    f"{self.vms[name].image!r}); pick another name, or "
+                    "delete it first")
+            image = self.images.get(image_name)
+            if image is None:
+                raise AgentError(
+                    404, f"image {image_name!r} is not attached (404: no "
+                    "such image); attach it first with POST /images "
+                    f"(`vmthunder image attach {image_name} ORIGIN`)")
+            if image.cache is None:
+                raise AgentError(
+                    409, f"image {image_name!r} is recorded but not attached "
+                    f"(409: {image.error}); attach it again with the same "
+                    "origin to retry")
+            # A new VM starts from the image: leftovers of an earlier VM of
+            # that name (deleted while the agent was down) go.
+            for path in snapshot_mod.snapshot_paths(
+                    self._snapshot_dir(image), name):
+                if os.path.exists(path):
+                    LOG.warning("VM %s: removing stale %s", name, path)
+                    os.unlink(path)
+            try:
+                snap = self._open_snapshot(image, name)
+            except (ValueError, blockdev.BlockError, OSError) as exc:
+                raise AgentError(500, f"cannot create the snapshot of VM "
+                                      f"{name!r}: {_message(exc)}") from None
+            vm = Vm(name, image_name, snap)
+            self.vms[name] = vm
+            try:
+                self._save()
+            except OSError as exc:
+                del self.vms[name]
+                await snap.delete()
+                raise AgentError(500, f"cannot record VM {name!r} in "
+                                      f"{self.store.path}: {exc}") from None
+            self._export_vm(vm)
+            LOG.info("VM %s created on image %s: %s", name, image_name,
+                     self.vm_uri(name))
+            return self.vm_info(vm)
+
+    async def delete_vm(self, name: str) -> dict:
+        check_name("VM", name)
+        async with self._lock:
+            vm = self.vms.get(name)
+            if vm is None:
+                raise AgentError(404, f"no VM {name!r}; GET /vms (`vmthunder "
+                                      "vm list`) lists the VMs")
+            del self.vms[name]
+            try:
+                self._save()
+            except OSError as exc:
+                self.vms[name] = vm
+                raise AgentError(500, f"cannot record the delete in "
+                                      f"{self.store.path}: {exc}") from None
+            if name in self.hypervisor_server.exports:
+                self.hypervisor_server.remove_export(name)
+            if vm.snapshot is not None:
+                await vm.snapshot.delete()
+            else:
+                image = self.images.get(vm.image)
+                if image is not None and image.cache is not None:
+                    for path in snapshot_mod.snapshot_paths(
+                            self._snapshot_dir(image), name):
+                        if os.path.exists(path):
+                            os.unlink(path)
+            LOG.info("VM %s deleted (its snapshot files removed)", name)
+            return {"name": name, "deleted": True}
+
+    # -- views -------------------------------------------------------------
+
+    def _image(self, name: str) -> Image:
+        image = self.images.get(name)
+        if image is None:
+            raise AgentError(404, f"no image {name!r} is attached; GET "
+                                  "/images (`vmthunder image list`) lists "
+                                  "them")
+        return image
+
+    def vm_uri(self, name: str) -> str:
+        return self.hypervisor_address.nbd_uri(name)
+
+    def image_info(self, image: Image) -> dict:
+        info = {"name": image.name, "origin": redact(image.origin),
+                "state": "attached" if image.cache else "error",
+                "vms": sorted(v.name for v in self.vms.values()
+                              if v.image == image.name)}
+        if image.cache is not None:
+            info.update(size=image.cache.size,
+                        chunk_size=image.cache.chunk_size,
+                        cache_dir=image.cache.directory)
+            if self.peer_address is not None:
+                info["peer_nbd"] = self.peer_address.nbd_uri(image.name)
+        else:
+            info["error"] = image.error
+        return info
+
+    def vm_info(self, vm: Vm) -> dict:
+        info = {"name": vm.name, "image": vm.image,
+                "state": "ready" if vm.snapshot else "error"}
+        if vm.snapshot is not None:
+            info["nbd"] = self.vm_uri(vm.name)
+        else:
+            info["error"] = vm.error
+        return info
+
+    def list_images(self) -> list[dict]:
+        return [self.image_info(i) for i in self.images.values()]
+
+    def list_vms(self) -> list[dict]:
+        return [self.vm_info(v) for v in self.vms.values()]
+
+    def image_status(self, image: Image) -> dict:
+        status = self.image_info(image)
+        if image.cache is None:
+            return status
+        cache = image.cache.stats()
+        source = image.cache.source.stats()
+        peer = {}
+        if self.peer_server is not None:
+            device = self.peer_export_device(image)
+            if device is not image.cache:
+                peer = device.stats()
+        status.update(
+            chunks_held=cache["chunks_present"],
+            chunks_total=cache["chunks"],
+            bytes_fetched=cache["bytes_fetched"],
+            # A peer-aware source reports these apart; a plain origin's
+            # bytes read all came from the origin.
+            bytes_from_origin=source.get("bytes_from_origin",
+                                         source.get("bytes_read", 0)),
+            bytes_from_peers=source.get("bytes_from_peers", 0),
+            bytes_served_to_peers=peer.get("bytes_served", 0),
+            bytes_read=cache["bytes_read"],
+            verify_errors=cache["verify_errors"],
+            fetch_errors=cache["fetch_errors"])
+        return status
+
+    def vm_status(self, vm: Vm) -> dict:
+        status = self.vm_info(vm)
+        if vm.snapshot is not None:
+            s = vm.snapshot.stats()
+            status.update(bytes_read=s["bytes_read"],
+                          bytes_written=s["bytes_written"],
+                          blocks_written=s["blocks_written"],
+                          block_size=s["block_size"],
+                          flushes=s["flushes"])
+        return status
+
+    def status(self) -> dict:
+        return {
+            "uptime_s": round(time.monotonic() - self.started, 3),
+            "state_file": self.store.path,
+            "hypervisor_nbd": str(self.hypervisor_address),
+            "peer_nbd": str(self.peer_address) if self.peer_address
+            else None,
+            "images": {i.name: self.image_status(i)
+                       for i in self.images.values()},
+            "vms": {v.name: self.vm_status(v) for v in self.vms.values()},
+        }
+
+
+def _message(exc: BaseException) -> str:
+    return str(exc) or type(exc).__name__
