@@ -9,6 +9,7 @@ of a whole host.
 from __future__ import annotations
 
 import os
+import socket
 
 from oslo_config import cfg
 
@@ -222,6 +223,79 @@ iscsi_opts = [
              "lists)."),
 ]
 
+agent_opts = [
+    cfg.StrOpt(
+        "state_dir",
+        default="/var/lib/vmthunder/agent",
+        help="Where `vmthunder-agent` keeps state.json: the attached "
+             "images (name, origin) and the VMs (name, image), rewritten "
+             "atomically after every change. On start the agent "
+             "re-attaches every image and re-creates every VM's snapshot "
+             "and NBD export from it, so hypervisors reconnect to the "
+             "same disks. One agent per state directory."),
+    cfg.StrOpt(
+        "api_socket",
+        default="/run/vmthunder/agent.sock",
+        help="Unix socket of the agent's local API (JSON over HTTP), "
+             "used by `vmthunder image|vm|status` and the Nova driver. "
+             "Created mode 0660: whoever can open it can create and "
+             "delete VM disks."),
+    cfg.StrOpt(
+        "hypervisor_listen",
+        default="unix:/run/vmthunder/nbd.sock",
+        help="Where the agent serves the VMs' disks (one writable NBD "
+             "export per VM, named after the VM) to the local "
+             "hypervisor: unix:PATH, or tcp:127.0.0.1:PORT (keep TCP on "
+             "loopback: the exports have no authentication). Use a "
+             "fixed port: VMs are handed URIs that must stay valid "
+             "across agent restarts."),
+    cfg.StrOpt(
+        "peer_listen",
+        help="Where the agent serves each attached image's cache "
+             "read-only to peer hosts over NBD (export name = image "
+             "name): tcp:HOST:PORT or unix:PATH. Per-VM snapshots are "
+             "never exported here. Unset: no peer export."),
+    cfg.StrOpt(
+        "cache_dir",
+        help="Directory of the agent's image caches and VM snapshot "
+             "overlays; unset uses [cache] cache_dir. A cache found here "
+             "for the same image is reused after a restart."),
+]
+
+coordination_opts = [
+    cfg.StrOpt(
+        "backend_url",
+        default="file:///var/lib/vmthunder/coordination",
+        help="tooz backend through which agents find each other and the "
+             "images each one caches (vmthunder/agent/membership.py). The "
+             "default file:// backend is embedded (no server) and covers "
+             "the agents of ONE host only. For many hosts use "
+             "redis://HOST:6379 (every agent the same URL); a crashed "
+             "agent is dropped membership_timeout seconds after its last "
+             "heartbeat: redis://HOST:6379?timeout=5&membership_timeout=5 "
+             "(left unset, vmthunder uses timeout=5 and 5 heartbeat "
+             "intervals). etcd3+http://HOST:2379 works too."),
+    cfg.FloatOpt(
+        "heartbeat_interval",
+        default=1.0,
+        min=0.05,
+        help="Seconds between an agent's heartbeats to the coordination "
+             "backend, and between refreshes of its view of the peers. "
+             "Keep it well under the backend's lease (membership_timeout "
+             "of redis://, timeout of file://)."),
+    cfg.StrOpt(
+        "member_id",
+        default=socket.gethostname(),
+        sample_default="<host name>",
+        help="This agent's id in the peer group; unique per host. An agent "
+             "restarted under the same id replaces its old entry."),
+    cfg.StrOpt(
+        "group",
+        default="vmthunder-peers",
+        help="tooz group the agents join; agents in different groups do "
+             "not share images."),
+]
+
 GROUPS = {
     "cache": cache_opts,
     "snapshot": snapshot_opts,
@@ -229,6 +303,8 @@ GROUPS = {
     "boot": boot_opts,
     "export": export_opts,
     "iscsi": iscsi_opts,
+    "agent": agent_opts,
+    "coordination": coordination_opts,
 }
 
 
