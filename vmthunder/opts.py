@@ -221,6 +221,24 @@ iscsi_opts = [
         "chap_secret_file",
         help="File holding the CHAP secret (kept out of URLs and process "
              "lists)."),
+    cfg.StrOpt(
+        "attach",
+        default="auto",
+        choices=[
+            ("auto", "kernel where the host has a kernel iSCSI initiator "
+                     "(iscsiadm on PATH, iscsi_tcp in the kernel) and "
+                     "os-brick imports, else userspace"),
+            ("userspace", "libiscsi from the vmthunder process: no kernel "
+                          "support or root helper needed; reconnects "
+                          "and fails over between [iscsi] portals itself"),
+            ("kernel", "os-brick's iSCSI connector (as Nova attaches "
+                       "Cinder volumes): iscsiadm logs in, the LUN is "
+                       "read as /dev/sdX; only the URL's portal is used. "
+                       "An error on a host without a kernel initiator"),
+        ],
+        help="How an iscsi:// (or export:NAME) image LUN is attached. "
+             "The cache identity is the same either way, so switching "
+             "keeps the caches."),
 ]
 
 agent_opts = [
@@ -260,6 +278,42 @@ agent_opts = [
         help="Directory of the agent's image caches and VM snapshot "
              "overlays; unset uses [cache] cache_dir. A cache found here "
              "for the same image is reused after a restart."),
+    cfg.StrOpt(
+        "peer_mode",
+        default="mesh",
+        choices=[("mesh", "fetch a missing chunk from a peer that holds "
+                          "it (found through [coordination]), else one "
+                          "already fetching it, else the origin"),
+                 ("tree", "read only from peer_parent (the original "
+                          "VMThunder topology); no parent: the origin"),
+                 ("off", "read only the origin (still export to peers)")],
+        help="How an agent with peer_listen fetches the chunks it lacks. "
+             "Every chunk from a peer is checked against the image's "
+             "manifest; a peer that fails or sends a wrong chunk is "
+             "avoided for peer_avoid_seconds."),
+    cfg.StrOpt(
+        "peer_parent",
+        help="tree mode: tcp:HOST:PORT of this host's parent agent (its "
+             "peer_listen). Unset: this host is the root and reads the "
+             "origin."),
+    cfg.StrOpt(
+        "peer_advertise",
+        help="tcp:HOST:PORT other agents dial to reach this one's "
+             "peer_listen (default: peer_listen itself; set it when that "
+             "is a wildcard address or behind NAT)."),
+    cfg.FloatOpt(
+        "peer_timeout",
+        default=2.0,
+        min=0.05,
+        help="Seconds a peer gets to answer a block-status query or a "
+             "read before the chunk is fetched elsewhere and the peer is "
+             "avoided."),
+    cfg.FloatOpt(
+        "peer_avoid_seconds",
+        default=30.0,
+        min=0,
+        help="How long a peer that timed out, failed or sent a wrong "
+             "chunk is left out of the choice."),
 ]
 
 coordination_opts = [

@@ -64,6 +64,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="serve each image's cache read-only to peer "
                              "hosts here, export name = image name "
                              "([agent] peer_listen; default: not served)")
+    parser.add_argument("--peer-mode", choices=("mesh", "tree", "off"),
+                        help="how missing chunks are fetched with "
+                             "--peer-listen: mesh (peers that hold them, "
+                             "found through [coordination]), tree (only "
+                             "--peer-parent), off (origin only); default "
+                             "[agent] peer_mode")
+    parser.add_argument("--peer-parent", metavar="tcp:HOST:PORT",
+                        help="tree mode: the parent agent's peer endpoint "
+                             "(default [agent] peer_parent; none: read the "
+                             "origin)")
     parser.add_argument("--cache-dir", metavar="DIR",
                         help="image caches and VM overlays ([agent] "
                              "cache_dir, else [cache] cache_dir)")
@@ -111,7 +121,13 @@ def make_config(args, conf):
         max_request=conf.nbd.max_request_bytes,
         max_inflight=conf.nbd.max_inflight_bytes,
         iscsi=conf.iscsi,
-        exports=export.ExportConfig.from_conf(conf.export, None))
+        exports=export.ExportConfig.from_conf(conf.export, None),
+        peer_mode=args.peer_mode or a.peer_mode,
+        peer_parent=args.peer_parent or a.peer_parent,
+        peer_advertise=a.peer_advertise,
+        peer_timeout=a.peer_timeout,
+        peer_avoid_s=a.peer_avoid_seconds,
+        coordination=conf.coordination)
 
 
 async def run(config) -> int:

@@ -34,7 +34,7 @@ from vmthunder.agent import state as state_mod
 from vmthunder.cache import snapshot as snapshot_mod
 from vmthunder.cache.cache_layer import CacheInUse, CacheLayer
 from vmthunder.cache.snapshot import SnapshotLayer
-from vmthunder.nbd.address import Address
+from vmthunder.nbd.address import Address, parse_address
 from vmthunder.nbd.server import NbdServer
 
 LOG = logging.getLogger(__name__)
@@ -68,6 +68,15 @@ class AgentConfig:
     # [iscsi] options and the [export] settings resolving export:NAME.
     iscsi: object = None
     exports: object = None
+    # Peers (with peer_listen): "mesh" finds holders through the
+    # coordination backend; "tree" reads only from peer_parent (the
+    # original VMThunder topology); "off" reads only the origin.
+    peer_mode: str = "mesh"
+    peer_parent: str | None = None      # nbd://HOST:PORT of the parent
+    peer_advertise: str | None = None   # nbd://HOST:PORT others use
+    peer_timeout: float = 2.0
+    peer_avoid_s: float = 30.0
+    coordination: object = None         # [coordination] options
 
 
 class ImageSource(NamedTuple):
@@ -87,6 +96,8 @@ class Image:
     origin: str
     cache: CacheLayer | None = None
     source: blockdev.BlockDevice | None = None
+    # Its cache as peers see it (PeerExport), with peer_listen set.
+    peer_export: blockdev.BlockDevice | None = None
     # Why the image is not usable (restore failed); None when attached.
     error: str | None = None
     attached_at: float = 0.0
@@ -104,6 +115,36 @@ class Vm:
 
     def record(self) -> dict:
         return {"name": self.name, "image": self.image}
+
+
+class _ImageUris:
+    """A PeerDirectory giving NBD URIs of an image's export on each peer
+    (peers export every image cache under the image's name)."""
+
+    def __init__(self, endpoints):
+        self.endpoints = endpoints      # .peers_for(image) -> addresses
+
+    def peers_for(self, image: str) -> list[str]:
+        if self.endpoints is None:
+            return []
+        uris = []
+        for endpoint in self.endpoints.peers_for(image):
+            try:
+                uris.append(parse_address(endpoint).nbd_uri(image))
+            except ValueError as exc:
+                LOG.warning("peer endpoint %r is not usable: %s", endpoint,
+                            exc)
+        return uris
+
+
+def _endpoint_of(address: Address) -> str:
+    """What other agents dial: tcp:HOST:PORT (unix:PATH reaches only the
+    agents of this host, e.g. in tests)."""
+    if address.kind == "tcp" and address.port == 0:
+        raise ValueError(f"peer_listen {address}: give a fixed port, or "
+                         "[agent] peer_advertise: peers must know where "
+                         "to dial")
+    return str(address)
 
 
 def check_name(kind: str, name) -> str:
@@ -195,6 +236,7 @@ class Agent:
         self.hypervisor_address: Address = config.hypervisor_listen
         self.peer_server: NbdServer | None = None
         self.peer_address: Address | None = None
+        self.membership = None          # mesh peers: who holds what
         # Changes (attach, detach, create, delete) happen one at a time:
         # each ends with the state file written.
         self._lock = asyncio.Lock()
@@ -203,11 +245,13 @@ class Agent:
     # -- start and stop ---------------------------------------------------
 
     async def start(self) -> None:
-        """Lock the state, restore images and VMs, then serve NBD.
+        """Lock the state, join the peers, restore images and VMs, then
+        serve NBD.
 
         The API (api.py) is started by the caller once this returns.
         """
         self.store.lock()
+        await self.start_membership()
         await self.restore()
         listen = self.config.hypervisor_listen
         if listen.kind == "unix":
@@ -225,6 +269,8 @@ class Agent:
         await self.hypervisor_server.close()
         if self.peer_server is not None:
             await self.peer_server.close()
+        if self.membership is not None:
+            await self.membership.stop()
         for vm in self.vms.values():
             if vm.snapshot is not None:
                 try:
@@ -307,11 +353,62 @@ class Agent:
         source = await serve.open_source(origin, self.config.iscsi,
                                          self.config.exports)
         manifest = getattr(source, "manifest", None)
+        if manifest is not None and self.peers_enabled:
+            # Origin and peers behind one source; it checks every chunk
+            # against the manifest itself, whoever sent it.
+            from vmthunder.peers.volume import ImageVolume
+            volume = ImageVolume(
+                source, manifest, name, self._peer_directory(),
+                peer_timeout=self.config.peer_timeout,
+                avoid_s=self.config.peer_avoid_s,
+                mode=self.config.peer_mode)
+            return ImageSource(source=volume, verify=None,
+                               chunk_size=manifest.chunk_size)
+        if self.peers_enabled:
+            LOG.warning("image %s: origin %s has no manifest: it is read "
+                        "from the origin only (chunks from peers could not "
+                        "be checked)", name, redact(origin))
         return ImageSource(
             source=source,
             verify=manifest.verify if manifest else None,
             chunk_size=(manifest.chunk_size if manifest
                         else self.config.chunk_size))
+
+    # -- peers ------------------------------------------------------------
+
+    @property
+    def peers_enabled(self) -> bool:
+        return (self.config.peer_listen is not None
+                and self.config.peer_mode != "off")
+
+    def _peer_directory(self):
+        from vmthunder.peers.volume import StaticPeers
+        if self.config.peer_mode == "tree":
+            parent = self.config.peer_parent
+            return _ImageUris(StaticPeers([parent] if parent else []))
+        return _ImageUris(self.membership)
+
+    async def start_membership(self) -> None:
+        """Join the peer group (mesh mode) to announce the images held
+        here and to learn who holds the others'."""
+        if not self.peers_enabled or self.config.peer_mode != "mesh":
+            return
+        from vmthunder.agent.membership import Membership
+        coord = self.config.coordination
+        endpoint = self.config.peer_advertise or _endpoint_of(
+            self.config.peer_listen)
+        self.membership = Membership(
+            coord.backend_url, coord.member_id, endpoint,
+            group=coord.group, heartbeat_s=coord.heartbeat_interval,
+            refresh_s=coord.heartbeat_interval)
+        await self.membership.start()
+        LOG.info("joined peer group %r as %s (%s) through %s", coord.group,
+                 coord.member_id, endpoint, coord.backend_url)
+
+    async def _announce(self) -> None:
+        if self.membership is not None:
+            await self.membership.announce(sorted(
+                n for n, i in self.images.items() if i.cache is not None))
 
     async def _open_image(self, image: Image) -> None:
         src = await self.open_image_source(image.name, image.origin)
@@ -361,10 +458,20 @@ class Agent:
             prepare_socket_path(listen.path, "peer NBD")
         self.peer_address = await self.peer_server.listen(listen)
         LOG.info("serving image caches to peers on %s", self.peer_address)
+        await self._announce()
 
     def peer_export_device(self, image: Image) -> blockdev.BlockDevice:
-        """What peers read of ``image``: today its cache as it is."""
-        return image.cache
+        """What peers read of ``image``: its cache, held chunks only in
+        mesh mode (a peer's read never starts a fetch here), reading
+        through in tree mode (children read everything from us)."""
+        if image.peer_export is None or \
+                getattr(image.peer_export, "cache", None) is not image.cache:
+            from vmthunder.peers.export import PeerExport
+            image.peer_export = PeerExport(
+                image.cache,
+                mode="through" if self.config.peer_mode == "tree"
+                else "held")
+        return image.peer_export
 
     def _export_to_peers(self, image: Image) -> None:
         self.peer_server.add_export(
@@ -441,6 +548,7 @@ class Agent:
                 for vm in self.vms.values():
                     if vm.image == name and vm.snapshot is None:
                         self._reopen_vm(vm)
+            await self._announce()
             return self.image_info(image), True
 
     async def detach_image(self, name: str) -> dict:
@@ -467,6 +575,7 @@ class Agent:
                 image.cache = None
             LOG.info("image %s detached (its cache stays on disk for a "
                      "later attach)", name)
+            await self._announce()
             return {"name": name, "detached": True}
 
     async def create_vm(self, name, image_name) -> dict:
