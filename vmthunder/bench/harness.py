@@ -49,6 +49,9 @@ GUESTS = {
 }
 STORE_PORT = 10809
 ISCSI_PORT = 3260
+REDIS_PORT = 6379
+# Strategies whose agents find each other through a coordination backend.
+NEEDS_REDIS = {"vmthunder"}
 SAMPLE_S = 0.25
 
 
@@ -82,6 +85,8 @@ class OriginHost:
             chunk_size=chunk_size, netns=self.host.netns)
         self.image = image
         self.store = None
+        self.redis = None
+        self.coordination: str | None = None
         result = export_mod.export_image(self.cfg, image, "image",
                                          chunk_size=chunk_size,
                                          out=lambda text: None)
@@ -94,10 +99,25 @@ class OriginHost:
         self.store_uri = f"nbd://{self.host.address}:{STORE_PORT}"
         _wait_port(self.host, self.host.address, STORE_PORT, self.store)
 
+    def start_redis(self, workdir: str) -> str:
+        """Redis on the origin host for the agents' membership (tooz);
+        its few KB/s of heartbeats count in the origin's bytes."""
+        self.redis = self.host.popen(
+            ["redis-server", "--port", str(REDIS_PORT), "--bind",
+             self.host.address, "--save", "", "--appendonly", "no",
+             "--protected-mode", "no"],
+            stdin=subprocess.DEVNULL, stdout=open(
+                os.path.join(workdir, "redis.log"), "w"),
+            stderr=subprocess.STDOUT)
+        _wait_port(self.host, self.host.address, REDIS_PORT, self.redis)
+        return (f"redis://{self.host.address}:{REDIS_PORT}"
+                "?timeout=2&membership_timeout=3")
+
     def stop(self) -> None:
-        if self.store is not None and self.store.poll() is None:
-            self.store.terminate()
-            self.store.wait(10)
+        for proc in (self.store, self.redis):
+            if proc is not None and proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
         with contextlib.suppress(Exception):
             self.cfg.tgt().stop()
         for suffix in ("", ".lock"):
@@ -119,7 +139,7 @@ def _wait_port(host, address: str, port: int, proc, timeout=20.0) -> None:
              f"sys.exit(s.connect_ex(({address!r},{port})))")
     strat_mod.wait_listening(
         proc, lambda: host.run([sys.executable, "-c", probe]).returncode == 0,
-        f"{address}:{port}", "the image store (nbdkit)", timeout, 0.1)
+        f"{address}:{port}", "a server on the origin", timeout, 0.1)
 
 
 # -- sampling the origin's uplink ---------------------------------------------
@@ -194,7 +214,9 @@ def run_strategy(args, topo, origin: OriginHost, name: str, workdir: str,
     strategy = strat_mod.STRATEGIES[name](strat_mod.Origin(
         iscsi_url=origin.iscsi_url, store_uri=origin.store_uri,
         image_size=os.path.getsize(origin.image),
-        config_file=args.conf_file))
+        config_file=args.conf_file, coordination_url=origin.coordination,
+        addresses={h.name: h.address for h in topo.hosts},
+        tree_degree=args.tree_degree))
     hosts = topo.hosts
     vms = {h.name: [f"{h.name}-vm{i}" for i in range(args.vms_per_host)]
            for h in hosts}
@@ -466,7 +488,8 @@ def compare_with_simulator(report: dict, trace) -> dict:
                 origin_rate_bps=_sim_rate(p["origin_rate"]),
                 host_rate_bps=_sim_rate(p["host_rate"]),
                 image_bytes=report["image_allocated_bytes"],
-                chunk_size=p["chunk_size"])
+                chunk_size=p["chunk_size"],
+                tree_degree=p.get("tree_degree", 2))
         except Exception as exc:                # noqa: BLE001
             out[name] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
@@ -543,6 +566,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "cores); 'qemu': real QEMU (TCG) boots, for small N")
     p.add_argument("--trace", help="boot trace to replay (default: the one "
                                    "shipped for --guest)")
+    p.add_argument("--tree-degree", type=int, default=2,
+                   help="children per host in the 'tree' strategy (host i's "
+                        "parent is host (i-1)//degree; host0 reads the "
+                        "origin)")
     p.add_argument("--chunk-size", type=sizes.parse_size,
                    default=256 * 1024,
                    help="vmthunder cache chunk size (suffixes K, M)")
@@ -616,7 +643,8 @@ def main(argv=None) -> int:
     workdir = tempfile.mkdtemp(prefix="vmthunder-bench-", dir=args.workdir)
     args.conf_file = os.path.join(workdir, "vmthunder.conf")
     with open(args.conf_file, "w") as f:
-        f.write(f"[cache]\nchunk_size = {args.chunk_size}\n")
+        f.write(f"[cache]\nchunk_size = {args.chunk_size}\n"
+                "[iscsi]\nmanifest_lun = 2\n")
 
     def on_term(signum, frame):
         raise KeyboardInterrupt
@@ -626,7 +654,8 @@ def main(argv=None) -> int:
         "origin_rate": args.origin_rate, "host_rate": args.host_rate,
         "strategies": names, "guest": args.guest, "workload": args.workload,
         "trace": os.path.relpath(trace_path, REPO),
-        "chunk_size": args.chunk_size, "vm_timeout_s": args.vm_timeout},
+        "chunk_size": args.chunk_size, "vm_timeout_s": args.vm_timeout,
+        "tree_degree": args.tree_degree},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "image_size": os.path.getsize(image),
         "image_allocated_bytes": allocated_bytes(image),
@@ -650,6 +679,8 @@ def main(argv=None) -> int:
         log(f"exporting {image} ({report['image_size'] / 1e6:.0f} MB) on "
             "the origin")
         origin = OriginHost(topo, workdir, image, args.chunk_size)
+        origin.coordination = (origin.start_redis(workdir)
+                               if NEEDS_REDIS & set(names) else None)
         report["single_local_boot_s"] = single_local_boot(
             args, image, workdir, workload)
         log(f"single local boot: {report['single_local_boot_s']} s")

@@ -23,6 +23,7 @@ block status, as a download of a sparse or compressed image would.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import os
@@ -52,6 +53,11 @@ class Origin:
     store_uri: str          # nbd://ADDR:PORT: the whole image, for copies
     image_size: int
     config_file: str        # vmthunder config for `vmthunder serve`
+    # tooz backend the agents of the peer strategies share (redis://...)
+    coordination_url: str | None = None
+    # host name -> address, in host order (tree parents, peer endpoints)
+    addresses: dict = dataclasses.field(default_factory=dict)
+    tree_degree: int = 2
 
 
 @dataclasses.dataclass
@@ -258,7 +264,19 @@ class LazyStrategy(Strategy):
 
 def _read_ready(proc: subprocess.Popen, count: int, what: str,
                 log_path: str, timeout: float = 60.0) -> dict[str, str]:
-    """The export URIs `vmthunder serve` prints when it is ready.
+    """The export URIs `vmthunder serve` prints when it is ready."""
+    uris: dict[str, str] = {}
+    for line in _read_lines(proc, count, serve_mod.READY_PREFIX, what,
+                            log_path, timeout):
+        fields = dict(f.split("=", 1) for f in line.split()[2:])
+        uris[fields["export"]] = fields["uri"]
+    return uris
+
+
+def _read_lines(proc: subprocess.Popen, count: int, prefix: str, what: str,
+                log_path: str, timeout: float = 60.0) -> list[str]:
+    """The first ``count`` lines starting with ``prefix`` that ``proc``
+    prints (its ready lines).
 
     A thread reads the pipe (to its end, so serve never blocks on a full
     pipe): a buffered reader may hold several lines, which select() on
@@ -270,9 +288,9 @@ def _read_ready(proc: subprocess.Popen, count: int, what: str,
             lines.put(line)
         lines.put(None)
     threading.Thread(target=pump, daemon=True).start()
-    uris: dict[str, str] = {}
+    found: list[str] = []
     deadline = time.monotonic() + timeout
-    while len(uris) < count:
+    while len(found) < count:
         try:
             line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
         except queue.Empty:
@@ -283,11 +301,92 @@ def _read_ready(proc: subprocess.Popen, count: int, what: str,
                 tail = f.read()[-1500:]
             raise StrategyError(f"{what} exited with code {proc.wait()}; "
                                 f"its log ends with:\n{tail}")
-        if line.startswith(serve_mod.READY_PREFIX):
-            fields = dict(f.split("=", 1) for f in line.split()[2:])
-            uris[fields["export"]] = fields["uri"]
-    return uris
+        if line.startswith(prefix):
+            found.append(line)
+    return found
 
 
-STRATEGIES = {cls.name: cls for cls in (CopyStrategy, PrecacheStrategy,
-                                        DirectStrategy, LazyStrategy)}
+PEER_PORT = 10810
+
+
+class _AgentStrategy(Strategy):
+    """One `vmthunder-agent` per host, serving its image cache to peers;
+    the VMs are created through its API."""
+    peer_mode = ""
+
+    def agent_args(self, host) -> list[str]:
+        return []
+
+    def attach(self, host, workdir, vms):
+        from vmthunder.agent import client as client_mod
+        from vmthunder.agent import main as agent_main
+        st = self.state(host, workdir)
+        conf = os.path.join(st.workdir, "agent.conf")
+        with open(self.origin.config_file) as f:
+            base = f.read()
+        with open(conf, "w") as f:
+            f.write(base + "\n[coordination]\n"
+                    f"backend_url = {self.origin.coordination_url}\n"
+                    f"member_id = {host.name}\nheartbeat_interval = 0.25\n"
+                    "[agent]\npeer_timeout = 2.0\n")
+        api = os.path.join(st.sockdir, "api.sock")
+        argv = [sys.executable, "-m", "vmthunder.agent", "--config-file",
+                conf, "--state-dir", os.path.join(st.workdir, "state"),
+                "--api-socket", api, "--hypervisor-listen",
+                f"unix:{os.path.join(st.sockdir, 'nbd.sock')}",
+                "--peer-listen", f"tcp:{host.address}:{PEER_PORT}",
+                "--cache-dir", os.path.join(st.workdir, "cache"),
+                "--peer-mode", self.peer_mode, *self.agent_args(host)]
+        log_path = os.path.join(st.workdir, "agent.log")
+        proc = host.popen(argv, stdin=subprocess.DEVNULL,
+                          stdout=subprocess.PIPE, text=True,
+                          stderr=open(log_path, "w"), cwd=_REPO)
+        st.procs.append(proc)
+        _read_lines(proc, 1, agent_main.READY_PREFIX,
+                    f"vmthunder-agent on {host.name}", log_path)
+        agent = client_mod.AgentClient(api, timeout=120)
+        agent.attach_image("image", self.origin.iscsi_url)
+        st.api = api
+        return {vm: agent.create_vm(vm, "image")["nbd"] for vm in vms}
+
+    def detach(self, host):
+        st = self.hosts.get(host.name)
+        stats = {}
+        api = getattr(st, "api", None)
+        if api:
+            from vmthunder.agent import client as client_mod
+            with contextlib.suppress(Exception):
+                image = client_mod.AgentClient(api).status()["images"]
+                stats = image[0] if isinstance(image, list) else \
+                    image.get("image", {})
+        return dict(super().detach(host), **stats)
+
+
+class VmthunderStrategy(_AgentStrategy):
+    name = "vmthunder"
+    summary = ("lazy + peers: a missing chunk comes from a host holding it "
+               "(found through tooz/Redis), else the origin; every chunk "
+               "checked against the manifest")
+    peer_mode = "mesh"
+
+
+class TreeStrategy(_AgentStrategy):
+    name = "tree"
+    summary = ("the original VMThunder topology: each host reads only from "
+               "a fixed parent in a tree (--tree-degree), the root from the "
+               "origin")
+    peer_mode = "tree"
+
+    def agent_args(self, host) -> list[str]:
+        names = list(self.origin.addresses)
+        i = names.index(host.name)
+        if i == 0:
+            return []
+        parent = names[(i - 1) // self.origin.tree_degree]
+        return ["--peer-parent",
+                f"tcp:{self.origin.addresses[parent]}:{PEER_PORT}"]
+
+
+STRATEGIES = {cls.name: cls for cls in (
+    CopyStrategy, PrecacheStrategy, DirectStrategy, LazyStrategy,
+    VmthunderStrategy, TreeStrategy)}
