@@ -247,7 +247,8 @@ def _load_config(path: str | None) -> None:
 
 
 def _cmd_serve(args) -> int:
-    from vmthunder import serve
+    from vmthunder import fileio, serve
+    fileio.keep_freed_buffers()
     image = args.image
     config = serve.ServeConfig(
         image=image,
