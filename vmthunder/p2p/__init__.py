@@ -1,1 +1,0 @@
-"""Peers: membership (tooz), peer selection and peer fetch."""
