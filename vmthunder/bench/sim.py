@@ -1029,14 +1029,17 @@ def parse_rate(text: str) -> float:
     return value
 
 
-def load_trace_json(path: str) -> BootTrace:
-    """Until vmthunder/bench/trace.py exists: a JSON object with boot_s,
-    image_size and requests: [[issue_s, complete_s, op, offset, length],
-    ...]."""
-    with open(path) as f:
-        doc = json.load(f)
-    return trace_from_tuples(doc["requests"], doc["boot_s"],
-                             doc["image_size"])
+def load_trace(path: str) -> BootTrace:
+    """A recorded boot trace (vmthunder/bench/trace.py format), up to its
+    boot marker."""
+    from vmthunder.bench import trace as trace_mod
+    trace = trace_mod.load(path)
+    boot_s = trace.boot_s
+    rows = [tuple(r)[:5] for r in trace.requests]
+    if boot_s is None:
+        boot_s = max((r[1] for r in rows), default=0.0)
+    return trace_from_tuples([r for r in rows if r[1] <= boot_s], boot_s,
+                             trace.image_size)
 
 
 def _finite(obj):
@@ -1062,8 +1065,8 @@ def build_parser() -> argparse.ArgumentParser:
                    "vmthunder,tree")
     src = p.add_mutually_exclusive_group()
     src.add_argument("--trace", metavar="FILE",
-                     help="JSON {boot_s, image_size, requests: [[issue_s, "
-                     "complete_s, op, offset, length], ...]}")
+                     help="a recorded boot trace (vmthunder/bench/traces/"
+                     "*.trace.gz, `vmthunder boot --trace`)")
     src.add_argument("--synthetic", metavar="WS_MB,READS,BOOT_S,IMAGE_MB",
                      default="50,1500,30,2048",
                      help="synthetic boot trace (default %(default)s)")
@@ -1094,7 +1097,7 @@ def main(argv=None) -> int:
     if bad:
         raise SystemExit(f"unknown strategies {bad}; known: {STRATEGIES}")
     if args.trace:
-        trace = load_trace_json(args.trace)
+        trace = load_trace(args.trace)
         source = {"trace": args.trace}
     else:
         try:
