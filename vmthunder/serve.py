@@ -104,6 +104,16 @@ async def _open_iscsi(url: str, iscsi, password):
         LOG.warning("%s: no manifest LUN configured; chunks from the "
                     "origin are not verified", url.split("@")[-1])
     parse_iscsi_url(url)        # a bad URL fails before any connection
+    from vmthunder.volume import osbrick_source
+    how, why = osbrick_source.choose_attach(
+        getattr(iscsi, "attach", None) or "auto")
+    LOG.info("%s: %s initiator (%s)", url.split("@")[-1], how, why)
+    if how == "kernel":
+        if kwargs.get("portals"):
+            LOG.warning("[iscsi] portals are not used by the kernel "
+                        "attach (os-brick, single path)")
+        return await osbrick_source.OsBrickSource.open(
+            url, password=password, manifest_lun=kwargs["manifest_lun"])
     return await IscsiSource.open(url, password=password, **kwargs)
 
 
