@@ -19,7 +19,8 @@ from vmthunder.nbd.address import Address
 from vmthunder.nbd.client import open_nbd
 from vmthunder.nbd.server import NbdServer
 from vmthunder.peers.export import PeerExport
-from vmthunder.peers.volume import ImageVolume, StaticPeers
+from vmthunder.peers.owners import OwnerTable, owner_of
+from vmthunder.peers.volume import ImageVolume, StaticOwners, StaticPeers
 from vmthunder.volume.file_source import FileSource
 from vmthunder.volume.manifest import build_manifest
 
@@ -600,3 +601,260 @@ def test_sigstopped_peer_process_costs_one_timeout(tmp_path, image):
         proc.kill()
         proc.wait()
         proc.stdout.close()
+
+
+# -- chunk owners (rendezvous hashing): a boot storm ------------------------
+
+class CountingOrigin(Origin):
+    """An origin whose reads are counted per chunk in ``counts``, shared by
+    every host (one origin server)."""
+
+    def __init__(self, path, counts):
+        super().__init__(path)
+        self.counts = counts
+
+    async def read(self, offset, length):
+        for i in range(offset // CS, (offset + length - 1) // CS + 1):
+            self.counts[i] = self.counts.get(i, 0) + 1
+        return await super().read(offset, length)
+
+
+class FakeOwner(FakePeer):
+    """A peer that holds nothing (status: all missing); its reads
+    misbehave as FakePeer's."""
+
+    async def block_status(self, offset, length,
+                           context=blockdev.BASE_ALLOCATION):
+        return [blockdev.Extent(length, 0)]
+
+
+class MeshHost:
+    """A host as the agent builds it: origin -> ImageVolume (owners from
+    a StaticOwners) -> CacheLayer -> PeerExport(owns=volume.owns)."""
+
+    @classmethod
+    async def start(cls, tmp_path, key, image, counts, **kw):
+        path, _, manifest = image
+        self = cls()
+        self.key = key
+        self.directory = StaticOwners(key, {})
+        self.origin = CountingOrigin(path, counts)
+        kw.setdefault("peer_timeout", 0.5)
+        self.volume = ImageVolume(self.origin, manifest, "img",
+                                  self.directory, **kw)
+        self.cache = CacheLayer(self.volume, str(tmp_path / key),
+                                chunk_size=CS, verify=None)
+        self.export = PeerExport(self.cache, "held", owns=self.volume.owns)
+        self.server, self.uri = await serve(self.export)
+        return self
+
+    def see(self, others):
+        """This host's view: ``others`` ({key: host}) announced the
+        image."""
+        self.directory.keyed = {k: h.uri for k, h in others.items()}
+        self.directory.uris = list(self.directory.keyed.values())
+
+    async def read_all(self, seed, workers=4):
+        """The whole image, in runs of 1-6 chunks in a random order, by a
+        few concurrent readers (VMs booting)."""
+        rng = random.Random(seed)
+        runs, i = [], 0
+        while i < 256:
+            n = rng.randint(1, 6)
+            runs.append((i, min(i + n, 256)))
+            i += n
+        rng.shuffle(runs)
+        out = bytearray(SIZE)
+
+        async def worker(k):
+            for a, b in runs[k::workers]:
+                off, length = span(a, b)
+                out[off:off + length] = await self.cache.read(off, length)
+        await asyncio.gather(*(worker(k) for k in range(workers)))
+        return bytes(out)
+
+    async def stop(self):
+        await self.server.close()
+        await self.cache.close()
+
+
+async def mesh(tmp_path, image, keys, counts, **kw):
+    hosts = [await MeshHost.start(tmp_path, k, image, counts, **kw)
+             for k in keys]
+    for h in hosts:
+        h.see({o.key: o for o in hosts if o is not h})
+    return hosts
+
+
+def test_boot_storm_fetches_each_chunk_from_the_origin_once(tmp_path,
+                                                            image):
+    data = image[1]
+
+    async def main():
+        counts = {}
+        hosts = await mesh(tmp_path, image, ["h0", "h1", "h2"], counts)
+        try:
+            t0 = time.monotonic()
+            got = await asyncio.gather(*(h.read_all(seed)
+                                         for seed, h in enumerate(hosts)))
+            assert time.monotonic() - t0 < 5
+            assert all(g == data for g in got)
+            # Every chunk left the origin once, whoever asked first.
+            assert sorted(counts) == list(range(256))
+            assert sum(counts.values()) <= 1.1 * 256, counts
+            for h in hosts:
+                st = h.volume.stats()
+                assert st["peer_errors"] == dict.fromkeys(
+                    st["peer_errors"], 0)
+                # Each host fetched what it owns, and got the others'
+                # from their owners or holders.
+                assert st["chunks_from_peers"] > 0
+                assert h.export.stats()["chunks_fetched_for_peers"] > 0
+                assert not h.volume._landing
+        finally:
+            for h in hosts:
+                await h.stop()
+    run(main())
+
+
+def test_owners_that_disagree_never_loop(tmp_path, image):
+    """Two hosts with different member lists (a membership change seen by
+    one only): each may think the other owns a chunk; they never ask each
+    other in a circle, and every read ends without a timeout."""
+    data = image[1]
+
+    async def main():
+        counts = {}
+        a = await MeshHost.start(tmp_path, "a", image, counts,
+                                 owner_timeout=5)
+        b = await MeshHost.start(tmp_path, "b", image, counts,
+                                 owner_timeout=5)
+        a.see({"b": b})
+        b.see({"x": a})             # b knows a under another key
+        try:
+            t0 = time.monotonic()
+            got = await asyncio.gather(a.read_all(1), b.read_all(2))
+            assert time.monotonic() - t0 < 3
+            assert got == [data, data]
+            for h in (a, b):
+                errors = h.volume.stats()["peer_errors"]
+                assert errors["timeout"] == errors["io"] == 0
+        finally:
+            await a.stop()
+            await b.stop()
+    run(main())
+
+
+@pytest.mark.parametrize("behaviour", ["hang", "not_held", "closed"])
+def test_owner_failure_falls_back_to_the_origin(tmp_path, image, behaviour):
+    path, data, manifest = image
+
+    async def main():
+        owner = FakeOwner(data, behaviour)
+        server, uri = await serve(owner)
+        if behaviour == "closed":
+            await server.close()
+        counts = {}
+        vol = ImageVolume(CountingOrigin(path, counts), manifest, "img",
+                          StaticOwners("me", {"other": uri}),
+                          peer_timeout=0.5, owner_timeout=0.3)
+        try:
+            t0 = time.monotonic()
+            assert await vol.read(0, SIZE) == data
+            assert time.monotonic() - t0 < 2
+            # Every chunk from the origin, once.
+            assert counts == dict.fromkeys(range(256), 1)
+            st = vol.stats()
+            assert st["chunks_from_owners"] == 0
+            theirs = sum(not vol.owns(i) for i in range(256))
+            assert 80 < theirs < 176
+            assert st["owner_fallbacks"] >= (theirs if behaviour != "closed"
+                                             else 0)
+            if behaviour == "hang":
+                assert st["peer_errors"]["timeout"] >= 1
+            if behaviour == "not_held":
+                # A refusal (the owner sees other members) costs no
+                # avoidance.
+                assert st["avoided"] == []
+                assert owner.reads >= 1
+            else:
+                assert st["avoided"] == [uri]
+                # Avoided: the next reads go to the origin at once.
+                t0 = time.monotonic()
+                assert await vol.read(0, SIZE) == data
+                assert time.monotonic() - t0 < 0.5
+        finally:
+            await vol.close()
+            await server.close()
+    run(main())
+
+
+def test_export_fetches_owned_chunks_and_refuses_the_others(tmp_path,
+                                                            image):
+    data = image[1]
+
+    async def main():
+        counts = {}
+        h, other = await mesh(tmp_path, image, ["h0", "h1"], counts)
+        mine = [i for i in range(256) if h.volume.owns(i)]
+        theirs = [i for i in range(256) if not h.volume.owns(i)]
+        assert mine and theirs
+        try:
+            client = await open_nbd(
+                h.uri, meta_contexts=[blockdev.VMTHUNDER_CACHE])
+            # Unowned and unheld: refused at once, nothing fetched.
+            t0 = time.monotonic()
+            with pytest.raises(blockdev.BlockError) as err:
+                await client.read(theirs[0] * CS, CS)
+            assert err.value.errno == errno.ENOTSUP
+            assert time.monotonic() - t0 < 0.5
+            assert counts == {}
+            # Owned: fetched through the cache, once for every reader.
+            i = mine[0]
+            got = await asyncio.gather(*(client.read(i * CS, CS)
+                                         for _ in range(3)))
+            assert got == [data[i * CS:(i + 1) * CS]] * 3
+            assert counts == {i: 1}
+            await drain(h.cache)
+            assert h.cache.chunk_states(i, i + 1) == [cache_layer.HELD]
+            # A range of an owned and an unowned unheld chunk: refused
+            # whole, the owned one not fetched either.
+            j = next(k for k in mine if k + 1 in theirs and k != i)
+            with pytest.raises(blockdev.BlockError):
+                await client.read(j * CS, 2 * CS)
+            assert j not in counts
+            assert h.export.stats()["refused"] == 2
+            # Without owns (today's export): the owned chunk is refused.
+            plain = PeerExport(h.cache, "held")
+            with pytest.raises(blockdev.BlockError):
+                await plain.read(j * CS, CS)
+            await client.close()
+        finally:
+            await h.stop()
+            await other.stop()
+    run(main())
+
+
+def test_rendezvous_owners_are_stable_and_balanced():
+    keys = [f"host{k}" for k in range(8)]
+    n = 4000
+    before = [owner_of(keys, "img", i) for i in range(n)]
+    share = {k: before.count(k) / n for k in keys}
+    assert all(0.09 < s < 0.16 for s in share.values()), share
+    # Deterministic, order-free, and per image.
+    assert before == [owner_of(reversed(keys), "img", i) for i in range(n)]
+    assert before != [owner_of(keys, "other", i) for i in range(n)]
+    # host3 leaves: only its chunks move, spread over the others.
+    rest = [k for k in keys if k != "host3"]
+    after = [owner_of(rest, "img", i) for i in range(n)]
+    moved = [i for i in range(n) if before[i] != after[i]]
+    assert moved == [i for i in range(n) if before[i] == "host3"]
+    assert len({after[i] for i in moved}) == 7
+    # host8 joins: it takes chunks only, from everyone.
+    grown = [owner_of([*keys, "host8"], "img", i) for i in range(n)]
+    assert all(g in (b, "host8") for b, g in zip(before, grown))
+    # The cached table follows member changes.
+    table = OwnerTable("img")
+    assert [table.owner(keys, i) for i in range(50)] == before[:50]
+    assert [table.owner(rest, i) for i in range(50)] == after[:50]
+    assert table.owner([], 0) is None

@@ -119,7 +119,13 @@ class Vm:
 
 class _ImageUris:
     """A PeerDirectory giving NBD URIs of an image's export on each peer
-    (peers export every image cache under the image's name)."""
+    (peers export every image cache under the image's name).
+
+    With a membership (``members()`` and ``member_id``) it also names the
+    image's owners (``owners_for``, see vmthunder/peers/owners.py): every
+    live member that announced the image, keyed by member id, and this
+    host (uri None) whether it announced the image yet or not.
+    """
 
     def __init__(self, endpoints):
         self.endpoints = endpoints      # .peers_for(image) -> addresses
@@ -135,6 +141,24 @@ class _ImageUris:
                 LOG.warning("peer endpoint %r is not usable: %s", endpoint,
                             exc)
         return uris
+
+    def owners_for(self, image: str) -> list[tuple[str, str | None]]:
+        members = getattr(self.endpoints, "members", None)
+        me = getattr(self.endpoints, "member_id", None)
+        if members is None or me is None:
+            return []
+        owners: list[tuple[str, str | None]] = []
+        for member, info in members().items():
+            if member == me or image not in info["images"] \
+                    or not info["endpoint"]:
+                continue
+            try:
+                owners.append((member, parse_address(info["endpoint"])
+                               .nbd_uri(image)))
+            except ValueError:
+                continue        # peers_for warns about it
+        owners.append((me, None))
+        return owners
 
 
 def _endpoint_of(address: Address) -> str:
@@ -467,10 +491,13 @@ class Agent:
         if image.peer_export is None or \
                 getattr(image.peer_export, "cache", None) is not image.cache:
             from vmthunder.peers.export import PeerExport
+            tree = self.config.peer_mode == "tree"
+            # Mesh: the chunks this host owns are fetched for the peers
+            # asking (the owner computation of the image's ImageVolume).
             image.peer_export = PeerExport(
-                image.cache,
-                mode="through" if self.config.peer_mode == "tree"
-                else "held")
+                image.cache, mode="through" if tree else "held",
+                owns=None if tree
+                else getattr(image.cache.source, "owns", None))
         return image.peer_export
 
     def _export_to_peers(self, image: Image) -> None:

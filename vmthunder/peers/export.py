@@ -12,7 +12,12 @@ Modes:
     and not yet durable) or has in flight (the reader waits for it to
     land). A read touching any other chunk fails at once with ENOTSUP on
     the wire and fetches nothing: a peer never fetches on behalf of
-    another, so misses do not cascade from host to host.
+    another, so misses do not cascade from host to host. One exception:
+    with ``owns`` (``owns(index) -> bool``, from ImageVolume.owns), a
+    read whose other chunks are all held or in flight may include chunks
+    this host *owns* (peers/owners.py): those are fetched through the
+    cache, once for every peer asking, as in ``through`` mode. Reads of
+    unowned, unheld chunks are still refused.
 ``through`` (tree)
     Reads are ordinary cache reads: a miss is fetched from the layer
     below (the parent, or the origin), so children read through.
@@ -28,13 +33,18 @@ two hosts can never wait for each other.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 
 from vmthunder import blockdev
 from vmthunder.cache import cache_layer
 from vmthunder.cache.cache_layer import CacheLayer
+from vmthunder.peers.owners import serving_peer
 
 MODES = ("held", "through")
+# An owned chunk in flight, not yet in the volume: looked at again this
+# many times, this many seconds apart.
+_PATIENCE, _PATIENCE_STEP = 20, 0.005
 
 
 class PeerExport(blockdev.BlockDevice):
@@ -42,7 +52,8 @@ class PeerExport(blockdev.BlockDevice):
         block_status=True,
         contexts=(blockdev.BASE_ALLOCATION, blockdev.VMTHUNDER_CACHE))
 
-    def __init__(self, cache: CacheLayer, mode: str = "held"):
+    def __init__(self, cache: CacheLayer, mode: str = "held", *,
+                 owns=None):
         if mode not in MODES:
             raise ValueError(f"peer export mode {mode!r}: expected one of "
                              f"{', '.join(MODES)}")
@@ -52,8 +63,14 @@ class PeerExport(blockdev.BlockDevice):
         self.chunk_size = cache.chunk_size
         # The cache's source tells which of its fetches may be waited for.
         self._rooted = getattr(cache.source, "fetch_is_rooted", None)
+        # An ImageVolume source: what its reads in flight deliver, chunk
+        # by chunk (see _held_parts).
+        self._landing = getattr(cache.source, "landing", None)
+        # owns(index): chunks fetched for peers in ``held`` mode (None:
+        # none).
+        self.owns = owns
         self.counters = {"reads": 0, "bytes_served": 0, "refused": 0,
-                         "status_queries": 0}
+                         "status_queries": 0, "chunks_fetched_for_peers": 0}
 
     def describe(self) -> str:
         return f"peer export ({self.mode}) of {self.cache.describe()}"
@@ -72,6 +89,8 @@ class PeerExport(blockdev.BlockDevice):
         self.check_range(offset, length)
         if self.mode == "through":
             parts = await self.cache.read_parts(offset, length)
+        elif self._landing is not None:
+            parts = await self._held_parts(offset, length)
         else:
             try:
                 parts = await self.cache.read_held(offset, length,
@@ -79,13 +98,99 @@ class PeerExport(blockdev.BlockDevice):
             except blockdev.BlockError as exc:
                 if exc.errno != errno.ENODATA:
                     raise
-                self.counters["refused"] += 1
-                # ENODATA is not an NBD error; ENOTSUP is ("not this
-                # range, not now"), and ImageVolume reads it as "not held".
-                raise blockdev.BlockError(errno.ENOTSUP, str(exc)) from None
+                self._refuse(str(exc))
         self.counters["reads"] += 1
         self.counters["bytes_served"] += length
         return parts
+
+    def _refuse(self, why: str):
+        self.counters["refused"] += 1
+        # ENODATA is not an NBD error; ENOTSUP is ("not this range, not
+        # now"), and ImageVolume reads it as "not held".
+        raise blockdev.BlockError(errno.ENOTSUP, why)
+
+    async def _held_parts(self, offset: int, length: int,
+                          patience: int = _PATIENCE) -> list:
+        """``held`` mode over an ImageVolume, chunk by chunk: held chunks
+        from the cache; chunks in flight from the volume's piece carrying
+        them (landing(), never the cache's whole fetch, which may wait
+        for other hosts); missing chunks owned here fetched through the
+        cache; anything else refused at once, before any wait.
+
+        An owned chunk whose fetch has not reached the volume yet (the
+        cache's fetch task not started, or waiting for write slots) is
+        looked at again a few times over ~0.1 s, then refused (the peer
+        reads the origin): never a wait on the cache's whole fetch."""
+        cs = self.chunk_size
+        first, last = offset // cs, (offset + length - 1) // cs + 1
+        if length == 0 or self.cache.map.all_present(first, last):
+            return await self.cache.read_parts(offset, length)
+        segments: list = []          # [kind, a, b, future]
+        for i, state in enumerate(self.cache.chunk_states(first, last),
+                                  first):
+            if state == cache_layer.HELD:
+                kind, future = "held", None
+            elif state == cache_layer.FETCHING:
+                kind, future = "landing", self._landing(i)
+                if future is None:
+                    if patience <= 0 or self.owns is None \
+                            or not self.owns(i):
+                        self._refuse(f"{self.cache.describe()}: chunk {i} "
+                                     "is being fetched from a peer")
+                    kind = "later"
+            elif self.owns is not None and self.owns(i):
+                kind, future = "owned", None
+            else:
+                self._refuse(f"{self.cache.describe()} does not hold "
+                             f"chunk {i}")
+            if segments and kind != "landing" and segments[-1][0] == kind:
+                segments[-1][2] = i + 1
+            else:
+                segments.append([kind, i, i + 1, future])
+        pieces = []
+        for kind, a, b, future in segments:
+            lo, hi = max(offset, a * cs), min(offset + length, b * cs)
+            if kind == "held":
+                pieces.append(self.cache.read_parts(lo, hi - lo))
+            elif kind == "landing":
+                pieces.append(self._landed(future, a, lo, hi))
+            elif kind == "later":
+                pieces.append(self._later(lo, hi, patience - 1))
+            else:
+                pieces.append(self._fetch_owned(lo, hi))
+        parts = []
+        for got in await asyncio.gather(*pieces):
+            parts.extend(got)
+        return parts
+
+    async def _landed(self, future, index: int, lo: int, hi: int) -> list:
+        view = await asyncio.shield(future)
+        if view is None:
+            self._refuse(f"{self.cache.describe()}: the fetch of chunk "
+                         f"{index} failed")
+        base = index * self.chunk_size
+        return [view[lo - base:hi - base]]
+
+    async def _later(self, lo: int, hi: int, patience: int) -> list:
+        await asyncio.sleep(_PATIENCE_STEP)
+        return await self._held_parts(lo, hi - lo, patience)
+
+    async def _fetch_owned(self, lo: int, hi: int) -> list:
+        """Owned chunks that were missing: fetched through the cache, and
+        the fetch asks no other owner (serving_peer). Checked again first:
+        since the plan, a local read may have started fetching them."""
+        cs = self.chunk_size
+        first, last = lo // cs, (hi - 1) // cs + 1
+        if any(s != cache_layer.MISSING
+               for s in self.cache.chunk_states(first, last)):
+            return await self._held_parts(lo, hi - lo)
+        self.counters["chunks_fetched_for_peers"] += last - first
+        token = serving_peer.set(True)
+        try:
+            # No await since the check: the fetch starts here.
+            return await self.cache.read_parts(lo, hi - lo)
+        finally:
+            serving_peer.reset(token)
 
     def local_extent(self, offset: int, length: int):
         # Only ranges the cache holds, marked, in the page cache: right in

@@ -12,7 +12,16 @@ mesh mode (the default)
     2. else a peer already fetching it (from the origin, or from a holder:
        such fetches are "rooted", and only those are offered, so waits
        never chain and two hosts never wait for each other);
-    3. else the origin.
+    3. else, when the directory names the image's owners
+       (``owners_for``) and the chunk's owner (peers/owners.py:
+       rendezvous hashing over the hosts that announced the image) is
+       another live peer, that owner: its export fetches the chunks it
+       owns for whoever asks (once), so in a boot storm each chunk leaves
+       the origin about once. Consecutive chunks of one owner go in one
+       read; such reads may take ``owner_timeout`` (the owner's own
+       origin fetch included). A host never asks an owner for its own
+       chunks, nor while it reads on behalf of a peer (no loops, one hop);
+    4. else the origin.
     Which peer holds what comes from NBD block status in the
     ``vmthunder:cache`` context of the peer's export (peers/export.py),
     asked for a window of chunks at a time and remembered for
@@ -42,6 +51,7 @@ from typing import Protocol
 
 from vmthunder import blockdev
 from vmthunder.nbd.client import NbdClient, NbdError, open_nbd
+from vmthunder.peers.owners import OwnerTable, serving_peer
 from vmthunder.volume.manifest import Manifest
 
 LOG = logging.getLogger(__name__)
@@ -53,6 +63,8 @@ MISSING, HELD, FETCHING = 0, 1, 2
 PEER_READ_MAX = 4 * 1024 * 1024
 # Chunks digested in a worker thread from this many bytes on.
 _VERIFY_IN_THREAD = 64 * 1024
+# A chunk nobody holds or fetches, read from its owner (which fetches it).
+OWNER = 3
 ERROR_KINDS = ("timeout", "mismatch", "io", "not_held")
 # What a failing peer may raise (a bad URI in the directory included).
 _PEER_ERRORS = (blockdev.BlockError, NbdError, OSError, ValueError)
@@ -66,6 +78,13 @@ class PeerDirectory(Protocol):
         ``image`` on *other* hosts; in tree mode the first is the parent.
         """
 
+    # Optional (ImageVolume looks it up with getattr):
+    #
+    # def owners_for(self, image: str) -> list[tuple[str, str | None]]:
+    #     """(key, uri) of every host that announced ``image``, THIS host
+    #     included with uri None; keys are stable (member ids) and the
+    #     same on every host. Empty: no owners (today's fetch order)."""
+
 
 class StaticPeers:
     """A PeerDirectory with a fixed list (tests, one-off setups)."""
@@ -75,6 +94,20 @@ class StaticPeers:
 
     def peers_for(self, image: str) -> list[str]:
         return list(self.uris)
+
+
+class StaticOwners(StaticPeers):
+    """A PeerDirectory with fixed peers that also names the owners: this
+    host is ``self_key``, ``peers`` maps the other hosts' keys to their
+    URIs (tests, one-off setups)."""
+
+    def __init__(self, self_key: str, peers: dict[str, str]):
+        super().__init__(peers.values())
+        self.self_key = self_key
+        self.keyed = dict(peers)
+
+    def owners_for(self, image: str) -> list[tuple[str, str | None]]:
+        return [*self.keyed.items(), (self.self_key, None)]
 
 
 class _Peer:
@@ -142,7 +175,8 @@ class ImageVolume(blockdev.BlockDevice):
                  image: str, peers: PeerDirectory, *,
                  peer_timeout: float = 2.0, avoid_s: float = 30.0,
                  max_peer_connections: int = 2, mode: str = "mesh",
-                 status_ttl: float = 0.5, status_window: int = 1024):
+                 status_ttl: float = 0.5, status_window: int = 1024,
+                 owner_timeout: float | None = None):
         if mode not in MODES:
             raise ValueError(f"image volume mode {mode!r}: expected one of "
                              f"{', '.join(MODES)}")
@@ -158,6 +192,9 @@ class ImageVolume(blockdev.BlockDevice):
         self.size = origin.size
         self.chunk_size = manifest.chunk_size
         self.peer_timeout = peer_timeout
+        # An owner's answer may include its own fetch from the origin.
+        self.owner_timeout = max(peer_timeout, 10.0) \
+            if owner_timeout is None else owner_timeout
         self.avoid_s = avoid_s
         self.max_peer_connections = max(1, max_peer_connections)
         self.status_ttl = status_ttl
@@ -168,14 +205,20 @@ class ImageVolume(blockdev.BlockDevice):
         self.capabilities = blockdev.Capabilities(
             block_status=origin.capabilities.block_status)
         self._peers: dict[str, _Peer] = {}
+        self._owner_table = OwnerTable(image)
         # chunk -> number of reads of it going to the origin or to a peer
         # that holds it (see fetch_is_rooted).
         self._rooted: dict[int, int] = {}
+        # chunk -> future of its bytes (a read-only memoryview, None if
+        # its read failed), while a read of it is rooted, or (chunks this
+        # host owns) from the start of any read of it: see landing().
+        self._landing: dict[int, asyncio.Future] = {}
         self._closed = False
         self.counters = {"reads": 0, "chunks_from_origin": 0,
                          "bytes_from_origin": 0, "chunks_from_peers": 0,
                          "bytes_from_peers": 0, "origin_mismatches": 0,
-                         "status_queries": 0}
+                         "status_queries": 0, "chunks_from_owners": 0,
+                         "owner_fallbacks": 0}
         self.peer_errors = {k: 0 for k in ERROR_KINDS}
 
     # -- identity and status ------------------------------------------
@@ -193,6 +236,23 @@ class ImageVolume(blockdev.BlockDevice):
         """True while chunk ``index`` is being read from the origin or from
         a peer that holds it: a fetch peers may wait for."""
         return index in self._rooted
+
+    def landing(self, index: int) -> asyncio.Future | None:
+        """While chunk ``index`` is read here and peers may wait for it: a
+        future of its bytes (None if that read failed), resolved as soon
+        as the piece carrying the chunk is checked, not when the cache's
+        whole fetch ends (which may wait for other hosts). PeerExport
+        waits on this, so waits never form a cycle: a future exists for a
+        rooted read (it waits for nobody), or for a chunk this host owns
+        (never read from another owner; at most from a rooted read)."""
+        return self._landing.get(index)
+
+    def owns(self, index: int) -> bool:
+        """True when this host owns chunk ``index``: it fetches the chunk
+        from the origin for the peers asking (PeerExport ``owns``)."""
+        owners = self._owners()
+        return owners is not None and owners[0] is not None \
+            and self._owner_table.owner(owners[1], index) == owners[0]
 
     def stats(self) -> dict:
         now = time.monotonic()
@@ -213,6 +273,7 @@ class ImageVolume(blockdev.BlockDevice):
         if self._closed:
             return
         self._closed = True
+        self._abandon(list(self._landing))
         clients = [c for p in self._peers.values() for c in p.clients]
         for p in self._peers.values():
             p.clients = []
@@ -240,12 +301,25 @@ class ImageVolume(blockdev.BlockDevice):
         cs = self.chunk_size
         first, last = offset // cs, (offset + length - 1) // cs + 1
         start, stop = first * cs, min(last * cs, self.size)
-        if start == offset and stop == offset + length:
-            await self._read_chunks(first, last, view)
-            return
-        # Chunks are checked whole: read them whole, hand out the part.
-        tmp = bytearray(stop - start)
-        await self._read_chunks(first, last, memoryview(tmp))
+        if self.mode == "mesh":
+            # Peers asking for the chunks owned here wait for this read.
+            owners = self._owners()
+            if owners is not None and owners[0] is not None:
+                me, keyed = owners
+                owner = self._owner_table.owner
+                self._expect(i for i in range(first, last)
+                             if owner(keyed, i) == me)
+        try:
+            if start == offset and stop == offset + length:
+                await self._read_chunks(first, last, view)
+                return
+            # Chunks are checked whole: read them whole, hand out the part.
+            tmp = bytearray(stop - start)
+            await self._read_chunks(first, last, memoryview(tmp))
+        finally:
+            # Delivered chunks were offered until now (the caller, the
+            # cache, takes over); undelivered ones failed.
+            self._abandon(range(first, last))
         view[:] = memoryview(tmp)[offset - start:offset - start + length]
 
     def _part(self, view: memoryview, first: int, a: int, b: int):
@@ -263,6 +337,7 @@ class ImageVolume(blockdev.BlockDevice):
                 await self._from_origin(first, last, view)
                 return
             self._root(first, last, 1)
+            self._expect(range(first, last))
             try:
                 missing = await self._from_peer(parent, first, last, view)
             finally:
@@ -283,6 +358,24 @@ class ImageVolume(blockdev.BlockDevice):
                           self.describe())
             return []
 
+    def _owners(self):
+        """(self key or None, {key: uri or None}) of the image's owners,
+        or None when the directory names none."""
+        owners_for = getattr(self.peers, "owners_for", None)
+        if owners_for is None:
+            return None
+        try:
+            owners = list(owners_for(self.image))
+        except Exception:
+            LOG.exception("%s: cannot list the owners; reading without",
+                          self.describe())
+            return None
+        if not owners:
+            return None
+        keyed = dict(owners)
+        me = next((k for k, uri in owners if uri is None), None)
+        return me, keyed
+
     def _peer(self, uri: str) -> _Peer:
         peer = self._peers.get(uri)
         if peer is None:
@@ -302,7 +395,10 @@ class ImageVolume(blockdev.BlockDevice):
             answers = await asyncio.gather(
                 *(self._status(p, first, last) for p in peers))
             states = {p: s for p, s in zip(peers, answers) if s is not None}
-        pieces = self._plan(first, last, states, first_try)
+        owners = None
+        if first_try and self.mode == "mesh" and not serving_peer.get():
+            owners = self._owners()
+        pieces = self._plan(first, last, states, first_try, owners, now)
         results = await asyncio.gather(
             *(self._run_piece(peer, kind, a, b,
                               self._part(view, first, a, b), tried)
@@ -312,14 +408,30 @@ class ImageVolume(blockdev.BlockDevice):
                 raise result
 
     def _plan(self, first: int, last: int, states: dict,
-              first_try: bool) -> list:
+              first_try: bool, owners=None, now: float = 0.0) -> list:
         """(peer or None, kind, a, b) pieces covering [first, last)."""
+        owner_peer = {}
+        if owners is not None:
+            me, keyed = owners
+            for key, uri in keyed.items():
+                if key != me and uri is not None:
+                    peer = self._peer(uri)
+                    if not peer.avoided(now):
+                        owner_peer[key] = peer
+        table = self._owner_table
+
         def holders(i):
             held = [p for p, s in states.items() if s[i - first] == HELD]
             if held or not first_try:
                 return HELD, held
-            return FETCHING, [p for p, s in states.items()
-                              if s[i - first] == FETCHING]
+            fetching = [p for p, s in states.items()
+                        if s[i - first] == FETCHING]
+            if fetching or not owner_peer:
+                return FETCHING, fetching
+            # Nobody has it: its owner fetches it, unless that is us (or
+            # an owner we avoid): then the origin.
+            peer = owner_peer.get(table.owner(keyed, i))
+            return (OWNER, [peer]) if peer is not None else (FETCHING, [])
 
         cs = self.chunk_size
         most = max(1, PEER_READ_MAX // cs)
@@ -356,20 +468,51 @@ class ImageVolume(blockdev.BlockDevice):
         if peer is None:
             await self._from_origin(a, b, part)
             return
-        # Reads of held chunks are rooted; in-flight ones wait on a peer.
+        # Reads of held chunks are rooted; in-flight ones wait on a peer,
+        # reads from an owner on its fetch (neither is offered to peers).
         rooted = kind == HELD
         if rooted:
             self._root(a, b, 1)
+            self._expect(range(a, b))
         try:
-            missing = await self._from_peer(peer, a, b, part)
+            missing = await self._from_peer(
+                peer, a, b, part,
+                self.owner_timeout if kind == OWNER else self.peer_timeout)
         finally:
             if rooted:
                 self._root(a, b, -1)
+        if kind == OWNER:
+            self.counters["chunks_from_owners"] += (b - a) - len(missing)
+            self.counters["owner_fallbacks"] += len(missing)
         for m0, m1 in _runs(missing):
             # Elsewhere: other holders, then the origin (never a peer's
             # fetch in flight: such a wait could chain).
             await self._fill(m0, m1, self._part(part, a, m0, m1),
                              tried | {peer}, False)
+
+    def _expect(self, indices) -> None:
+        """Chunks peers may now wait for (landing())."""
+        landing = self._landing
+        loop = None
+        for i in indices:
+            if i not in landing:
+                loop = loop or asyncio.get_running_loop()
+                landing[i] = loop.create_future()
+
+    def _deliver(self, first: int, view: memoryview, indices) -> None:
+        """Chunks ``indices`` of ``view`` (chunk ``first`` at its start)
+        are checked: wake who waits for them."""
+        for i in indices:
+            future = self._landing.get(i)
+            if future is not None and not future.done():
+                future.set_result(
+                    self._part(view, first, i, i + 1).toreadonly())
+
+    def _abandon(self, indices) -> None:
+        for i in indices:
+            future = self._landing.pop(i, None)
+            if future is not None and not future.done():
+                future.set_result(None)
 
     def _root(self, a: int, b: int, delta: int) -> None:
         rooted = self._rooted
@@ -454,20 +597,22 @@ class ImageVolume(blockdev.BlockDevice):
     # -- peer reads ------------------------------------------------------
 
     async def _from_peer(self, peer: _Peer, a: int, b: int,
-                         part: memoryview) -> list[int]:
+                         part: memoryview,
+                         timeout: float | None = None) -> list[int]:
         """Read chunks [a, b) from ``peer`` into ``part``; the chunks still
         missing (all if the read failed, the wrong ones otherwise)."""
         cs = self.chunk_size
         nbytes = part.nbytes
+        timeout = self.peer_timeout if timeout is None else timeout
         peer.load += nbytes
         try:
             await asyncio.wait_for(self._peer_read(peer, a * cs, part),
-                                   self.peer_timeout)
+                                   timeout)
         except asyncio.TimeoutError:
             peer.drop()            # a hung peer: drop every connection
             self._peer_failed(peer, "timeout", f"read of chunks "
                               f"{_span(a, b)} timed out after "
-                              f"{self.peer_timeout} s")
+                              f"{timeout} s")
             return list(range(a, b))
         except _PEER_ERRORS as exc:
             self._peer_failed(peer, _kind(exc), f"read of chunks "
@@ -476,6 +621,7 @@ class ImageVolume(blockdev.BlockDevice):
         finally:
             peer.load -= nbytes
         bad = await self._verify(a, part)
+        self._deliver(a, part, (i for i in range(a, b) if i not in bad))
         if bad:
             self._peer_failed(peer, "mismatch", f"chunks {bad} do "
                               "not match the manifest", count=len(bad))
@@ -527,6 +673,7 @@ class ImageVolume(blockdev.BlockDevice):
     async def _from_origin(self, a: int, b: int, part: memoryview) -> None:
         cs = self.chunk_size
         self._root(a, b, 1)
+        self._expect(range(a, b))
         try:
             await self.origin.read_into(a * cs, part)
             bad = await self._verify(a, part)
@@ -544,6 +691,7 @@ class ImageVolume(blockdev.BlockDevice):
                         f"(offset {i * cs}) from the origin "
                         f"{self.origin.describe()} does not match the "
                         "manifest (read twice)")
+            self._deliver(a, part, range(a, b))
         finally:
             self._root(a, b, -1)
         self.counters["chunks_from_origin"] += b - a
