@@ -232,9 +232,18 @@ def run_strategy(args, topo, origin: OriginHost, name: str, workdir: str,
         for t in threads:
             t.join()
 
+    def do_prepare(host):
+        try:
+            strategy.prepare(host, os.path.join(workdir, name, host.name))
+        except Exception as exc:                # noqa: BLE001
+            host_errors[host.name] = f"prepare: {exc}"
+
+    each_host(do_prepare)
     precache: dict[str, float | None] = {}
 
     def do_precache(host):
+        if host.name in host_errors:
+            return
         try:
             precache[host.name] = strategy.precache(
                 host, os.path.join(workdir, name, host.name))

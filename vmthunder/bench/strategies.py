@@ -104,6 +104,11 @@ class Strategy:
                 workdir, tempfile.mkdtemp(prefix=f"vmt-{host.name}-"))
         return self.hosts[host.name]
 
+    def prepare(self, host, workdir: str) -> None:
+        """Before the clock: start what runs on a compute host anyway
+        (a host agent), not timed and not counted as precache."""
+        self.state(host, workdir)
+
     def precache(self, host, workdir: str) -> float | None:
         """Work before the clock; its seconds, or None when there is none."""
         self.state(host, workdir)
@@ -317,8 +322,8 @@ class _AgentStrategy(Strategy):
     def agent_args(self, host) -> list[str]:
         return []
 
-    def attach(self, host, workdir, vms):
-        from vmthunder.agent import client as client_mod
+    def prepare(self, host, workdir):
+        """The agent is a daemon already running on the host."""
         from vmthunder.agent import main as agent_main
         st = self.state(host, workdir)
         conf = os.path.join(st.workdir, "agent.conf")
@@ -344,9 +349,13 @@ class _AgentStrategy(Strategy):
         st.procs.append(proc)
         _read_lines(proc, 1, agent_main.READY_PREFIX,
                     f"vmthunder-agent on {host.name}", log_path)
-        agent = client_mod.AgentClient(api, timeout=120)
-        agent.attach_image("image", self.origin.iscsi_url)
         st.api = api
+
+    def attach(self, host, workdir, vms):
+        from vmthunder.agent import client as client_mod
+        st = self.state(host, workdir)
+        agent = client_mod.AgentClient(st.api, timeout=120)
+        agent.attach_image("image", self.origin.iscsi_url)
         return {vm: agent.create_vm(vm, "image")["nbd"] for vm in vms}
 
     def detach(self, host):
