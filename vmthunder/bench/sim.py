@@ -15,9 +15,11 @@ Strategies (``STRATEGIES``):
 - ``lazy``: a copy-on-read chunk cache per host; a missing chunk is
   fetched once per host from the origin, concurrent readers of it wait.
 - ``vmthunder``: lazy + peers: a missing chunk comes from a host holding
-  it (the less loaded uplink of two random holders), else, if the one host
-  fetching it from the origin has not got it yet, from that host once it
-  has, else from the origin. The origin sends each chunk once.
+  it (the less loaded uplink of two random holders), else from its owner
+  (a hash of the chunk picks one host, as the agents' rendezvous hashing
+  does), which fetches it from the origin first if it lacks it; the owner
+  itself reads the origin. The origin sends each chunk once, and the
+  first copies of different chunks leave from different hosts.
 - ``tree``: each host fetches only from its parent in a ``tree_degree``-ary
   tree (host 0 is the root and fetches from the origin); a parent missing
   the chunk fetches it first (it caches it too).
@@ -653,7 +655,6 @@ class _Sim:
         self.state = [bytearray(self.W) for _ in range(hosts)]  # 0/1/2
         self.waiters: dict[int, list] = {}
         self.holders: list[list[int]] = [[] for _ in range(self.W)]
-        self.origin_fetcher = [-1] * self.W
         self.events: list = []
         self.seq = 0
         self.now = 0.0
@@ -733,12 +734,14 @@ class _Sim:
                 src = self.pick(self.holders[c])
                 net.add(t, Net.up(src), Net.down(h), size, 1,
                         (_T_CHUNK, h, c))
-            elif self.origin_fetcher[c] >= 0:
-                self.waiters.setdefault(
-                    self.origin_fetcher[c] * self.W + c, []).append(h)
-            else:
-                self.origin_fetcher[c] = h
+                return
+            owner = self.owner(c)
+            if owner == h:
                 net.add(t, 0, Net.down(h), size, 1, (_T_CHUNK, h, c))
+                return
+            if self.state[owner][c] == 0:
+                self.fetch(owner, c, t)
+            self.waiters.setdefault(owner * self.W + c, []).append(h)
         elif s == "tree":
             if h == 0:
                 net.add(t, 0, Net.down(h), size, 1, (_T_CHUNK, h, c))
@@ -753,6 +756,10 @@ class _Sim:
             self.waiters.setdefault(p * self.W + c, []).append(h)
         else:
             raise AssertionError(s)
+
+    def owner(self, c: int) -> int:
+        """The host that fetches chunk c from the origin for everyone."""
+        return (((c + 1) * 2654435761) & 0xFFFFFFFF) % self.hosts
 
     def pick(self, holders: list[int]) -> int:
         """Spread over holders: the less busy uplink of two at random."""
@@ -769,7 +776,8 @@ class _Sim:
         self.holders[c].append(h)
         for w in self.waiters.pop(h * self.W + c, ()):
             if type(w) is int:    # a host waiting to fetch from a holder
-                src = h if self.strategy == "tree" else \
+                # tree: the parent; vmthunder: the owner (first copy).
+                src = h if self.strategy in ("tree", "vmthunder") else \
                     self.pick(self.holders[c])
                 self.net.add(t, Net.up(src), Net.down(w),
                              self.plan.chunk_bytes[c], 1, (_T_CHUNK, w, c))
