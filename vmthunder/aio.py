@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import sys
 
 
@@ -42,8 +43,13 @@ def start_eager(coro) -> asyncio.Future | None:
     if sys.version_info >= (3, 12):
         task = asyncio.Task(coro, eager_start=True)
         return None if task.done() else task
+    # One context for the whole run, as a Task (and 3.12's eager start)
+    # gives it: a context variable set before the first wait can be reset
+    # after it, and never leaks into the caller's context.
+    ctx = contextvars.copy_context()
     try:
-        awaited = coro.send(None)
+        awaited = ctx.run(coro.send, None)
     except StopIteration:
         return None
-    return asyncio.ensure_future(_finish(coro, awaited))
+    return asyncio.get_running_loop().create_task(_finish(coro, awaited),
+                                                  context=ctx)

@@ -743,6 +743,10 @@ class Agent:
                                          source.get("bytes_read", 0)),
             bytes_from_peers=source.get("bytes_from_peers", 0),
             bytes_served_to_peers=peer.get("bytes_served", 0),
+            # Peer health as the image's source sees it: failures by kind
+            # (timeout, mismatch, io, not_held) and peers avoided now.
+            peer_errors=source.get("peer_errors", {}),
+            peers_avoided=source.get("avoided", []),
             bytes_read=cache["bytes_read"],
             verify_errors=cache["verify_errors"],
             fetch_errors=cache["fetch_errors"])
