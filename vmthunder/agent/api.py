@@ -3,7 +3,13 @@
     GET    /images              {"images": [IMAGE...]}
     POST   /images              {"name": N, "origin": URL}  201 attached,
                                 200 already attached from that origin
+    GET    /images/N            the image with its counters and precache
     DELETE /images/N            409 while VMs use it
+    POST   /images/N/precache   {"trace": "/abs/path" | null} (body
+                                optional: the whole image)  202 started,
+                                200 already running; the progress
+    GET    /images/N/precache   the progress of its last precache (404:
+                                never started)
     GET    /vms                 {"vms": [VM...]}
     POST   /vms                 {"name": V, "image": N}  201
                                 {"name", "image", "state", "nbd": URI}
@@ -27,10 +33,13 @@ from vmthunder.agent.service import Agent, AgentError
 LOG = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
-PATHS = "/images, /images/NAME, /vms, /vms/NAME, /status"
+PATHS = ("/images, /images/NAME, /images/NAME/precache, /vms, /vms/NAME, "
+         "/status")
 EXAMPLES = {
     "POST /images": '{"name": "debian", "origin": "export:debian"}',
     "POST /vms": '{"name": "vm1", "image": "debian"}',
+    "POST /images/NAME/precache": '{"trace": "/var/lib/boot.trace.gz"} or '
+                                  '{"trace": null}',
 }
 
 
@@ -110,6 +119,42 @@ def make_app(agent: Agent) -> web.Application:
                                                  body["origin"])
         return _json(201 if created else 200, dict(info, created=created))
 
+    async def image_status(request):
+        return _json(200, agent.image_detail(request.match_info["name"]))
+
+    async def start_precache(request):
+        example = EXAMPLES["POST /images/NAME/precache"]
+        raw = await request.read()
+        body = {}
+        if raw.strip():
+            try:
+                body = json.loads(raw)
+            except (ValueError, UnicodeDecodeError) as exc:
+                raise AgentError(400, f"request body is not valid JSON "
+                                      f"({exc}); send an object like "
+                                      f"{example}") from None
+            if not isinstance(body, dict):
+                raise AgentError(400, f"request body must be a JSON object "
+                                      f"like {example}, not "
+                                      f"{type(body).__name__}")
+        unknown = sorted(set(body) - {"trace"})
+        if unknown:
+            raise AgentError(400, f"unknown field(s) {', '.join(unknown)}; "
+                                  f"expected trace, e.g. {example}")
+        trace = body.get("trace")
+        if trace is not None and not isinstance(trace, str):
+            raise AgentError(400, f"field 'trace' must be a string or null, "
+                                  f"not {type(trace).__name__}; e.g. "
+                                  f"{example}")
+        progress, started = await agent.precache(request.match_info["name"],
+                                                 trace)
+        return _json(202 if started else 200,
+                     dict(progress, started=started))
+
+    async def precache_progress(request):
+        return _json(200, agent.precache_progress(
+            request.match_info["name"]))
+
     async def detach_image(request):
         return _json(200, await agent.detach_image(
             request.match_info["name"]))
@@ -129,7 +174,10 @@ def make_app(agent: Agent) -> web.Application:
 
     app.router.add_get("/images", list_images)
     app.router.add_post("/images", attach_image)
+    app.router.add_get("/images/{name}", image_status)
     app.router.add_delete("/images/{name}", detach_image)
+    app.router.add_post("/images/{name}/precache", start_precache)
+    app.router.add_get("/images/{name}/precache", precache_progress)
     app.router.add_get("/vms", list_vms)
     app.router.add_post("/vms", create_vm)
     app.router.add_delete("/vms/{name}", delete_vm)

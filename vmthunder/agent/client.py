@@ -1,5 +1,5 @@
-"""Client of the agent's local API, and the `vmthunder image|vm|status`
-commands built on it.
+"""Client of the agent's local API, and the `vmthunder image|vm|status|
+precache` commands built on it.
 
 Plain http.client over an AF_UNIX socket: synchronous, no event loop, so
 the Nova driver and the CLI can call it from anywhere.
@@ -10,8 +10,10 @@ from __future__ import annotations
 import http.client
 import json
 import os
+import shutil
 import socket
 import sys
+import time
 import urllib.parse
 
 DEFAULT_TIMEOUT = 120.0     # an iSCSI attach may wait for a login
@@ -124,10 +126,20 @@ class AgentClient:
     def status(self) -> dict:
         return self.request("GET", "/status")
 
+    def precache(self, name: str, trace: str | None = None) -> dict:
+        """Start warming image ``name`` (the chunks of ``trace``, an
+        absolute path, or the whole image); its progress, with
+        ``started`` False when one was running already."""
+        return self.request("POST", f"/images/{self._quote(name)}/precache",
+                            {"trace": trace})
+
+    def precache_progress(self, name: str) -> dict:
+        return self.request("GET", f"/images/{self._quote(name)}/precache")
+
 
 # -- the `vmthunder` subcommands ----------------------------------------
 
-COMMANDS = ("image", "vm", "status")
+COMMANDS = ("image", "vm", "status", "precache")
 
 
 def add_parsers(sub) -> None:
@@ -190,6 +202,29 @@ def add_parsers(sub) -> None:
     status.add_argument("--json", action="store_true", help="print JSON")
     socket_arg(status)
 
+    p = sub.add_parser(
+        "precache", help="warm an image's cache on one or more agents",
+        description="Fetch the chunks of IMAGE that the agent's cache does "
+                    "not hold yet: the whole image, or (--trace) the chunks "
+                    "a recorded boot read, in the order it read them. "
+                    "Chunks come from peers first, the origin last, each "
+                    "checked. Give --api-socket several times to warm the "
+                    "image on several agents at once; progress is shown "
+                    "until all are done (exit 1 if any failed).")
+    p.add_argument("image", help="an image attached on each agent")
+    p.add_argument("--trace", metavar="FILE",
+                   help="a boot trace (vmthunder boot --trace, vmthunder "
+                        "serve --trace) of this image: warm only the "
+                        "chunks it read, in its order")
+    p.add_argument("--api-socket", metavar="PATH", action="append",
+                   help="an agent's API socket; repeat for several agents "
+                        "(default from [agent] api_socket, "
+                        "/run/vmthunder/agent.sock)")
+    p.add_argument("--no-wait", action="store_true",
+                   help="start the precache and return at once")
+    p.add_argument("--interval", type=float, default=0.5, metavar="S",
+                   help="seconds between progress polls (default 0.5)")
+
 
 def _table(rows: list[list], header: list[str]) -> str:
     rows = [header] + [[str(c) for c in r] for r in rows]
@@ -218,6 +253,8 @@ def _origin(text: str) -> str:
 
 def run(args, conf) -> int:
     """Run `vmthunder image|vm|status`; errors as `vmthunder: error: ...`."""
+    if args.command == "precache":
+        return run_precache(args, conf)
     client = AgentClient(args.api_socket or conf.agent.api_socket)
     out = print
     try:
@@ -300,3 +337,132 @@ def format_status(status: dict) -> str:
     if not images and not vms:
         lines.append("no images, no VMs")
     return "\n".join(lines)
+
+
+# -- `vmthunder precache` ------------------------------------------------
+
+MiB = 1024 * 1024
+# Without a terminal, a progress line per agent this often (and at the
+# end of each).
+REPORT_EVERY_S = 5.0
+
+
+class _Host:
+    """One agent's precache, as the CLI follows it."""
+
+    def __init__(self, socket_path: str):
+        self.label = socket_path
+        self.short = socket_path        # the label on a terminal
+        self.client = AgentClient(socket_path, timeout=30)
+        self.progress: dict | None = None
+        self.error: str | None = None
+        self.reported = False           # its end was printed
+
+    @property
+    def finished(self) -> bool:
+        return self.error is not None or (
+            self.progress is not None and self.progress["state"] != "running")
+
+    @property
+    def ok(self) -> bool:
+        return self.error is None and self.progress is not None \
+            and self.progress["state"] == "done"
+
+
+def format_precache(label: str, p: dict | None, error: str | None = None
+                    ) -> str:
+    """One progress line: chunks, MiB, MiB/s, from peers/origin."""
+    if p is None:
+        return f"{label}: error: {error}"
+    done, total = p["chunks_done"], p["chunks_total"]
+    elapsed = p.get("elapsed_s") or 0.0
+    rate = p["bytes_fetched"] / MiB / elapsed if elapsed > 0 else 0.0
+    pct = 100.0 * done / total if total else 100.0
+    line = (f"{label}: {p['image']} {p['state']} {done}/{total} chunks "
+            f"({pct:.0f}%), {p['bytes_fetched'] / MiB:.1f}/"
+            f"{p['bytes_total'] / MiB:.1f} MiB, {rate:.1f} MiB/s, from "
+            f"peers {p['from_peers'] / MiB:.1f} MiB, origin "
+            f"{p['from_origin'] / MiB:.1f} MiB, {elapsed:.1f} s")
+    held = p.get("chunks_selected", total) - total
+    if held > 0:
+        line += f" ({held} held already)"
+    if error or p.get("error"):
+        line += f": {error or p['error']}"
+    return line
+
+
+def _fit(host: _Host, width: int) -> str:
+    """The host's progress line in ``width`` columns (one terminal line,
+    so the display can redraw it); a long label keeps its end."""
+    label = host.short
+    most = max(12, width // 3)
+    if len(label) > most:
+        label = "…" + label[1 - most:]
+    return format_precache(label, host.progress, host.error)[:width]
+
+
+def run_precache(args, conf, out=None) -> int:
+    """`vmthunder precache IMAGE`: start on every agent, then follow."""
+    out = out or sys.stdout
+    trace = os.path.abspath(args.trace) if args.trace else None
+    hosts = [_Host(path) for path in
+             dict.fromkeys(args.api_socket or [conf.agent.api_socket])]
+    for host in hosts:
+        try:
+            host.progress = host.client.precache(args.image, trace)
+        except AgentError as exc:
+            host.error = str(exc)
+    if args.no_wait:
+        for host in hosts:
+            line = format_precache(host.label, host.progress, host.error)
+            if host.progress is not None and not host.progress["started"]:
+                line += " (was running already)"
+            print(line, file=out, flush=True)
+        return 1 if any(h.error for h in hosts) else 0
+    tty = out.isatty()
+    if len(hosts) > 1:
+        # On a terminal, the sockets without their common directory.
+        common = os.path.commonpath([os.path.dirname(h.label)
+                                     for h in hosts])
+        if len(common) > 1:
+            for h in hosts:
+                h.short = os.path.relpath(h.label, common)
+    shown = 0                   # lines drawn (TTY)
+    last_report = 0.0
+    while True:
+        now = time.monotonic()
+        if tty:
+            width = max(40, shutil.get_terminal_size().columns - 1)
+            text = "".join("\r\x1b[K" + _fit(h, width) + "\n"
+                           for h in hosts)
+            out.write((f"\x1b[{shown}A" if shown else "") + text)
+            out.flush()
+            shown = len(hosts)
+        else:
+            due = now - last_report >= REPORT_EVERY_S
+            for h in hosts:
+                if (not h.finished and due) or (h.finished
+                                                and not h.reported):
+                    print(format_precache(h.label, h.progress, h.error),
+                          file=out, flush=True)
+            if due:
+                last_report = now
+        for h in hosts:
+            if h.finished:
+                h.reported = True
+        if all(h.finished for h in hosts):
+            break
+        time.sleep(max(0.05, args.interval))
+        for h in hosts:
+            if not h.finished:
+                try:
+                    h.progress = h.client.precache_progress(args.image)
+                except AgentError as exc:
+                    h.error = str(exc)
+    failed = [h for h in hosts if not h.ok]
+    for h in failed:
+        why = h.error or (h.progress or {}).get("error") or \
+            (h.progress or {}).get("state")
+        print(f"vmthunder: error: precache of {args.image} on {h.label}: "
+              f"{why}", file=sys.stderr)
+    return 1 if failed else 0

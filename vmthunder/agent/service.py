@@ -32,7 +32,7 @@ from typing import NamedTuple
 from vmthunder import blockdev
 from vmthunder.agent import state as state_mod
 from vmthunder.cache import snapshot as snapshot_mod
-from vmthunder.cache.cache_layer import CacheInUse, CacheLayer
+from vmthunder.cache.cache_layer import HELD, CacheInUse, CacheLayer
 from vmthunder.cache.snapshot import SnapshotLayer
 from vmthunder.nbd.address import Address, parse_address
 from vmthunder.nbd.server import NbdServer
@@ -79,6 +79,171 @@ class AgentConfig:
     coordination: object = None         # [coordination] options
 
 
+# Precache: reads of up to PRECACHE_RUN_BYTES of consecutive chunks, at
+# most PRECACHE_PARALLEL of them in flight, so VMs' own fetches (and their
+# share of the cache's write slots) are not starved.
+PRECACHE_RUN_BYTES = 1024 * 1024
+PRECACHE_PARALLEL = 4
+
+
+class Precache:
+    """Warming one image's cache: the chunks of ``order`` not held yet,
+    read through the cache (so the normal fetch path applies: peers
+    first, the origin last, every chunk verified), in that order, a few
+    runs at a time.
+
+    ``from_peers``/``from_origin`` are what the image's source fetched
+    from each while this ran (VMs' fetches of the same time included).
+    """
+
+    def __init__(self, image: Image, order: list[int], trace: str | None):
+        cache = image.cache
+        self.image = image.name
+        self.cache = cache
+        self.trace = trace
+        self.chunks_selected = len(order)
+        self.todo = [i for i in order
+                     if cache.chunk_states(i, i + 1)[0] != HELD]
+        self.chunks_total = len(self.todo)
+        self.bytes_total = sum(self._chunk_bytes(i) for i in self.todo)
+        self.chunks_done = 0
+        self.bytes_fetched = 0
+        self.state = "running"
+        self.error: str | None = None
+        self.started_at = time.time()
+        self._t0 = time.monotonic()
+        self._t1: float | None = None
+        self._source0 = self._source_bytes()
+        self._source1: tuple[int, int] | None = None
+        self.task: asyncio.Task | None = None
+
+    def _chunk_bytes(self, index: int) -> int:
+        cs = self.cache.chunk_size
+        return min(cs, self.cache.size - index * cs)
+
+    def _source_bytes(self) -> tuple[int, int]:
+        """(bytes from peers, bytes from the origin) the source reports
+        so far; a plain origin reports all it read as from the origin."""
+        try:
+            stats = self.cache.source.stats()
+        except Exception:           # a closed or odd source: no numbers
+            return (0, 0)
+        return (stats.get("bytes_from_peers", 0),
+                stats.get("bytes_from_origin", stats.get("bytes_read", 0)))
+
+    @property
+    def running(self) -> bool:
+        return self.task is not None and not self.task.done()
+
+    def start(self) -> None:
+        self.task = asyncio.ensure_future(self._run())
+
+    def _runs(self):
+        """Consecutive chunks of ``todo`` grouped into runs of at most
+        PRECACHE_RUN_BYTES (one chunk at least), in order."""
+        most = max(1, PRECACHE_RUN_BYTES // self.cache.chunk_size)
+        run: list[int] = []
+        for i in self.todo:
+            if run and (i != run[-1] + 1 or len(run) >= most):
+                yield run
+                run = []
+            run.append(i)
+        if run:
+            yield run
+
+    async def _run(self) -> None:
+        runs = self._runs()
+        workers = [asyncio.ensure_future(self._worker(runs))
+                   for _ in range(PRECACHE_PARALLEL)]
+        try:
+            try:
+                await asyncio.wait(workers,
+                                   return_when=asyncio.FIRST_EXCEPTION)
+            finally:
+                # The first failure (or a cancel) stops the others.
+                for w in workers:
+                    w.cancel()
+                await asyncio.gather(*workers, return_exceptions=True)
+            for w in workers:
+                if w.done() and not w.cancelled() and w.exception():
+                    raise w.exception()
+        except asyncio.CancelledError:
+            self._end("cancelled")
+            LOG.info("image %s: precache cancelled after %d of %d chunks",
+                     self.image, self.chunks_done, self.chunks_total)
+            raise
+        except Exception as exc:
+            self.error = _message(exc)
+            self._end("failed")
+            LOG.error("image %s: precache failed after %d of %d chunks: %s",
+                      self.image, self.chunks_done, self.chunks_total,
+                      self.error)
+        else:
+            self._end("done")
+            LOG.info("image %s: precache done: %d chunks (%d bytes) "
+                     "fetched in %.1f s", self.image, self.chunks_total,
+                     self.bytes_fetched, self._t1 - self._t0)
+
+    async def _worker(self, runs) -> None:
+        # The runs generator is shared: each worker takes the next run in
+        # order (no await between next() calls of one worker and another).
+        cache = self.cache
+        cs = cache.chunk_size
+        for run in runs:
+            # A VM may have brought some of them meanwhile: read only the
+            # chunks still missing (or in flight: the read joins it).
+            states = cache.chunk_states(run[0], run[-1] + 1)
+            missing = [i for i, st in zip(run, states) if st != HELD]
+            self.chunks_done += len(run) - len(missing)
+            j = 0
+            while j < len(missing):
+                k = j + 1
+                while k < len(missing) and missing[k] == missing[k - 1] + 1:
+                    k += 1
+                first, last = missing[j], missing[k - 1]
+                offset = first * cs
+                length = min((last + 1) * cs, cache.size) - offset
+                try:
+                    await cache.read_parts(offset, length)
+                except blockdev.BlockError as exc:
+                    raise blockdev.BlockError(
+                        exc.errno, f"chunks {first}-{last}: "
+                        f"{_message(exc)}") from None
+                self.chunks_done += k - j
+                self.bytes_fetched += length
+                j = k
+
+    def _end(self, state: str) -> None:
+        self.state = state
+        self._t1 = time.monotonic()
+        self._source1 = self._source_bytes()
+
+    async def cancel(self) -> None:
+        if self.running:
+            self.task.cancel()
+            await asyncio.gather(self.task, return_exceptions=True)
+        if self.state == "running":     # cancelled before it began
+            self._end("cancelled")
+
+    def progress(self) -> dict:
+        now = self._source1 or self._source_bytes()
+        elapsed = (self._t1 or time.monotonic()) - self._t0
+        return {
+            "image": self.image, "trace": self.trace, "state": self.state,
+            "chunks_selected": self.chunks_selected,
+            "chunks_total": self.chunks_total,
+            "chunks_done": self.chunks_done,
+            "bytes_total": self.bytes_total,
+            "bytes_fetched": self.bytes_fetched,
+            "from_peers": max(0, now[0] - self._source0[0]),
+            "from_origin": max(0, now[1] - self._source0[1]),
+            "chunk_size": self.cache.chunk_size,
+            "started_at": self.started_at,
+            "elapsed_s": round(elapsed, 3),
+            "error": self.error,
+        }
+
+
 class ImageSource(NamedTuple):
     """What an image's cache reads from (see Agent.open_image_source)."""
     source: blockdev.BlockDevice
@@ -101,6 +266,8 @@ class Image:
     # Why the image is not usable (restore failed); None when attached.
     error: str | None = None
     attached_at: float = 0.0
+    # The last precache of this image (running or ended); not recorded.
+    precache: Precache | None = None
 
     def record(self) -> dict:
         return {"name": self.name, "origin": self.origin}
@@ -295,6 +462,9 @@ class Agent:
             await self.peer_server.close()
         if self.membership is not None:
             await self.membership.stop()
+        for image in self.images.values():
+            if image.precache is not None:
+                await image.precache.cancel()
         for vm in self.vms.values():
             if vm.snapshot is not None:
                 try:
@@ -597,6 +767,8 @@ class Agent:
                 raise AgentError(500, f"cannot record the detach in "
                                       f"{self.store.path}: {exc}") from None
             self._unexport_from_peers(image)
+            if image.precache is not None:
+                await image.precache.cancel()
             if image.cache is not None:
                 await image.cache.close()
                 image.cache = None
@@ -679,6 +851,91 @@ class Agent:
             LOG.info("VM %s deleted (its snapshot files removed)", name)
             return {"name": name, "deleted": True}
 
+    async def precache(self, image_name, trace_path=None) -> tuple[dict,
+                                                                   bool]:
+        """Start warming image ``image_name``'s cache in the background:
+        the whole image in chunk order, or the chunks a boot trace read,
+        in trace order; (progress, started).
+
+        While one runs, asking again starts nothing and answers its
+        progress (started False). A refused request changes nothing.
+        """
+        check_name("image", image_name)
+        image = self._attached(image_name)
+        if image.precache is not None and image.precache.running:
+            return image.precache.progress(), False
+        trace_chunks = None
+        if trace_path is not None:
+            trace_chunks = await self._trace_chunks(image, trace_path)
+        async with self._lock:
+            # The image may have gone or changed while the trace loaded.
+            image = self._attached(image_name)
+            if image.precache is not None and image.precache.running:
+                return image.precache.progress(), False
+            cache = image.cache
+            if trace_chunks is None:
+                order = list(range(cache.chunks))
+            else:
+                order = trace_chunks
+                beyond = [i for i in order if i >= cache.chunks]
+                if beyond:
+                    raise AgentError(
+                        400, f"trace {trace_path} reads chunk(s) "
+                        f"{_chunk_list(beyond)} of {cache.chunk_size} bytes, "
+                        f"beyond image {image_name!r} ({cache.size} bytes, "
+                        f"{cache.chunks} chunks); is it a trace of this "
+                        "image?")
+            run = Precache(image, order, trace_path)
+            image.precache = run
+            run.start()
+            LOG.info("image %s: precache started%s: %d chunk(s) to fetch "
+                     "(%d bytes) of %d selected", image_name,
+                     f" from trace {trace_path}" if trace_path else "",
+                     run.chunks_total, run.bytes_total, run.chunks_selected)
+            return run.progress(), True
+
+    async def _trace_chunks(self, image: Image, path) -> list[int]:
+        """The chunks (of ``image``'s cache) trace ``path`` reads, in
+        first-touch order; AgentError(400) naming what is wrong."""
+        from vmthunder.bench import trace as trace_mod
+        if not isinstance(path, str) or not path:
+            raise AgentError(400, "trace must be the absolute path of a "
+                                  "trace file (or null for the whole image)")
+        if not os.path.isabs(path):
+            raise AgentError(400, f"trace {path!r} is a relative path; give "
+                                  "an absolute path (the agent does not run "
+                                  "in your working directory)")
+        try:
+            trace = await asyncio.to_thread(trace_mod.load, path)
+        except trace_mod.TraceError as exc:
+            raise AgentError(400, f"cannot precache image {image.name!r} "
+                                  f"from trace: {exc}") from None
+        return trace.chunks(image.cache.chunk_size)
+
+    def _attached(self, name: str) -> Image:
+        image = self._image(name)
+        if image.cache is None:
+            raise AgentError(
+                409, f"image {name!r} is recorded but not attached (409: "
+                f"{image.error}); attach it again with the same origin to "
+                "retry")
+        return image
+
+    def image_detail(self, image_name: str) -> dict:
+        """GET /images/NAME: the image's status (counters, precache)."""
+        check_name("image", image_name)
+        return self.image_status(self._image(image_name))
+
+    def precache_progress(self, image_name: str) -> dict:
+        check_name("image", image_name)
+        image = self._image(image_name)
+        if image.precache is None:
+            raise AgentError(404, f"image {image_name!r} was never "
+                                  "precached since it was attached; start "
+                                  "with POST /images/NAME/precache "
+                                  f"(`vmthunder precache {image_name}`)")
+        return image.precache.progress()
+
     # -- views -------------------------------------------------------------
 
     def _image(self, name: str) -> Image:
@@ -749,7 +1006,9 @@ class Agent:
             peers_avoided=source.get("avoided", []),
             bytes_read=cache["bytes_read"],
             verify_errors=cache["verify_errors"],
-            fetch_errors=cache["fetch_errors"])
+            fetch_errors=cache["fetch_errors"],
+            precache=image.precache.progress() if image.precache
+            else None)
         return status
 
     def vm_status(self, vm: Vm) -> dict:
@@ -778,3 +1037,9 @@ class Agent:
 
 def _message(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
+
+
+def _chunk_list(indices: list[int], most: int = 5) -> str:
+    shown = ", ".join(str(i) for i in indices[:most])
+    return shown + (f" (and {len(indices) - most} more)"
+                    if len(indices) > most else "")
