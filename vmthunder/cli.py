@@ -16,20 +16,11 @@ from oslo_config import cfg
 
 from vmthunder import blockdev
 from vmthunder import opts
-from vmthunder.nbd.address import parse_address
+from vmthunder.nbd.address import listen_address_arg, parse_address
 from vmthunder.sizes import parse_size
 
 CONF = cfg.ConfigOpts()
 opts.register_opts(CONF)
-
-DEFAULT_CONFIG = "/etc/vmthunder/vmthunder.conf"
-
-
-def _address(text: str):
-    try:
-        return parse_address(text, listen=True)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -40,7 +31,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "copy-on-write snapshot per VM, served over NBD.")
     parser.add_argument("--config-file", metavar="PATH",
                         help="oslo.config file with defaults for every "
-                             f"option (default: {DEFAULT_CONFIG} if it "
+                             f"option (default: {opts.DEFAULT_CONFIG} if it "
                              "exists; sample in "
                              "etc/vmthunder/vmthunder.conf.sample)")
     parser.add_argument("-v", "--verbose", action="count", default=0,
@@ -62,7 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
                        "chunks checked against the manifest on LUN 2, "
                        "see [iscsi] options), or export:NAME (an image "
                        "`vmthunder export` published on [export] portal)")
-    serve.add_argument("--listen", type=_address, default=None,
+    serve.add_argument("--listen", type=listen_address_arg, default=None,
                        metavar="tcp:HOST:PORT|unix:PATH",
                        help="where to listen (default from [nbd] listen, "
                             "tcp:127.0.0.1:10809 unless configured); port 0 "
@@ -236,14 +227,8 @@ def _add_export_parsers(sub) -> None:
 
 
 def _load_config(path: str | None) -> None:
-    files = []
-    if path:
-        if not os.path.exists(path):
-            sys.exit(f"vmthunder: config file {path} does not exist")
-        files = [path]
-    elif os.path.exists(DEFAULT_CONFIG):
-        files = [DEFAULT_CONFIG]
-    CONF(args=[], project="vmthunder", default_config_files=files)
+    CONF(args=[], project="vmthunder",
+         default_config_files=opts.config_files(path, "vmthunder"))
 
 
 def _cmd_serve(args) -> int:

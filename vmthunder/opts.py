@@ -350,6 +350,19 @@ coordination_opts = [
              "not share images."),
 ]
 
+DEFAULT_CONFIG = "/etc/vmthunder/vmthunder.conf"
+
+
+def config_files(path: str | None, prog: str) -> list[str]:
+    """The config files to load: ``path`` (which must exist), else the
+    default one when it exists, else none (built-in defaults)."""
+    if path:
+        if not os.path.exists(path):
+            raise SystemExit(f"{prog}: config file {path} does not exist")
+        return [path]
+    return [DEFAULT_CONFIG] if os.path.exists(DEFAULT_CONFIG) else []
+
+
 GROUPS = {
     "cache": cache_opts,
     "snapshot": snapshot_opts,

@@ -13,20 +13,12 @@ from oslo_config import cfg
 
 from vmthunder import opts
 from vmthunder.agent import state as state_mod
-from vmthunder.nbd.address import parse_address
+from vmthunder.nbd.address import listen_address_arg, parse_address
 
 LOG = logging.getLogger("vmthunder.agent")
 
-DEFAULT_CONFIG = "/etc/vmthunder/vmthunder.conf"
 # Printed on stdout once the API and the NBD servers accept connections.
 READY_PREFIX = "vmthunder-agent: ready"
-
-
-def _address(text: str):
-    try:
-        return parse_address(text, listen=True)
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -44,7 +36,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "file.")
     parser.add_argument("--config-file", metavar="PATH",
                         help="oslo.config file (default: "
-                             f"{DEFAULT_CONFIG} if it exists)")
+                             f"{opts.DEFAULT_CONFIG} if it exists)")
     parser.add_argument("--state-dir", metavar="DIR",
                         help="where state.json (images and VMs) is kept "
                              "([agent] state_dir, default "
@@ -53,13 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--api-socket", metavar="PATH",
                         help="unix socket of the local API ([agent] "
                              "api_socket, default /run/vmthunder/agent.sock)")
-    parser.add_argument("--hypervisor-listen", type=_address,
+    parser.add_argument("--hypervisor-listen", type=listen_address_arg,
                         metavar="unix:PATH|tcp:127.0.0.1:PORT",
                         help="where VM disks are served over NBD, one "
                              "export per VM named after it ([agent] "
                              "hypervisor_listen, default "
                              "unix:/run/vmthunder/nbd.sock)")
-    parser.add_argument("--peer-listen", type=_address,
+    parser.add_argument("--peer-listen", type=listen_address_arg,
                         metavar="tcp:HOST:PORT|unix:PATH",
                         help="serve each image's cache read-only to peer "
                              "hosts here, export name = image name "
@@ -85,15 +77,8 @@ def build_parser() -> argparse.ArgumentParser:
 def load_config(path: str | None) -> cfg.ConfigOpts:
     conf = cfg.ConfigOpts()
     opts.register_opts(conf)
-    files = []
-    if path:
-        if not os.path.exists(path):
-            raise SystemExit(f"vmthunder-agent: config file {path} does not "
-                             "exist")
-        files = [path]
-    elif os.path.exists(DEFAULT_CONFIG):
-        files = [DEFAULT_CONFIG]
-    conf(args=[], project="vmthunder", default_config_files=files)
+    conf(args=[], project="vmthunder",
+         default_config_files=opts.config_files(path, "vmthunder-agent"))
     return conf
 
 

@@ -35,6 +35,15 @@ def _parse_port(text: str, where: str, allow_zero: bool) -> int:
     return int(text)
 
 
+def listen_address_arg(text: str) -> Address:
+    """argparse type for --listen style options."""
+    import argparse
+    try:
+        return parse_address(text, listen=True)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def parse_address(address, *, listen: bool = False) -> Address:
     """Parse ``tcp:HOST:PORT`` (``tcp:[IPV6]:PORT``) or ``unix:PATH``.
 
