@@ -55,7 +55,7 @@ def test_every_strategy_boots_every_vm_and_leaves_nothing(tmp_path,
                                   "--vms-per-host", "2", "--no-sim")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert set(summary["strategies"]) == {"copy", "precache", "direct",
-                                          "lazy"}
+                                          "lazy", "vmthunder", "tree"}
     ws = summary["working_set_bytes"]
     image = report["image_allocated_bytes"]
     for name, row in report["strategies"].items():
@@ -71,6 +71,13 @@ def test_every_strategy_boots_every_vm_and_leaves_nothing(tmp_path,
     # lazy: each host fetches the chunks the boot touches, once.
     assert 2 * ws <= origin["lazy"] \
         <= 1.1 * 2 * report["working_set_chunk_bytes"]
+    # vmthunder and tree: each chunk leaves the origin about once, the
+    # rest goes between the hosts.
+    for peer in ("vmthunder", "tree"):
+        assert report["working_set_chunk_bytes"] <= origin[peer] \
+            <= 1.2 * report["working_set_chunk_bytes"], peer
+        assert report["strategies"][peer]["host_sent_bytes"] \
+            >= 0.9 * report["working_set_chunk_bytes"], peer
     assert report["strategies"]["precache"]["precache_s"] > 0
     # Clean: no namespace, no leftover process of the run, no workdir.
     assert namespaces_of(proc.pid) == set()
