@@ -596,6 +596,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=sizes.parse_size,
                    default=256 * 1024,
                    help="vmthunder cache chunk size (suffixes K, M)")
+    p.add_argument("--config-file", metavar="PATH",
+                   help="vmthunder options (oslo.config file) for every "
+                        "`vmthunder serve` and agent of the run, e.g. "
+                        "[cache] max_pending_writes; --chunk-size wins over "
+                        "its [cache] chunk_size")
     p.add_argument("--vm-timeout", type=float, default=900,
                    help="seconds after which a VM that has not booted "
                         "counts as failed")
@@ -666,6 +671,9 @@ def main(argv=None) -> int:
     workdir = tempfile.mkdtemp(prefix="vmthunder-bench-", dir=args.workdir)
     args.conf_file = os.path.join(workdir, "vmthunder.conf")
     with open(args.conf_file, "w") as f:
+        if args.config_file:
+            with open(args.config_file) as user:
+                f.write(user.read() + "\n")
         f.write(f"[cache]\nchunk_size = {args.chunk_size}\n"
                 "[iscsi]\nmanifest_lun = 2\n")
 
@@ -678,7 +686,8 @@ def main(argv=None) -> int:
         "strategies": names, "guest": args.guest, "workload": args.workload,
         "trace": os.path.relpath(trace_path, REPO),
         "chunk_size": args.chunk_size, "vm_timeout_s": args.vm_timeout,
-        "tree_degree": args.tree_degree},
+        "tree_degree": args.tree_degree,
+        "config_file": args.config_file},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "image_size": os.path.getsize(image),
         "image_allocated_bytes": allocated_bytes(image),
