@@ -649,3 +649,33 @@ def test_a_bad_chunk_in_a_run_fails_only_its_readers(tmp_path):
         assert not layer.map.present(5)
 
     run(main())
+
+
+def test_chunk_state_runs_match_chunk_states(tmp_path):
+    """The run form peers are answered from equals the chunk-by-chunk one,
+    with held, unsynced and in-flight chunks mixed."""
+    path, _ = make_image(tmp_path / "img")
+    rng = random.Random(5)
+
+    async def main():
+        layer = CacheLayer(CountingSource(path), str(tmp_path / "cache"),
+                           chunk_size=CS)
+        for _ in range(6):
+            i = rng.randrange(layer.chunks)
+            await layer.read(i * CS, 1)
+        await drain(layer)
+        layer._unsynced.update({3, 4, 20})
+        layer._inflight.update({7: object(), 8: object(), 30: object()})
+        for first, last in [(0, layer.chunks), (3, 9), (7, 8), (29, 38),
+                            (0, 1)]:
+            runs = layer.chunk_state_runs(first, last)
+            flat = [state for a, b, state in runs for _ in range(a, b)]
+            assert flat == layer.chunk_states(first, last), (first, last)
+            assert runs[0][0] == first and runs[-1][1] == last
+            assert all(r[2] != n[2] or r[1] != n[0]
+                       for r, n in zip(runs, runs[1:]))
+        layer._unsynced.clear()
+        layer._inflight.clear()
+        await layer.close()
+
+    run(main())

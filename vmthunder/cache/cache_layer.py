@@ -292,6 +292,39 @@ class CacheLayer(blockdev.BlockDevice):
                 states.append(MISSING)
         return states
 
+    def chunk_state_runs(self, first: int, last: int) -> list[tuple]:
+        """chunk_states() of [first, last) as (start, end, state) runs.
+
+        Peers ask for the states of whole windows of chunks many times a
+        second; the map is scanned run by run and only the few chunks in
+        flight or not yet durable are looked at one by one.
+        """
+        special = {i: HELD for i in self._unsynced if first <= i < last}
+        special.update((i, FETCHING) for i in self._inflight
+                       if first <= i < last)
+        marks = sorted(special)
+        runs: list[tuple] = []
+
+        def add(a: int, b: int, state: int) -> None:
+            if a >= b:
+                return
+            if runs and runs[-1][2] == state and runs[-1][1] == a:
+                runs[-1] = (runs[-1][0], b, state)
+            else:
+                runs.append((a, b, state))
+        k = 0
+        for start, end, present in self.map.runs(first, last):
+            base = HELD if present else MISSING
+            pos = start
+            while k < len(marks) and marks[k] < end:
+                i = marks[k]
+                add(pos, i, base)
+                add(i, i + 1, special[i])
+                pos = i + 1
+                k += 1
+            add(pos, end, base)
+        return runs
+
     async def read_held(self, offset: int, length: int, *,
                         wait=None) -> list:
         """Like :meth:`read_parts`, but never fetches.

@@ -212,20 +212,26 @@ class PeerExport(blockdev.BlockDevice):
         cs = self.chunk_size
         first, last = offset // cs, (offset + length - 1) // cs + 1
         extents: list[blockdev.Extent] = []
-        for i, state in enumerate(self.cache.chunk_states(first, last),
-                                  first):
-            if state == cache_layer.HELD:
-                flags = blockdev.STATE_CACHED
-            elif state == cache_layer.FETCHING and self._waitable(i):
-                flags = blockdev.STATE_CACHED | blockdev.STATE_FETCHING
-            else:
-                flags = 0
-            lo, hi = max(offset, i * cs), min(offset + length, (i + 1) * cs)
+
+        def add(a: int, b: int, flags: int) -> None:
+            lo, hi = max(offset, a * cs), min(offset + length, b * cs)
             if extents and extents[-1].flags == flags:
                 extents[-1] = blockdev.Extent(extents[-1].length + hi - lo,
                                               flags)
             else:
                 extents.append(blockdev.Extent(hi - lo, flags))
+        for start, end, state in self.cache.chunk_state_runs(first, last):
+            if state == cache_layer.HELD:
+                add(start, end, blockdev.STATE_CACHED)
+            elif state == cache_layer.FETCHING:
+                # Only fetches rooted at the origin or a holder may be
+                # waited for (no waiting cycles): chunk by chunk.
+                for i in range(start, end):
+                    add(i, i + 1, blockdev.STATE_CACHED
+                        | blockdev.STATE_FETCHING if self._waitable(i)
+                        else 0)
+            else:
+                add(start, end, 0)
         return extents
 
     def stats(self) -> dict:
