@@ -686,13 +686,17 @@ async def mesh(tmp_path, image, keys, counts, **kw):
     return hosts
 
 
-def test_boot_storm_fetches_each_chunk_from_the_origin_once(tmp_path,
-                                                            image):
+@pytest.mark.parametrize("max_status_peers", [3, 1])
+def test_boot_storm_fetches_each_chunk_from_the_origin_once(
+        tmp_path, image, max_status_peers):
+    """Also when a host asks only some peers what they hold (1 of 2):
+    the chunks of the others come through their owners."""
     data = image[1]
 
     async def main():
         counts = {}
-        hosts = await mesh(tmp_path, image, ["h0", "h1", "h2"], counts)
+        hosts = await mesh(tmp_path, image, ["h0", "h1", "h2"], counts,
+                           max_status_peers=max_status_peers)
         try:
             t0 = time.monotonic()
             got = await asyncio.gather(*(h.read_all(seed)

@@ -176,7 +176,8 @@ class ImageVolume(blockdev.BlockDevice):
                  peer_timeout: float = 2.0, avoid_s: float = 30.0,
                  max_peer_connections: int = 2, mode: str = "mesh",
                  status_ttl: float = 0.5, status_window: int = 1024,
-                 owner_timeout: float | None = None):
+                 owner_timeout: float | None = None,
+                 max_status_peers: int = 3):
         if mode not in MODES:
             raise ValueError(f"image volume mode {mode!r}: expected one of "
                              f"{', '.join(MODES)}")
@@ -198,6 +199,11 @@ class ImageVolume(blockdev.BlockDevice):
         self.avoid_s = avoid_s
         self.max_peer_connections = max(1, max_peer_connections)
         self.status_ttl = status_ttl
+        # Peers asked which chunks they hold, per read: a random few. Asking
+        # all of them made every host query every other (hosts² queries
+        # per status_ttl); a chunk none of the few holds comes from its
+        # owner (mesh), which has it or fetches it once for everyone.
+        self.max_status_peers = max(1, max_status_peers)
         # A status query asks for this many chunks (and fits NBD's 32-bit
         # length).
         self.status_window = max(1, min(status_window,
@@ -390,6 +396,8 @@ class ImageVolume(blockdev.BlockDevice):
         now = time.monotonic()
         peers = [p for p in map(self._peer, self._peer_uris())
                  if p not in tried and not p.avoided(now)]
+        if len(peers) > self.max_status_peers:
+            peers = random.sample(peers, self.max_status_peers)
         states = {}
         if peers:
             answers = await asyncio.gather(
@@ -447,7 +455,10 @@ class ImageVolume(blockdev.BlockDevice):
                 pieces.append((None, MISSING, i, j))
                 i = j
                 continue
-            # Split [i, j) evenly among its holders, least loaded first.
+            # Split [i, j) evenly among its holders, least loaded first
+            # (an owner may not be among the peers asked for status).
+            for p in who:
+                load.setdefault(p, p.load)
             who = sorted(who, key=lambda p: (load[p], random.random()))
             n = j - i
             parts = min(len(who), n)
