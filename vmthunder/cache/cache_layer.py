@@ -349,11 +349,6 @@ class CacheLayer(blockdev.BlockDevice):
         # No await since the check: read_parts starts no fetch.
         return await self.read_parts(offset, length)
 
-    async def chunk(self, index: int) -> bytes:
-        """The bytes of chunk ``index``, fetched once however many ask."""
-        start = index * self.chunk_size
-        return await self.read(start, min(self.chunk_size, self.size - start))
-
     # -- fetching ---------------------------------------------------------
 
     def _start_fetch(self, first: int, count: int) -> _Fetch:
