@@ -42,7 +42,8 @@ cache_opts = [
         default=32,
         min=1,
         help="Fetched chunks that may wait in memory to be written to the "
-             "cache; bounds memory on a cold read storm."),
+             "cache, counted in units of 256 KiB when chunks are smaller; "
+             "bounds memory on a cold read storm."),
     cfg.FloatOpt(
         "sync_interval",
         default=2.0,
@@ -140,7 +141,7 @@ export_opts = [
         default="/var/lib/vmthunder/exports",
         help="Where `vmthunder export` keeps each exported image: "
              "<export_dir>/<name>/ holds volume.raw (the LUN), "
-             "manifest.json and manifest.lun (the chunk manifest and its "
+             "manifest.bin and manifest.lun (the chunk manifest and its "
              "NUL-padded LUN copy), export.json (the record that "
              "`vmthunder exports --restore` re-creates targets from) and "
              "chap.json (mode 0600) when CHAP is on. tgtd's log is kept "
@@ -183,9 +184,11 @@ export_opts = [
         min=4 * KiB,
         max=64 * MiB,
         help="Chunk size of the manifest written beside each export (one "
-             "SHA-256 digest per chunk); a power of two. Same default as "
-             "[cache] chunk_size, so that a cache verifies each chunk it "
-             "fetches against one digest."),
+             "digest per chunk); a power of two. A compute host's cache "
+             "fetches and checks the image in chunks of this size, so it "
+             "is the unit a boot fetches: small chunks fetch little that "
+             "the guest does not read (see docs/benchmarks.md)."),
+
 ]
 
 iscsi_opts = [

@@ -138,7 +138,8 @@ class ServeJob:
                             else cfg.chunk_size),
                 max_pending_writes=cfg.max_pending_writes,
                 sync_interval=cfg.sync_interval,
-                verify=manifest.verify if manifest else None)
+                verify=manifest.verify if manifest else None,
+                prepare_verify=manifest.load if manifest else None)
         except BaseException:
             await source.close()
             raise

@@ -22,7 +22,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import glob
 import json
 import os
 import shutil
@@ -502,7 +501,8 @@ def test_corrupting_peer_is_detected(net, agents):
     wait_for_held(a, chunks)
     # Corrupt every chunk A holds once its marks are on disk (then its
     # data is in the data file, read from there).
-    [key_dir] = glob.glob(os.path.join(a.cache_dir, "*", ""))
+    # (The image's cache, not its digest table's.)
+    key_dir = a.status()["cache_dir"]
     map_path = os.path.join(key_dir, "map")
 
     def marks():
@@ -802,7 +802,8 @@ asyncio.run(main())
 
 def test_vm_snapshot_is_not_readable_through_peer_endpoints(net, agents):
     """A VM on A writes a secret where the image has data. From B's
-    namespace, A's peer endpoint lists only the image; the VM's name (and
+    namespace, A's peer endpoint lists only the image (and its manifest's
+    digest table); the VM's name (and
     other guesses) open nothing; the image export at the secret's offset
     returns the image's bytes, never the secret."""
     a, = agents(net.hosts[0])
@@ -833,7 +834,7 @@ def test_vm_snapshot_is_not_readable_through_peer_endpoints(net, agents):
                  text=True, timeout=60, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     out = json.loads(proc.stdout)
-    assert out["listed"] == [IMAGE], out["listed"]
+    assert out["listed"] == [IMAGE, f"{IMAGE}@digests"], out["listed"]
     image_bytes = Expected(net.image).read(offset, len(secret))
     assert out[IMAGE].get("data") == image_bytes.hex(), out[IMAGE]
     for name in guesses:
@@ -845,7 +846,7 @@ def test_vm_snapshot_is_not_readable_through_peer_endpoints(net, agents):
                     capture_output=True, text=True, timeout=30)
     assert listing.returncode == 0, listing.stderr
     names = [e["export-name"] for e in json.loads(listing.stdout)["exports"]]
-    assert names == [IMAGE], names
+    assert names == [IMAGE, f"{IMAGE}@digests"], names
     direct = b.run(["nbdinfo", f"{nbd}/tenant-vm"], capture_output=True,
                    text=True, timeout=30)
     assert direct.returncode != 0, direct.stdout

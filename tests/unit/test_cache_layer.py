@@ -598,16 +598,19 @@ def test_a_failed_sync_marks_none_of_its_batch(tmp_path, monkeypatch):
 
 def test_consecutive_missing_chunks_come_in_one_source_read(tmp_path):
     """A read over missing chunks costs one call to the source per run
-    (at most MAX_FETCH_BYTES and the write slots), not one per chunk;
-    chunks already held split the runs."""
-    path, image = make_image(tmp_path / "img")
-    run_chunks = 8
+    (at most MAX_FETCH_BYTES and the write slots, a slot being SLOT_UNIT
+    worth of small chunks), not one per chunk; chunks already held split
+    the runs."""
+    pending = 2
+    run_chunks = pending * (cache_layer.SLOT_UNIT // CS)
     assert cache_layer.MAX_FETCH_BYTES >= run_chunks * CS
+    path, image = make_image(tmp_path / "img",
+                             size=(run_chunks + 11) * CS)
 
     async def main():
         src = CountingSource(path)
         layer = CacheLayer(src, str(tmp_path / "cache"), chunk_size=CS,
-                           max_pending_writes=run_chunks)
+                           max_pending_writes=pending)
         await layer.read(3 * CS, 1)                 # chunk 3 held
         src.calls.clear()
         got = await layer.read(0, 10 * CS)

@@ -640,6 +640,8 @@ class MeshHost:
         self.directory = StaticOwners(key, {})
         self.origin = CountingOrigin(path, counts)
         kw.setdefault("peer_timeout", 0.5)
+        # One chunk per owner region: these tests look at single chunks.
+        kw.setdefault("owner_region", CS)
         self.volume = ImageVolume(self.origin, manifest, "img",
                                   self.directory, **kw)
         self.cache = CacheLayer(self.volume, str(tmp_path / key),
@@ -761,7 +763,8 @@ def test_owner_failure_falls_back_to_the_origin(tmp_path, image, behaviour):
         counts = {}
         vol = ImageVolume(CountingOrigin(path, counts), manifest, "img",
                           StaticOwners("me", {"other": uri}),
-                          peer_timeout=0.5, owner_timeout=0.3)
+                          peer_timeout=0.5, owner_timeout=0.3,
+                          owner_region=CS)
         try:
             t0 = time.monotonic()
             assert await vol.read(0, SIZE) == data
@@ -862,3 +865,7 @@ def test_rendezvous_owners_are_stable_and_balanced():
     assert [table.owner(keys, i) for i in range(50)] == before[:50]
     assert [table.owner(rest, i) for i in range(50)] == after[:50]
     assert table.owner([], 0) is None
+    # Regions: consecutive chunks share the owner of their region.
+    regions = OwnerTable("img", region_chunks=64)
+    assert [regions.owner(keys, i) for i in range(256)] == [
+        before[i // 64] for i in range(256)]

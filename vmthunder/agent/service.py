@@ -36,6 +36,7 @@ from vmthunder.cache.cache_layer import HELD, CacheInUse, CacheLayer
 from vmthunder.cache.snapshot import SnapshotLayer
 from vmthunder.nbd.address import Address, parse_address
 from vmthunder.nbd.server import NbdServer
+from vmthunder.peers.digest_table import image_of, table_name
 
 LOG = logging.getLogger(__name__)
 
@@ -253,6 +254,9 @@ class ImageSource(NamedTuple):
     # The cache's chunk size: the manifest's when there is one (each
     # fetched chunk is then checked against exactly one digest).
     chunk_size: int
+    # Awaited before verify checks chunks [first, last) (loads their
+    # digests from a lazily read manifest); None: nothing to wait for.
+    prepare_verify: object = None
 
 
 @dataclasses.dataclass
@@ -301,7 +305,8 @@ class _ImageUris:
         if self.endpoints is None:
             return []
         uris = []
-        for endpoint in self.endpoints.peers_for(image):
+        # An image's digest table is exported by the hosts of the image.
+        for endpoint in self.endpoints.peers_for(image_of(image)):
             try:
                 uris.append(parse_address(endpoint).nbd_uri(image))
             except ValueError as exc:
@@ -316,7 +321,7 @@ class _ImageUris:
             return []
         owners: list[tuple[str, str | None]] = []
         for member, info in members().items():
-            if member == me or image not in info["images"] \
+            if member == me or image_of(image) not in info["images"] \
                     or not info["endpoint"]:
                 continue
             try:
@@ -550,12 +555,23 @@ class Agent:
         if manifest is not None and self.peers_enabled:
             # Origin and peers behind one source; it checks every chunk
             # against the manifest itself, whoever sent it.
+            from vmthunder.peers.digest_table import PeerDigestTable
             from vmthunder.peers.volume import ImageVolume
-            volume = ImageVolume(
-                source, manifest, name, self._peer_directory(),
-                peer_timeout=self.config.peer_timeout,
-                avoid_s=self.config.peer_avoid_s,
-                mode=self.config.peer_mode)
+            options = dict(peer_timeout=self.config.peer_timeout,
+                           avoid_s=self.config.peer_avoid_s,
+                           mode=self.config.peer_mode)
+            volume = ImageVolume(source, manifest, name,
+                                 self._peer_directory(), **options)
+            if manifest.lazy_loading:
+                # Its digests come through peers too (a lazily read
+                # manifest: see peers/digest_table.py).
+                try:
+                    volume.digest_table = PeerDigestTable(
+                        manifest, name, self._peer_directory(),
+                        self.config.cache_dir, **options)
+                except BaseException:
+                    await source.close()
+                    raise
             return ImageSource(source=volume, verify=None,
                                chunk_size=manifest.chunk_size)
         if self.peers_enabled:
@@ -565,6 +581,7 @@ class Agent:
         return ImageSource(
             source=source,
             verify=manifest.verify if manifest else None,
+            prepare_verify=manifest.load if manifest else None,
             chunk_size=(manifest.chunk_size if manifest
                         else self.config.chunk_size))
 
@@ -612,7 +629,7 @@ class Agent:
                 chunk_size=src.chunk_size,
                 max_pending_writes=self.config.max_pending_writes,
                 sync_interval=self.config.sync_interval,
-                verify=src.verify)
+                verify=src.verify, prepare_verify=src.prepare_verify)
         except BaseException:
             await src.source.close()
             raise
@@ -674,11 +691,19 @@ class Agent:
         self.peer_server.add_export(
             image.name, self.peer_export_device(image), read_only=True,
             description=f"cache of image {image.name}")
+        table = getattr(image.cache.source, "digest_table", None)
+        if table is not None:
+            mode = "through" if self.config.peer_mode == "tree" else "held"
+            self.peer_server.add_export(
+                table.name, table.peer_export(mode), read_only=True,
+                description=f"manifest digests of image {image.name}")
 
     def _unexport_from_peers(self, image: Image) -> None:
-        if self.peer_server is not None \
-                and image.name in self.peer_server.exports:
-            self.peer_server.remove_export(image.name)
+        if self.peer_server is None:
+            return
+        for name in (image.name, table_name(image.name)):
+            if name in self.peer_server.exports:
+                self.peer_server.remove_export(name)
 
     def _save(self) -> None:
         self.store.save([i.record() for i in self.images.values()],
@@ -1009,6 +1034,10 @@ class Agent:
             fetch_errors=cache["fetch_errors"],
             precache=image.precache.progress() if image.precache
             else None)
+        table = getattr(image.cache.source, "digest_table", None)
+        if table is not None:
+            # The manifest's digests, fetched through peers like the image.
+            status["digest_table"] = table.stats()
         return status
 
     def vm_status(self, vm: Vm) -> dict:

@@ -96,6 +96,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple
 
+from vmthunder.peers.volume import OWNER_REGION
 from vmthunder.sizes import parse_size
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -257,6 +258,8 @@ class Plan:
     boot_anchor: int = ROOT
     boot_offset: float = 0.0
     chunk_bytes: list[int] = field(default_factory=list)  # per dense id
+    # per dense id: its owner region (peers/volume.py OWNER_REGION)
+    chunk_region: list[int] = field(default_factory=list)
 
 
 def compile_plan(trace: BootTrace, mode: str, chunk_size: int,
@@ -292,6 +295,8 @@ def compile_plan(trace: BootTrace, mode: str, chunk_size: int,
                     dense[c] = len(dense)
                     plan.chunk_bytes.append(
                         min(chunk_size, trace.image_size - c * chunk_size))
+                    plan.chunk_region.append(
+                        c * chunk_size // max(OWNER_REGION, chunk_size))
                 ids.append(dense[c])
             chunks.append(tuple(ids))
         else:
@@ -758,8 +763,10 @@ class _Sim:
             raise AssertionError(s)
 
     def owner(self, c: int) -> int:
-        """The host that fetches chunk c from the origin for everyone."""
-        return (((c + 1) * 2654435761) & 0xFFFFFFFF) % self.hosts
+        """The host that fetches chunk c from the origin for everyone (the
+        owner of its region, as the agents have it)."""
+        region = self.plan.chunk_region[c]
+        return (((region + 1) * 2654435761) & 0xFFFFFFFF) % self.hosts
 
     def pick(self, holders: list[int]) -> int:
         """Spread over holders: the less busy uplink of two at random."""

@@ -43,6 +43,8 @@ _VERIFY_IN_THREAD = 64 * 1024
 # source up to this many bytes: per-chunk work (a command, a thread hop, a
 # pwrite) dominated cold sequential reads of 256 KiB chunks.
 MAX_FETCH_BYTES = 2 * 1024 * 1024
+# What one of max_pending_writes stands for, at the least (see __init__).
+SLOT_UNIT = 256 * 1024
 # chunk_states() values.
 MISSING, HELD, FETCHING = 0, 1, 2
 
@@ -88,11 +90,15 @@ class CacheLayer(blockdev.BlockDevice):
 
     def __init__(self, source: blockdev.BlockDevice, cache_dir: str, *,
                  chunk_size: int = 256 * 1024, max_pending_writes: int = 32,
-                 verify=None, sync_interval: float = 0.0):
+                 verify=None, prepare_verify=None,
+                 sync_interval: float = 0.0):
         """Open (or create) the cache of ``source`` under ``cache_dir``.
 
         ``verify(index, data)`` raises BlockError when a fetched chunk is
-        wrong; None trusts the source. Fetched chunks are made durable
+        wrong; None trusts the source. ``prepare_verify(first, last)``,
+        when given, is awaited before chunks [first, last) are checked
+        (a lazily read manifest loads their digests; it runs while the
+        chunks are fetched). Fetched chunks are made durable
         (and marked) at most every ``sync_interval`` seconds: a sync makes
         the kernel write back at once, which costs the CPU that a boot
         storm needs, while a chunk left unmarked by a crash costs only a
@@ -103,6 +109,7 @@ class CacheLayer(blockdev.BlockDevice):
         self.source = source
         self.size = source.size
         self.verify = verify
+        self.prepare_verify = prepare_verify
         identity = source.identity()
         self.directory = os.path.join(cache_dir, cache_key(identity))
         os.makedirs(self.directory, exist_ok=True)
@@ -131,9 +138,13 @@ class CacheLayer(blockdev.BlockDevice):
         # Chunks written to the cache file but not yet durable (unmarked):
         # readable from the file, not yet to be trusted after a crash.
         self._unsynced: set[int] = set()
-        self._write_slots = asyncio.Semaphore(max_pending_writes)
+        # Slots count chunks; with chunks smaller than SLOT_UNIT, a slot of
+        # max_pending_writes is SLOT_UNIT worth of them (the memory bound
+        # stays in bytes, and small chunks still fetch in long runs).
+        slots = max_pending_writes * max(1, SLOT_UNIT // self.chunk_size)
+        self._write_slots = asyncio.Semaphore(slots)
         self._slot_lock = asyncio.Lock()
-        self._max_run = max(1, min(max_pending_writes,
+        self._max_run = max(1, min(slots,
                                    MAX_FETCH_BYTES // self.chunk_size))
         self._store_tasks: set[asyncio.Task] = set()
         self.sync_interval = sync_interval
@@ -377,16 +388,30 @@ class CacheLayer(blockdev.BlockDevice):
         try:
             LOG.debug("%s: fetching chunks %d-%d", self.describe(),
                       fetch.first, fetch.first + fetch.count - 1)
+            prepared = None
+            if self.verify is not None and self.prepare_verify is not None:
+                # Digests come while the data does.
+                prepared = asyncio.ensure_future(self.prepare_verify(
+                    fetch.first, fetch.first + fetch.count))
+                # Its error, if the read fails first, is not the news.
+                prepared.add_done_callback(
+                    lambda t: t.cancelled() or t.exception())
             try:
                 buf = bytearray(length)
                 await self.source.read_into(start, buf)
+                if prepared is not None:
+                    await prepared
                 if self.verify is not None:
                     await self._check(fetch, buf)
             except asyncio.CancelledError:
+                if prepared is not None:
+                    prepared.cancel()
                 self._forget(indices, fetch)
                 fetch.future.cancel()
                 raise
             except Exception as exc:
+                if prepared is not None and not prepared.done():
+                    prepared.cancel()
                 self.counters["fetch_errors"] += 1
                 self._forget(indices, fetch)
                 fetch.future.set_exception(exc)

@@ -12,6 +12,11 @@ does not own from the chunk's owner, which fetches it from the origin
 (once, however many hosts ask): each chunk leaves the origin about once
 (ImageVolume, PeerExport).
 
+Ownership goes by *regions* of consecutive chunks (OwnerTable
+``region_chunks``; ImageVolume makes a region ``owner_region`` bytes,
+256 KiB): with small chunks, a guest's 128 KiB read still goes to one
+owner in one piece, not to a different host every 4 KiB.
+
 ``serving_peer`` is set while a PeerExport reads through its cache for a
 peer: an ImageVolume fetching in that context never asks another owner
 (a peer's read costs at most one more hop, even when two hosts' member
@@ -49,10 +54,12 @@ def owner_of(keys: Iterable[str], image: str, index: int) -> str | None:
 
 class OwnerTable:
     """The owners of one image's chunks for the current member list,
-    computed once per chunk and forgotten when the list changes."""
+    computed once per region of ``region_chunks`` chunks and forgotten
+    when the list changes."""
 
-    def __init__(self, image: str):
+    def __init__(self, image: str, region_chunks: int = 1):
         self.image = image
+        self.region_chunks = max(1, region_chunks)
         self._keys: tuple[str, ...] = ()
         self._given: object = None      # the last ``keys`` object given
         self._owner: dict[int, str] = {}
@@ -69,7 +76,8 @@ class OwnerTable:
         keys = self._keys
         if not keys:
             return None
-        owner = self._owner.get(index)
+        region = index // self.region_chunks
+        owner = self._owner.get(region)
         if owner is None:
-            owner = self._owner[index] = owner_of(keys, self.image, index)
+            owner = self._owner[region] = owner_of(keys, self.image, region)
         return owner

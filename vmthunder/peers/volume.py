@@ -65,6 +65,10 @@ PEER_READ_MAX = 4 * 1024 * 1024
 _VERIFY_IN_THREAD = 64 * 1024
 # A chunk nobody holds or fetches, read from its owner (which fetches it).
 OWNER = 3
+# A peer is asked about this much of the image at a time.
+STATUS_WINDOW_BYTES = 256 * 1024 * 1024
+# Chunks are owned by regions of this many bytes (peers/owners.py).
+OWNER_REGION = 256 * 1024
 ERROR_KINDS = ("timeout", "mismatch", "io", "not_held")
 # What a failing peer may raise (a bad URI in the directory included).
 _PEER_ERRORS = (blockdev.BlockError, NbdError, OSError, ValueError)
@@ -175,9 +179,10 @@ class ImageVolume(blockdev.BlockDevice):
                  image: str, peers: PeerDirectory, *,
                  peer_timeout: float = 2.0, avoid_s: float = 30.0,
                  max_peer_connections: int = 2, mode: str = "mesh",
-                 status_ttl: float = 0.5, status_window: int = 1024,
+                 status_ttl: float = 0.5, status_window: int | None = None,
                  owner_timeout: float | None = None,
-                 max_status_peers: int = 3):
+                 max_status_peers: int = 3,
+                 owner_region: int = OWNER_REGION):
         if mode not in MODES:
             raise ValueError(f"image volume mode {mode!r}: expected one of "
                              f"{', '.join(MODES)}")
@@ -204,14 +209,18 @@ class ImageVolume(blockdev.BlockDevice):
         # per status_ttl); a chunk none of the few holds comes from its
         # owner (mesh), which has it or fetches it once for everyone.
         self.max_status_peers = max(1, max_status_peers)
-        # A status query asks for this many chunks (and fits NBD's 32-bit
+        # A status query asks for this many chunks (default: 256 MiB of
+        # the image, whatever the chunk size; and fits NBD's 32-bit
         # length).
+        if status_window is None:
+            status_window = STATUS_WINDOW_BYTES // self.chunk_size
         self.status_window = max(1, min(status_window,
                                         (1 << 30) // self.chunk_size))
         self.capabilities = blockdev.Capabilities(
             block_status=origin.capabilities.block_status)
         self._peers: dict[str, _Peer] = {}
-        self._owner_table = OwnerTable(image)
+        self._owner_table = OwnerTable(
+            image, max(1, owner_region // self.chunk_size))
         # chunk -> number of reads of it going to the origin or to a peer
         # that holds it (see fetch_is_rooted).
         self._rooted: dict[int, int] = {}
@@ -219,6 +228,9 @@ class ImageVolume(blockdev.BlockDevice):
         # its read failed), while a read of it is rooted, or (chunks this
         # host owns) from the start of any read of it: see landing().
         self._landing: dict[int, asyncio.Future] = {}
+        # The manifest's digest table when it is fetched through peers too
+        # (peers/digest_table.py); closed with this volume.
+        self.digest_table = None
         self._closed = False
         self.counters = {"reads": 0, "chunks_from_origin": 0,
                          "bytes_from_origin": 0, "chunks_from_peers": 0,
@@ -285,6 +297,8 @@ class ImageVolume(blockdev.BlockDevice):
             p.clients = []
         await asyncio.gather(*(c.close(timeout=1.0) for c in clients),
                              return_exceptions=True)
+        if self.digest_table is not None:
+            await self.digest_table.close()
         await self.origin.close()
 
     # -- reads -----------------------------------------------------------
@@ -616,6 +630,7 @@ class ImageVolume(blockdev.BlockDevice):
         nbytes = part.nbytes
         timeout = self.peer_timeout if timeout is None else timeout
         peer.load += nbytes
+        loading = self._load_digests(a, b)
         try:
             await asyncio.wait_for(self._peer_read(peer, a * cs, part),
                                    timeout)
@@ -631,6 +646,7 @@ class ImageVolume(blockdev.BlockDevice):
             return list(range(a, b))
         finally:
             peer.load -= nbytes
+        await loading
         bad = await self._verify(a, part)
         self._deliver(a, part, (i for i in range(a, b) if i not in bad))
         if bad:
@@ -685,8 +701,10 @@ class ImageVolume(blockdev.BlockDevice):
         cs = self.chunk_size
         self._root(a, b, 1)
         self._expect(range(a, b))
+        loading = self._load_digests(a, b)
         try:
             await self.origin.read_into(a * cs, part)
+            await loading
             bad = await self._verify(a, part)
             for i in bad:
                 self.counters["origin_mismatches"] += 1
@@ -708,10 +726,19 @@ class ImageVolume(blockdev.BlockDevice):
         self.counters["chunks_from_origin"] += b - a
         self.counters["bytes_from_origin"] += part.nbytes
 
+    def _load_digests(self, a: int, b: int) -> asyncio.Future:
+        """Load the manifest digests of chunks [a, b) while their data
+        comes (a lazily read manifest); await it before _verify. A failed
+        load is the read's error; if the read fails first, nobody asks."""
+        loading = asyncio.ensure_future(self.manifest.load(a, b))
+        loading.add_done_callback(lambda t: t.cancelled() or t.exception())
+        return loading
+
     async def _verify(self, first: int, view: memoryview) -> list[int]:
         """Chunks of ``view`` (chunk ``first`` at its start) that do not
-        match the manifest."""
+        match the manifest (whose digests for them are loaded)."""
         cs = self.chunk_size
+        await self.manifest.load(first, first + -(-view.nbytes // cs))
         verify = self.manifest.verify
 
         def check() -> list[int]:

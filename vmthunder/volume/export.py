@@ -6,8 +6,9 @@ The origin side of vmthunder. An export named NAME lives in
     volume.raw     the image as raw bytes, padded with zeros to a multiple
                    of 512 (tgtd drops a partial last sector; QEMU reads a
                    raw file of such a size as padded the same way)
-    manifest.json  its chunk manifest (vmthunder.volume.manifest) over
-                   volume.raw: size, chunk size, SHA-256 of every chunk
+    manifest.bin   its chunk manifest (vmthunder.volume.manifest) over
+                   volume.raw: size, chunk size, a digest of every chunk
+                   (exports made before version 2: manifest.json)
     manifest.lun   the same bytes NUL-padded to a multiple of 512
     chap.json      CHAP user and secret, mode 0600 (only with --chap)
     export.json    the record: name, IQN, portal, tid, size, chunk size,
@@ -55,7 +56,9 @@ SECTOR = 512
 LUN_VOLUME = 1
 LUN_MANIFEST = 2
 VOLUME = "volume.raw"
-MANIFEST = "manifest.json"
+MANIFEST = "manifest.bin"
+# What exports made before manifest version 2 call it.
+MANIFEST_V1 = "manifest.json"
 MANIFEST_LUN = "manifest.lun"
 CHAP = "chap.json"
 RECORD = "export.json"
@@ -470,12 +473,13 @@ def _restore(cfg: ExportConfig, tgt: tgt_mod.Tgt, out,
 
 
 def _manifest_of(cfg: ExportConfig, info: ImageInfo, name: str,
-                 chunk_size: int, algorithm: str) -> manifest_mod.Manifest:
-    """The manifest the image would get, without storing it."""
+                 chunk_size: int, like: dict) -> manifest_mod.Manifest:
+    """The manifest the image would get, without storing it; ``like``
+    gives the algorithm, digest size and version (_stored_format)."""
     if info.format == "raw" and os.path.isfile(info.path) and \
             os.path.getsize(info.path) % SECTOR == 0:
         return manifest_mod.build_manifest(info.path, name, chunk_size,
-                                           algorithm=algorithm)
+                                           **like)
     scratch = os.path.join(cfg.export_dir, f".compare-{name}")
     shutil.rmtree(scratch, ignore_errors=True)
     os.makedirs(scratch)
@@ -483,7 +487,7 @@ def _manifest_of(cfg: ExportConfig, info: ImageInfo, name: str,
         volume = os.path.join(scratch, VOLUME)
         _store_volume(info, volume)
         return manifest_mod.build_manifest(volume, name, chunk_size,
-                                           algorithm=algorithm)
+                                           **like)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 
@@ -542,15 +546,23 @@ def _other_content(record: Record, info: ImageInfo, why: str) -> ExportError:
         f"{info.path}")
 
 
-def _stored_algorithm(cfg: ExportConfig, name: str) -> str:
-    path = os.path.join(cfg.dir_of(name), MANIFEST)
+def _stored_format(cfg: ExportConfig, name: str) -> dict:
+    """build_manifest's algorithm, digest_size and version for export
+    ``name``: those of its stored manifest (an older export may use other
+    ones than new exports do)."""
+    directory = cfg.dir_of(name)
+    path = os.path.join(directory, MANIFEST)
+    if not os.path.exists(path):
+        path = os.path.join(directory, MANIFEST_V1)
     try:
         with open(path, "rb") as f:
-            return manifest_mod.Manifest.from_bytes(f.read(), path).algorithm
+            m = manifest_mod.Manifest.from_bytes(f.read(), path)
+        return {"algorithm": m.algorithm, "digest_size": m.digest_size,
+                "version": m.version}
     except (OSError, manifest_mod.ManifestError) as exc:
-        LOG.warning("export %s: cannot read %s (%s); comparing with %s",
-                    name, path, exc, manifest_mod.ALGORITHM)
-        return manifest_mod.ALGORITHM
+        LOG.warning("export %s: cannot read %s (%s); comparing with a new "
+                    "manifest", name, path, exc)
+        return {}
 
 
 def _reexport(cfg, tgt, record: Record, info: ImageInfo, chunk_size, chap,
@@ -564,7 +576,7 @@ def _reexport(cfg, tgt, record: Record, info: ImageInfo, chunk_size, chap,
     # Digest with the export's own algorithm (an older export may use
     # another than new ones do).
     manifest = _manifest_of(cfg, info, name, record.chunk_size,
-                            _stored_algorithm(cfg, name))
+                            _stored_format(cfg, name))
     if manifest.identity() != record.manifest_identity:
         raise _other_content(record, info, "the chunk digests differ")
     LOG.info("export %s: same content (checked in %.1f s)", name,

@@ -18,7 +18,8 @@ no thread does I/O and nothing blocks the loop.
   BlockDevice` on top: widens unaligned reads to the LUN's block size,
   splits large ones, and can check the LUN against the image's chunk
   manifest, read from a second LUN of the same target (the origin's
-  convention: image as LUN 1, manifest JSON NUL-padded as LUN 2).
+  convention: image as LUN 1, manifest as LUN 2; its digest table is
+  read lazily, only for the chunks fetched).
 
 Errors are :class:`~vmthunder.blockdev.BlockError`: ``ECONNREFUSED``/
 ``EHOSTUNREACH``/``ETIMEDOUT`` when no portal answers (the message names
@@ -1127,6 +1128,9 @@ class IscsiSource(blockdev.BlockDevice):
 
 async def _read_manifest(session: IscsiSession, target: str,
                          lun: int) -> manifest_mod.Manifest:
+    """The manifest on ``lun``: its header and page digests now and,
+    for a version 2 manifest, the digest table lazily (only the pieces of
+    the chunks this host fetches); a version 1 manifest is read whole."""
     where = f"manifest LUN {lun} of iSCSI target {target}"
     try:
         block_size, blocks = await session.read_capacity(lun)
@@ -1138,16 +1142,38 @@ async def _read_manifest(session: IscsiSession, target: str,
         raise BlockError(errno.EINVAL, f"{where} is {size} bytes; a "
                          f"manifest is at most {MAX_MANIFEST_BYTES}")
     session.set_block_size(lun, block_size)
-    buf = bytearray(size)
-    view = memoryview(buf)
-    step = max(DEFAULT_MAX_TRANSFER - DEFAULT_MAX_TRANSFER % block_size,
-               block_size)
-    await asyncio.gather(*(
-        session.read_into(lun, pos // block_size,
-                          view[pos:pos + min(step, size - pos)],
-                          f"{where} at offset {pos}")
-        for pos in range(0, size, step)))
+
+    async def read_lun(offset: int, length: int) -> bytes:
+        """Bytes [offset, offset+length) of the LUN, widened to whole
+        blocks and split into commands of at most DEFAULT_MAX_TRANSFER."""
+        stop = min(offset + length, size)
+        start = offset - offset % block_size
+        end = -(-stop // block_size) * block_size
+        buf = bytearray(end - start)
+        view = memoryview(buf)
+        step = max(DEFAULT_MAX_TRANSFER - DEFAULT_MAX_TRANSFER % block_size,
+                   block_size)
+        await asyncio.gather(*(
+            session.read_into(lun, (start + pos) // block_size,
+                              view[pos:pos + min(step, len(buf) - pos)],
+                              f"{where} at offset {start + pos}")
+            for pos in range(0, len(buf), step)))
+        return bytes(view[offset - start:stop - start])
+
     try:
-        return manifest_mod.Manifest.from_bytes(bytes(buf), where=where)
+        head = manifest_mod.parse_header(
+            await read_lun(0, min(size, manifest_mod.HEADER_BYTES)), where)
+        if head is None:
+            return manifest_mod.Manifest.from_bytes(await read_lun(0, size),
+                                                    where=where)
+        table_offset = head["table_offset"]
+        if table_offset + head["table_bytes"] > size:
+            raise manifest_mod.ManifestError(
+                f"{where} is {size} bytes, too short for its digest table "
+                f"({head['table_bytes']} bytes at {table_offset})")
+        pages = await read_lun(head["pages_offset"], head["pages_bytes"])
+        return manifest_mod.Manifest.lazy(
+            head, pages, lambda off, n: read_lun(table_offset + off, n),
+            where=where)
     except manifest_mod.ManifestError as exc:
         raise BlockError(errno.EINVAL, str(exc)) from None
