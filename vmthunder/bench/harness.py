@@ -346,6 +346,13 @@ def run_strategy(args, topo, origin: OriginHost, name: str, workdir: str,
         # Failed VMs have no boot time (never counted as fast).
         "boot_s": {vm: r["t_s"] if r["event"] == "booted" else None
                    for vm, r in sorted(results.items())},
+        # Replayed VMs: the mean over VMs of the time spent in reads and
+        # of their read latency percentiles (where a slow boot waited).
+        "read_wait_s": _mean([r["read_wait_s"] for r in results.values()
+                              if "read_wait_s" in r]),
+        "read_ms": {q: _mean([r["read_ms"][q] for r in results.values()
+                              if q in r.get("read_ms", {})])
+                    for q in ("p50", "p90", "p99", "max")},
         "origin_series": series, "hosts": host_stats,
         "attach_s": attach_s,
         "host_errors": host_errors,
@@ -354,6 +361,10 @@ def run_strategy(args, topo, origin: OriginHost, name: str, workdir: str,
 
 def _r(value):
     return None if value is None else round(value, 3)
+
+
+def _mean(values: list):
+    return _r(sum(values) / len(values)) if values else None
 
 
 # -- once per run -------------------------------------------------------------
@@ -722,7 +733,10 @@ def main(argv=None) -> int:
                 args, topo, origin, name, workdir, workload)
             r = report["strategies"][name]
             log(f"{name}: all booted {r['all_booted_s']} s, origin "
-                f"{mb(r['origin_bytes'])} MB, {len(r['failed'])} failed")
+                f"{mb(r['origin_bytes'])} MB, {len(r['failed'])} failed"
+                + (f"; per VM {r['read_wait_s']} s in reads, read ms "
+                   + " ".join(f"{q} {v}" for q, v in r["read_ms"].items())
+                   if r.get("read_wait_s") is not None else ""))
     except KeyboardInterrupt:
         log("interrupted: cleaning up")
         return 130

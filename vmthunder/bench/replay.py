@@ -68,13 +68,16 @@ async def replay(trace: trace_mod.Trace, device, *, speed: float = 1.0,
     deps = trace.dependencies()
     stats = {"bytes_read": 0, "bytes_written": 0, "requests": 0,
              "errors": 0}
+    read_latency: list[float] = []
     failure: list[str] = []
     tasks = set()
 
     async def run_one(i: int, r: trace_mod.Request) -> None:
         try:
             if r.op == "R":
+                t0 = loop.time()
                 data = await device.read(r.offset, r.length)
+                read_latency.append(loop.time() - t0)
                 if len(data) != r.length:
                     raise OSError(f"read at {r.offset} returned {len(data)} "
                                   f"of {r.length} bytes")
@@ -121,6 +124,9 @@ async def replay(trace: trace_mod.Trace, device, *, speed: float = 1.0,
     result = {"image": trace.header.get("image"), "speed": speed,
               "skip_writes": skip_writes, **stats,
               "recorded_boot_s": trace.boot_s, "failed": bool(failure),
+              # Where a slow boot waited: its reads' latencies.
+              "read_wait_s": round(sum(read_latency), 6),
+              "read_ms": _percentiles_ms(read_latency),
               "error": failure[0] if failure else None,
               "boot_s": None, "io_end_s": round(end - start, 6)}
     if failure:
@@ -151,6 +157,18 @@ async def replay_nbd(trace: trace_mod.Trace, uri: str, **kwargs) -> dict:
         return await replay(trace, client, **kwargs)
     finally:
         await client.close()
+
+
+def _percentiles_ms(samples: list[float]) -> dict:
+    ordered = sorted(samples)
+    if not ordered:
+        return {}
+
+    def at(q: float) -> float:
+        return round(ordered[min(len(ordered) - 1,
+                                 int(q * len(ordered)))] * 1e3, 3)
+    return {"p50": at(0.5), "p90": at(0.9), "p99": at(0.99),
+            "max": round(ordered[-1] * 1e3, 3)}
 
 
 def main(argv=None) -> int:

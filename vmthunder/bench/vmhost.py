@@ -62,7 +62,8 @@ async def replay_vm(name: str, uri: str, trace, timeout: float) -> None:
 
 def _io(result: dict) -> dict:
     return {k: result[k] for k in ("bytes_read", "bytes_written",
-                                   "requests", "errors")}
+                                   "requests", "errors", "read_wait_s",
+                                   "read_ms") if k in result}
 
 
 async def qemu_vm(name: str, uri: str, guest, conf,
