@@ -314,7 +314,7 @@ class PrivateOrigin:
             export_dir=directory, portal=f"127.0.0.1:{free_port()}",
             control_port=random.randrange(20000, 32768),
             iqn_prefix=conf.export.iqn_prefix,
-            chunk_size=chunk_size or conf.cache.chunk_size)
+            chunk_size=chunk_size or conf.export.chunk_size)
         self._export = export
 
     def export(self, image: str) -> str:

@@ -16,10 +16,13 @@ from oslo_config import cfg
 KiB = 1024
 MiB = 1024 * KiB
 
-# The cache's chunk size, also the default chunk size of an export's
-# manifest: a cache whose chunks match the manifest's verifies each fetched
-# chunk against one digest.
+# The cache's chunk size over a source without a manifest (a raw file, a
+# LUN without one); over an export the cache takes its manifest's.
 DEFAULT_CHUNK_SIZE = 256 * KiB
+# Exports' manifests: small chunks, so that a boot fetches little more
+# than the scattered 4 KiB blocks its guest reads (the digest table is
+# read lazily and shared through peers): measured in docs/benchmarks.md.
+DEFAULT_EXPORT_CHUNK_SIZE = 8 * KiB
 
 cache_opts = [
     cfg.StrOpt(
@@ -33,10 +36,12 @@ cache_opts = [
         default=DEFAULT_CHUNK_SIZE,
         min=4 * KiB,
         max=64 * MiB,
-        help="Bytes fetched from the image source per cache miss; a power "
-             "of two. Smaller fetches less that the guest never reads, "
-             "larger needs fewer round trips to the origin. Chosen by the "
-             "boot measurement in docs/benchmarks.md."),
+        help="Bytes fetched from the image source per cache miss, for a "
+             "source without a manifest (a raw file, a LUN without one; "
+             "over an export the cache takes its manifest's chunk size, "
+             "[export] chunk_size); a power of two. Smaller fetches less "
+             "that the guest never reads, larger needs fewer round trips "
+             "and less per-chunk work (see docs/benchmarks.md)."),
     cfg.IntOpt(
         "max_pending_writes",
         default=32,
@@ -180,7 +185,7 @@ export_opts = [
              "reaches the portal (loopback only by default)."),
     cfg.IntOpt(
         "chunk_size",
-        default=DEFAULT_CHUNK_SIZE,
+        default=DEFAULT_EXPORT_CHUNK_SIZE,
         min=4 * KiB,
         max=64 * MiB,
         help="Chunk size of the manifest written beside each export (one "

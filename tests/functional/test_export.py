@@ -153,7 +153,7 @@ def test_export_raw(origin, tmp_path):
     assert record["iqn"] == f"{PREFIX}:raw1"
     assert record["portal"] == origin.portal
     assert record["size"] == 5 * 2**20 + 1024
-    assert record["chunk_size"] == 256 * 1024
+    assert record["chunk_size"] == 8 * 1024          # [export] default
     assert record["source"] == image and record["chap_user"] is None
     volume = os.path.join(directory, "volume.raw")
     assert os.path.getsize(volume) == record["size"]
@@ -162,7 +162,7 @@ def test_export_raw(origin, tmp_path):
     stored = open(os.path.join(directory, "manifest.bin"), "rb").read()
     manifest = manifest_mod.Manifest.from_bytes(stored)
     assert manifest == manifest_mod.build_manifest(volume, "raw1",
-                                                   256 * 1024)
+                                                   8 * 1024)
     assert manifest.size == record["size"]
     assert manifest.identity() == record["manifest_identity"]
     lun2 = read_lun(origin.url("raw1", 2), tmp_path / "lun2")
@@ -291,7 +291,7 @@ def test_exports_lists_attached_initiator(origin, tmp_path):
         table = origin.vmt("exports", check_rc=0).stdout
         line = next(ln for ln in table.splitlines()
                     if ln.startswith("shown "))
-        for text in ("1 MiB", "256 KiB", origin.portal, f"{PREFIX}:shown",
+        for text in ("1 MiB", "8 KiB", origin.portal, f"{PREFIX}:shown",
                      initiator, "exported"):
             assert text in line, (text, table)
         assert table.splitlines()[0].split() == [

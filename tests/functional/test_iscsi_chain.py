@@ -33,6 +33,7 @@ import pytest
 from tests.functional.conftest import READY_RE, REPO, Served, make_image, need
 from tests.functional.iscsi_fixtures import (  # noqa: F401
     free_port, need_tgtd, tgtd)
+from vmthunder import opts as opts_mod
 from vmthunder.volume import tgt as tgt_mod
 from vmthunder.volume.manifest import build_manifest
 
@@ -189,16 +190,17 @@ def test_exported_image_reads_back_identical_each_chunk_once(tmp_path):
                 assert "Images are identical" in r.stdout
                 stats = final_stats(served)
             cache = stats["cache"]
+            chunk = opts_mod.DEFAULT_EXPORT_CHUNK_SIZE   # the export's
             assert stats["image_size"] == size
-            assert cache["chunk_size"] == CHUNK
+            assert cache["chunk_size"] == chunk
             # Every chunk once, nothing more, nothing wrong.
             assert cache["bytes_fetched"] == size, cache
-            assert cache["chunks_fetched"] == -(-size // CHUNK), cache
+            assert cache["chunks_fetched"] == -(-size // chunk), cache
             assert stats["source"]["bytes_read"] == size, stats["source"]
             assert cache["verify_errors"] == 0, cache
             assert cache["fetch_errors"] == 0, cache
-            assert check_marked_chunks(served.cache_dir, image, CHUNK) \
-                == -(-size // CHUNK)
+            assert check_marked_chunks(served.cache_dir, image, chunk) \
+                == -(-size // chunk)
     finally:
         with contextlib.suppress(Exception):
             tgt_mod.Tgt(control, f"127.0.0.1:{port}", str(export_dir)).stop()

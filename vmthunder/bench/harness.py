@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 
+from vmthunder import opts as opts_mod
 from vmthunder import sizes
 from vmthunder.bench import strategies as strat_mod
 from vmthunder.bench import topology as topo_mod
@@ -605,8 +606,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "parent is host (i-1)//degree; host0 reads the "
                         "origin)")
     p.add_argument("--chunk-size", type=sizes.parse_size,
-                   default=256 * 1024,
-                   help="vmthunder cache chunk size (suffixes K, M)")
+                   default=opts_mod.DEFAULT_EXPORT_CHUNK_SIZE,
+                   help="chunk size of the image's export, so of every "
+                        "vmthunder cache (suffixes K, M)")
     p.add_argument("--config-file", metavar="PATH",
                    help="vmthunder options (oslo.config file) for every "
                         "`vmthunder serve` and agent of the run, e.g. "
