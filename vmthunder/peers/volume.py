@@ -408,18 +408,18 @@ class ImageVolume(blockdev.BlockDevice):
         from peers fetching them), else the origin; ``tried`` peers are
         not asked again."""
         now = time.monotonic()
+        owners = None
+        if first_try and self.mode == "mesh" and not serving_peer.get():
+            owners = self._owners()
         peers = [p for p in map(self._peer, self._peer_uris())
                  if p not in tried and not p.avoided(now)]
         if len(peers) > self.max_status_peers:
             peers = random.sample(peers, self.max_status_peers)
         states = {}
-        if peers:
+        if peers and not self._owned_elsewhere(first, last, owners, now):
             answers = await asyncio.gather(
                 *(self._status(p, first, last) for p in peers))
             states = {p: s for p, s in zip(peers, answers) if s is not None}
-        owners = None
-        if first_try and self.mode == "mesh" and not serving_peer.get():
-            owners = self._owners()
         pieces = self._plan(first, last, states, first_try, owners, now)
         results = await asyncio.gather(
             *(self._run_piece(peer, kind, a, b,
@@ -428,6 +428,27 @@ class ImageVolume(blockdev.BlockDevice):
         for result in results:
             if isinstance(result, BaseException):
                 raise result
+
+    def _owned_elsewhere(self, first: int, last: int, owners,
+                         now: float) -> bool:
+        """True when every chunk of [first, last) is owned by another
+        live peer. Such a read goes to the owners (they hold the chunks or
+        fetch them once for everyone, and spread the load by themselves:
+        each owns its share), so asking peers what they hold first would
+        only add a round trip to it (measured: ~1.3 ms of the ~8 ms of a
+        cold 8 KiB fetch in a boot storm). A failing owner still costs a
+        retry through the holders."""
+        if owners is None or owners[0] is None:
+            return False
+        me, keyed = owners
+        table = self._owner_table
+        step = table.region_chunks
+        for region in range(first // step, (last - 1) // step + 1):
+            key = table.owner(keyed, max(first, region * step))
+            uri = keyed.get(key)
+            if key == me or uri is None or self._peer(uri).avoided(now):
+                return False
+        return True
 
     def _plan(self, first: int, last: int, states: dict,
               first_try: bool, owners=None, now: float = 0.0) -> list:
@@ -575,6 +596,13 @@ class ImageVolume(blockdev.BlockDevice):
             peer.status_pending[window] = pending
             pending.add_done_callback(
                 lambda f: peer.status_pending.pop(window, None))
+        if cached is not None:
+            # An expired answer is still safe to plan with (chunks never
+            # leave a cache; one reported missing is read from its owner,
+            # a claim that went stale costs a retry): use it now, and the
+            # fresh one, on its way, serves the next reads. Only a peer
+            # never asked about the window makes a read wait for it.
+            return cached[1]
         return await asyncio.shield(pending)
 
     async def _query_status(self, peer: _Peer, window: int):

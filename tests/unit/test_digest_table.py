@@ -1,0 +1,158 @@
+"""A lazily read manifest's digest table fetched through peers
+(vmthunder/peers/digest_table.py): real NBD servers on loopback, real
+caches; the origin is the image file and the manifest's table bytes."""
+
+import asyncio
+import random
+
+import pytest
+
+from tests.unit.test_peer_volume import CS, SIZE, FakePeer, Origin, drain
+from vmthunder.cache.cache_layer import CacheLayer
+from vmthunder.nbd.address import Address
+from vmthunder.nbd.server import NbdServer
+from vmthunder.peers.digest_table import PeerDigestTable, table_name
+from vmthunder.peers.export import PeerExport
+from vmthunder.peers.volume import ImageVolume
+from vmthunder.volume import manifest as mf
+
+
+@pytest.fixture
+def image(tmp_path):
+    data = random.Random(11).randbytes(SIZE)
+    path = tmp_path / "image.raw"
+    path.write_bytes(data)
+    raw = mf.build_manifest(str(path), "img", CS).to_bytes()
+    head = mf.parse_header(raw[:mf.HEADER_BYTES])
+    return str(path), data, raw, head
+
+
+class TableOrigin:
+    """The manifest LUN's table, counting reads; ``gone`` fails them."""
+
+    def __init__(self, raw, head):
+        self.table = raw[head["table_offset"]:]
+        self.bytes = 0
+        self.gone = False
+
+    async def fetch(self, offset, length):
+        if self.gone:
+            raise OSError("the origin is gone")
+        self.bytes += length
+        return self.table[offset:offset + length]
+
+
+class NamedPeers:
+    """A PeerDirectory naming each export of fixed peer addresses."""
+
+    def __init__(self, addresses=()):
+        self.addresses = list(addresses)
+
+    def peers_for(self, name):
+        return [a.nbd_uri(name) for a in self.addresses]
+
+
+class Host:
+    """origin (+ manifest LUN) -> ImageVolume (+ PeerDigestTable) ->
+    CacheLayer, both exported to peers."""
+
+    @classmethod
+    async def start(cls, tmp_path, name, image, peers):
+        path, _, raw, head = image
+        self = cls()
+        self.table_origin = TableOrigin(raw, head)
+        pages = raw[head["pages_offset"]:head["pages_offset"]
+                    + head["pages_bytes"]]
+        self.manifest = mf.Manifest.lazy(head, pages,
+                                         self.table_origin.fetch)
+        self.origin = Origin(path)
+        directory = NamedPeers(peers)
+        self.volume = ImageVolume(self.origin, self.manifest, "img",
+                                  directory, peer_timeout=0.5)
+        self.table = PeerDigestTable(self.manifest, "img", directory,
+                                     str(tmp_path / name / "tables"),
+                                     peer_timeout=0.5)
+        self.volume.digest_table = self.table
+        self.cache = CacheLayer(self.volume, str(tmp_path / name),
+                                chunk_size=CS, verify=None)
+        self.server = NbdServer()
+        self.server.add_export("img", PeerExport(self.cache),
+                               read_only=True)
+        self.server.add_export(table_name("img"),
+                               self.table.peer_export("held"),
+                               read_only=True)
+        self.address = await self.server.listen(
+            Address("tcp", host="127.0.0.1"))
+        return self
+
+    async def read_all(self):
+        data = await self.cache.read(0, SIZE)
+        await drain(self.cache)
+        await drain(self.table.cache)
+        return data
+
+    async def stop(self):
+        await self.server.close()
+        await self.cache.close()
+
+
+def test_origin_gone_digests_and_data_come_from_a_peer(tmp_path, image):
+    data = image[1]
+
+    async def main():
+        a = await Host.start(tmp_path, "a", image, [])
+        b = None
+        try:
+            assert await a.read_all() == data
+            table_bytes = len(a.table_origin.table)
+            assert a.table_origin.bytes == table_bytes
+            assert a.table.stats()["pages_held"] == a.table.cache.chunks
+            b = await Host.start(tmp_path, "b", image, [a.address])
+            b.table_origin.gone = True
+            b.origin.gate = asyncio.Event()       # the origin never answers
+            assert await b.read_all() == data
+            assert b.origin.bytes == 0 and b.table_origin.bytes == 0
+            st = b.table.stats()
+            assert st["bytes_from_peers"] == table_bytes
+            assert st["pages_held"] == b.table.cache.chunks
+            assert b.volume.stats()["bytes_from_peers"] == SIZE
+        finally:
+            for host in (a, b):
+                if host is not None:
+                    await host.stop()
+    asyncio.run(main())
+
+
+def test_forged_digests_from_a_peer_are_caught(tmp_path, image):
+    """A peer forging a chunk *and* its digest (a table consistent with
+    its data) is caught by the page digests: the chunk comes from the
+    origin, right."""
+    path, data, raw, head = image
+    forged = bytearray(data)
+    forged[5 * CS + 7] ^= 0xFF
+    table = bytearray(raw[head["table_offset"]:])
+    ds = head["digest_size"]
+    table[5 * ds:6 * ds] = mf.HASHES[head["algorithm"]](
+        bytes(forged[5 * CS:6 * CS])).digest()[:ds]
+
+    async def main():
+        liar_data = FakePeer(bytes(forged), "honest-looking")
+        liar_table = FakePeer(bytes(table), "honest-looking")
+        # One address serving both, as an agent would.
+        both = NbdServer()
+        both.add_export("img", liar_data, read_only=True)
+        both.add_export(table_name("img"), liar_table, read_only=True)
+        address = await both.listen(Address("tcp", host="127.0.0.1"))
+        b = await Host.start(tmp_path, "b", image, [address])
+        try:
+            got = await b.read_all()
+            assert got == data
+            tst = b.table.volume.stats()
+            assert tst["peer_errors"]["mismatch"] >= 1
+            assert b.table_origin.bytes > 0        # the right page, there
+            vst = b.volume.stats()
+            assert vst["chunks_from_origin"] >= 1  # chunk 5, at least
+        finally:
+            await b.stop()
+            await both.close()
+    asyncio.run(main())
