@@ -13,6 +13,8 @@ origin is gone, and the table a host loaded survives its restarts.
 
 from __future__ import annotations
 
+import asyncio
+
 from vmthunder.cache.cache_layer import CacheLayer
 from vmthunder.peers.export import PeerExport
 from vmthunder.peers.owners import serving_peer
@@ -49,6 +51,8 @@ class PeerDigestTable:
         self.cache = CacheLayer(self.volume, cache_dir,
                                 chunk_size=manifest_mod.PAGE_SIZE)
         self._export: PeerExport | None = None
+        self._manifest = manifest
+        self._keeping: set[asyncio.Task] = set()
         manifest.read_table_through(self.read)
 
     async def read(self, offset: int, length: int) -> bytes:
@@ -61,6 +65,23 @@ class PeerDigestTable:
             return await self.cache.read(offset, length)
         finally:
             serving_peer.reset(token)
+
+    def keep(self, first: int, last: int) -> None:
+        """Have this cache hold the table's pages of image chunks [first,
+        last), fetched in the background: the host loaded those digests
+        straight from the origin (with the chunks' data), and peers may
+        ask it for them, also once the origin is gone."""
+        ds, page = self._manifest.digest_size, manifest_mod.PAGE_SIZE
+        lo = first * ds // page
+        hi = min(-(-last * ds // page), self.cache.chunks)
+        if lo >= hi or self.cache.map.all_present(lo, hi):
+            return
+        size = min(hi * page, self.cache.size) - lo * page
+        task = asyncio.ensure_future(self.read(lo * page, size))
+        self._keeping.add(task)
+        # Best effort: a failure leaves the pages to a later read.
+        task.add_done_callback(lambda t: self._keeping.discard(t)
+                               or t.cancelled() or t.exception())
 
     def peer_export(self, mode: str) -> PeerExport:
         """The table as peers read it (same modes as the image's)."""
@@ -77,4 +98,7 @@ class PeerDigestTable:
                    if k.startswith(("bytes_", "chunks_"))}}
 
     async def close(self) -> None:
+        for task in list(self._keeping):
+            task.cancel()
+        await asyncio.gather(*self._keeping, return_exceptions=True)
         await self.cache.close()

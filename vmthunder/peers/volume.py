@@ -729,7 +729,7 @@ class ImageVolume(blockdev.BlockDevice):
         cs = self.chunk_size
         self._root(a, b, 1)
         self._expect(range(a, b))
-        loading = self._load_digests(a, b)
+        loading = self._load_digests(a, b, from_origin=True)
         try:
             await self.origin.read_into(a * cs, part)
             await loading
@@ -754,11 +754,19 @@ class ImageVolume(blockdev.BlockDevice):
         self.counters["chunks_from_origin"] += b - a
         self.counters["bytes_from_origin"] += part.nbytes
 
-    def _load_digests(self, a: int, b: int) -> asyncio.Future:
+    def _load_digests(self, a: int, b: int, from_origin: bool = False
+                      ) -> asyncio.Future:
         """Load the manifest digests of chunks [a, b) while their data
         comes (a lazily read manifest); await it before _verify. A failed
-        load is the read's error; if the read fails first, nobody asks."""
-        loading = asyncio.ensure_future(self.manifest.load(a, b))
+        load is the read's error; if the read fails first, nobody asks.
+        ``from_origin``: the data comes from the origin, and so do they
+        (no round trips through the table's own peers on the path of a
+        boot's first fetches; owners read the origin, and a piece of the
+        table covers one owner region)."""
+        loading = asyncio.ensure_future(
+            self.manifest.load(a, b, from_origin=from_origin))
+        if from_origin and self.digest_table is not None:
+            self.digest_table.keep(a, b)
         loading.add_done_callback(lambda t: t.cancelled() or t.exception())
         return loading
 

@@ -160,6 +160,9 @@ class Manifest:
             raise ManifestError(f"{where} is damaged: its page digests do "
                                 "not match pages_digest")
         self._fetch_table = fetch_table
+        # Where the table comes from (the origin's manifest LUN), even once
+        # it is read through a table cache (read_table_through).
+        self._fetch_origin = fetch_table
         # load unit -> future of its fetch, while one runs
         self._pending: dict[int, asyncio.Future] = {}
         self.table_bytes_loaded = 0 if self._have is not None \
@@ -251,10 +254,14 @@ class Manifest:
         return self._have is None or all(
             self._have[u] for u in self._units(index, index + 1))
 
-    async def load(self, first: int, last: int) -> None:
+    async def load(self, first: int, last: int, *,
+                   from_origin: bool = False) -> None:
         """Have the digests of chunks [first, last) at hand: fetch the
         missing pieces of the table (each piece once, however many ask;
-        consecutive ones in one read). Raises BlockError when they cannot
+        consecutive ones in one read), straight from the origin with
+        ``from_origin`` (for a host reading those chunks from the origin
+        anyway: one round trip, beside the data's), else through the
+        table cache when there is one. Raises BlockError when they cannot
         be read."""
         if self._have is None or first >= last:
             return
@@ -270,7 +277,8 @@ class Manifest:
             if run_start is None:
                 run_start = u
             if pos + 1 == len(start) or start[pos + 1] != u + 1:
-                self._start_fetch(run_start, u + 1)
+                self._start_fetch(run_start, u + 1, self._fetch_origin
+                                  if from_origin else self._fetch_table)
                 run_start = None
         waits = [self._pending[u] for u in units if u in self._pending]
         for result in await asyncio.gather(*map(asyncio.shield, waits),
@@ -278,20 +286,20 @@ class Manifest:
             if isinstance(result, BaseException):
                 raise result
 
-    def _start_fetch(self, a: int, b: int) -> None:
+    def _start_fetch(self, a: int, b: int, fetch) -> None:
         future = asyncio.get_running_loop().create_future()
         for u in range(a, b):
             self._pending[u] = future
-        task = asyncio.ensure_future(self._fetch_units(a, b, future))
+        task = asyncio.ensure_future(self._fetch_units(a, b, future, fetch))
         # The outcome travels through ``future``; nothing to log here.
         task.add_done_callback(lambda t: t.cancelled() or t.exception())
 
-    async def _fetch_units(self, a: int, b: int,
-                           future: asyncio.Future) -> None:
+    async def _fetch_units(self, a: int, b: int, future: asyncio.Future,
+                           fetch) -> None:
         start = a * LOAD_UNIT
         stop = min(b * LOAD_UNIT, len(self._table))
         try:
-            data = await self._fetch_table(start, stop - start)
+            data = await fetch(start, stop - start)
             if len(data) != stop - start:
                 raise blockdev.BlockError(
                     errno.EIO, f"{self.where}: asked for {stop - start} "
