@@ -114,6 +114,25 @@ class OriginHost:
         return (f"redis://{self.host.address}:{REDIS_PORT}"
                 "?timeout=2&membership_timeout=3")
 
+    def coordination_sent(self) -> int | None:
+        """Bytes Redis has sent so far (its INFO counter; None without
+        Redis): the part of the origin's bytes that is the agents'
+        membership, not the image."""
+        if self.redis is None or self.redis.poll() is not None:
+            return None
+        try:
+            proc = self.host.run(
+                ["redis-cli", "-h", self.host.address, "-p",
+                 str(REDIS_PORT), "info", "stats"], capture_output=True,
+                text=True, timeout=10)
+        except (OSError, subprocess.SubprocessError) as exc:
+            log(f"cannot read Redis's counters: {exc}")
+            return None
+        for line in proc.stdout.splitlines():
+            if line.startswith("total_net_output_bytes:"):
+                return int(line.split(":", 1)[1])
+        return None
+
     def stop(self) -> None:
         for proc in (self.store, self.redis):
             if proc is not None and proc.poll() is None:
@@ -262,6 +281,7 @@ def run_strategy(args, topo, origin: OriginHost, name: str, workdir: str,
 
     progress = Progress(name, sum(len(v) for v in vms.values()))
     before = topo.link_bytes()
+    coord_before = origin.coordination_sent()
     precache_bytes = before["origin"]["tx_bytes"] - pre_bytes
     sampler = OriginSampler(topo)
     sampler.start()
@@ -320,6 +340,7 @@ def run_strategy(args, topo, origin: OriginHost, name: str, workdir: str,
             if proc.poll() is None:
                 proc.kill()
         after = topo.link_bytes()
+        coord_after = origin.coordination_sent()
         host_stats = {}
         for host in hosts:
             with contextlib.suppress(Exception):
@@ -341,6 +362,11 @@ def run_strategy(args, topo, origin: OriginHost, name: str, workdir: str,
         "max_boot_s": _r(max(booted) if booted else None),
         "all_booted_s": _r(max(booted)) if booted and not failed else None,
         "origin_bytes": origin_bytes, "host_sent_bytes": peer_bytes,
+        # Of origin_bytes: what Redis (on the origin host) sent the agents
+        # for membership, payload only; None when no agent used it.
+        "coordination_bytes": (coord_after - coord_before
+                               if None not in (coord_before, coord_after)
+                               and name in NEEDS_REDIS else None),
         "peak_origin_Bps": round(max((b for _, b in series), default=0)),
         "precache_s": precache_s,
         "precache_origin_bytes": precache_bytes,
@@ -735,7 +761,10 @@ def main(argv=None) -> int:
                 args, topo, origin, name, workdir, workload)
             r = report["strategies"][name]
             log(f"{name}: all booted {r['all_booted_s']} s, origin "
-                f"{mb(r['origin_bytes'])} MB, {len(r['failed'])} failed"
+                f"{mb(r['origin_bytes'])} MB"
+                + (f" (of which membership {mb(r['coordination_bytes'])} "
+                   "MB)" if r.get("coordination_bytes") is not None else "")
+                + f", {len(r['failed'])} failed"
                 + (f"; per VM {r['read_wait_s']} s in reads, read ms "
                    + " ".join(f"{q} {v}" for q, v in r["read_ms"].items())
                    if r.get("read_wait_s") is not None else ""))
