@@ -678,14 +678,21 @@ class Agent:
         if image.peer_export is None or \
                 getattr(image.peer_export, "cache", None) is not image.cache:
             from vmthunder.peers.export import PeerExport
-            tree = self.config.peer_mode == "tree"
+            mode = self._peer_export_mode
             # Mesh: the chunks this host owns are fetched for the peers
             # asking (the owner computation of the image's ImageVolume).
             image.peer_export = PeerExport(
-                image.cache, mode="through" if tree else "held",
-                owns=None if tree
+                image.cache, mode=mode,
+                owns=None if mode == "through"
                 else getattr(image.cache.source, "owns", None))
         return image.peer_export
+
+    @property
+    def _peer_export_mode(self) -> str:
+        """How peers read what this host exports: held chunks only
+        (mesh), or reading through (tree: children read everything from
+        their parent)."""
+        return "through" if self.config.peer_mode == "tree" else "held"
 
     def _export_to_peers(self, image: Image) -> None:
         self.peer_server.add_export(
@@ -693,9 +700,9 @@ class Agent:
             description=f"cache of image {image.name}")
         table = getattr(image.cache.source, "digest_table", None)
         if table is not None:
-            mode = "through" if self.config.peer_mode == "tree" else "held"
             self.peer_server.add_export(
-                table.name, table.peer_export(mode), read_only=True,
+                table.name, table.peer_export(self._peer_export_mode),
+                read_only=True,
                 description=f"manifest digests of image {image.name}")
 
     def _unexport_from_peers(self, image: Image) -> None:
