@@ -17,6 +17,7 @@ from oslo_config import cfg
 from vmthunder import blockdev
 from vmthunder import opts
 from vmthunder.nbd.address import listen_address_arg, parse_address
+from vmthunder.nbd.server import NbdLimits
 from vmthunder.sizes import parse_size
 
 CONF = cfg.ConfigOpts()
@@ -248,8 +249,7 @@ def _cmd_serve(args) -> int:
         max_pending_writes=CONF.cache.max_pending_writes,
         sync_interval=(args.sync_interval if args.sync_interval is not None
                        else CONF.cache.sync_interval),
-        max_request=CONF.nbd.max_request_bytes,
-        max_inflight=CONF.nbd.max_inflight_bytes,
+        nbd_limits=NbdLimits.from_conf(CONF.nbd),
         read_only=args.read_only,
         stats_file=args.stats_file,
         iscsi=CONF.iscsi,

@@ -90,8 +90,34 @@ nbd_opts = [
         default=64 * MiB,
         min=1 * MiB,
         help="Bytes of requests in progress over all NBD clients of one "
-             "process; past it the server stops reading new requests "
-             "until replies drain, so memory does not grow with clients."),
+             "process (write payloads and replies included, until they "
+             "have left); past it the server stops reading new requests "
+             "until replies drain, so memory does not grow with clients. "
+             "The server holds at most this plus max_connections x "
+             "128 KiB of request data."),
+    cfg.IntOpt(
+        "max_inflight_per_client_bytes",
+        default=16 * MiB,
+        min=64 * KiB,
+        help="Share of max_inflight_bytes one connection may hold; a "
+             "client that does not read its replies stops at it and "
+             "delays only itself (a connection with nothing in flight "
+             "may still start one request of any allowed size)."),
+    cfg.IntOpt(
+        "max_connections",
+        default=256,
+        min=1,
+        help="NBD connections one process accepts at once (VMs and "
+             "peers); more are closed at once with a warning in the "
+             "log."),
+    cfg.FloatOpt(
+        "write_payload_timeout",
+        default=30.0,
+        min=0.1,
+        help="Seconds a client has to send a write's payload once the "
+             "server has reserved budget for it; a client slower than "
+             "that is disconnected, so that stalled writes do not hold "
+             "memory others need."),
     cfg.StrOpt(
         "trace_file",
         help="Record a block trace of every NBD request (issue and "

@@ -20,7 +20,7 @@ import time
 from vmthunder.cache.cache_layer import CacheLayer
 from vmthunder.cache.snapshot import SnapshotLayer
 from vmthunder.nbd.address import Address
-from vmthunder.nbd.server import NbdServer
+from vmthunder.nbd.server import NbdLimits, NbdServer
 from vmthunder.volume.file_source import FileSource
 
 LOG = logging.getLogger(__name__)
@@ -40,8 +40,7 @@ class ServeConfig:
     chunk_size: int
     block_size: int
     max_pending_writes: int
-    max_request: int
-    max_inflight: int
+    nbd_limits: NbdLimits
     read_only: bool = False
     stats_file: str | None = None
     sync_interval: float = 2.0
@@ -143,8 +142,7 @@ class ServeJob:
         except BaseException:
             await source.close()
             raise
-        self.server = NbdServer(max_request=cfg.max_request,
-                                max_inflight=cfg.max_inflight)
+        self.server = NbdServer(cfg.nbd_limits)
         self.server.add_export(cfg.export, self.cache, read_only=True,
                                description=f"cache of {cfg.image}")
         snap_dir = os.path.join(self.cache.directory, "snapshots")

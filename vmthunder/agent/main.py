@@ -14,6 +14,7 @@ from oslo_config import cfg
 from vmthunder import opts
 from vmthunder.agent import state as state_mod
 from vmthunder.nbd.address import listen_address_arg, parse_address
+from vmthunder.nbd.server import NbdLimits
 
 LOG = logging.getLogger("vmthunder.agent")
 
@@ -103,8 +104,7 @@ def make_config(args, conf):
         block_size=conf.snapshot.block_size,
         max_pending_writes=conf.cache.max_pending_writes,
         sync_interval=conf.cache.sync_interval,
-        max_request=conf.nbd.max_request_bytes,
-        max_inflight=conf.nbd.max_inflight_bytes,
+        nbd_limits=NbdLimits.from_conf(conf.nbd),
         iscsi=conf.iscsi,
         exports=export.ExportConfig.from_conf(conf.export, None),
         peer_mode=args.peer_mode or a.peer_mode,

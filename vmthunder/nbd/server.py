@@ -2,9 +2,25 @@
 
 All protocol decisions are in server_protocol.py; this module moves bytes
 between sockets and the protocol object, runs each request against the
-export's block device, and keeps memory bounded (a server-wide budget of
-bytes in flight; a client that does not read its replies stops being
-read).
+export's block device, and keeps memory bounded and shared fairly.
+
+Memory budget (the rules the hostile-input tests hold us to):
+
+- Every request is charged before it starts: reads their length, write
+  payloads their length *before* the payload is read off the socket,
+  CACHE one slice at a time, BLOCK_STATUS a fixed cost; the charge stays
+  until the reply's bytes have left the socket (file ranges sent with
+  sendfile cost nothing).
+- Two caps: the server's (``max_inflight``) and each connection's
+  (``max_inflight_per_client``). A connection over its own cap waits for
+  its own replies to leave, so a client that does not read its replies
+  only stops itself.
+- A connection with nothing charged may always start one request of at
+  most ``RESERVE_BYTES``, even past the server cap: however many clients
+  hold the shared budget, another client's small read is answered.
+- So the server holds at most max_inflight + max_connections x
+  RESERVE_BYTES of request and reply data, plus one socket read
+  (256 KiB) per connection.
 """
 
 from __future__ import annotations
@@ -32,9 +48,16 @@ _WIRE_ERRORS = {errno.EPERM: c.EPERM, errno.EIO: c.EIO,
                 errno.ENOSPC: c.ENOSPC, errno.EOVERFLOW: c.EOVERFLOW,
                 errno.ENOTSUP: c.ENOTSUP, errno.ESHUTDOWN: c.ESHUTDOWN}
 _MAX_EXTENTS = 4096
-# Replies carrying at least this many bytes keep their request's budget
-# until they are sent.
-_CHARGE_UNTIL_SENT = 64 * 1024
+# A connection with nothing charged may start one request this large past
+# the server's cap (see the module doc).
+RESERVE_BYTES = 128 * 1024
+# NBD_CMD_CACHE is served this much at a time, each slice charged.
+CACHE_SLICE = 1024 * 1024
+# What one BLOCK_STATUS is charged (its extents, before they are merged),
+# and the most it describes at once (the spec lets a reply cover less
+# than asked; clients ask again from where it ended).
+BLOCK_STATUS_COST = 64 * 1024
+BLOCK_STATUS_MAX = 64 * 1024 * 1024
 # Reads at least this large are sent with sendfile(2) when the data is in
 # a local file's page cache: no copy through Python. Smaller ones cost
 # more in the residency check than the copy they save.
@@ -60,11 +83,36 @@ class Export:
             contexts=tuple(self.device.capabilities.contexts))
 
 
+@dataclasses.dataclass(frozen=True)
+class NbdLimits:
+    """What one server lets its clients use (the [nbd] options)."""
+
+    max_request: int = 32 * 1024 * 1024
+    max_inflight: int = 64 * 1024 * 1024
+    max_inflight_per_client: int = 16 * 1024 * 1024
+    max_connections: int = 256
+    # A write payload that is charged but has not all arrived this many
+    # seconds later drops its connection: it holds budget others need.
+    payload_timeout: float = 30.0
+
+    @classmethod
+    def from_conf(cls, nbd_conf) -> NbdLimits:
+        return cls(max_request=nbd_conf.max_request_bytes,
+                   max_inflight=nbd_conf.max_inflight_bytes,
+                   max_inflight_per_client=min(
+                       nbd_conf.max_inflight_per_client_bytes,
+                       nbd_conf.max_inflight_bytes),
+                   max_connections=nbd_conf.max_connections,
+                   payload_timeout=nbd_conf.write_payload_timeout)
+
+
 class NbdServer:
-    def __init__(self, *, max_request: int = 32 * 1024 * 1024,
-                 max_inflight: int = 64 * 1024 * 1024):
-        self.max_request = max_request
-        self.max_inflight = max_inflight
+    def __init__(self, limits: NbdLimits = NbdLimits()):
+        self.limits = limits
+        self.max_request = limits.max_request
+        self.max_inflight = limits.max_inflight
+        self.max_inflight_per_client = limits.max_inflight_per_client
+        self.max_connections = limits.max_connections
         self.exports: dict[str, Export] = {}
         self._infos: dict[str, sp.ExportInfo] = {}
         self.default_export: str | None = None
@@ -129,25 +177,32 @@ class NbdServer:
                     pass
         self._servers.clear()
 
-    # Budget of bytes in flight (requests being served and replies not
-    # yet sent), shared by all connections. A request that does not fit
-    # waits, unstarted, in its connection's queue, and that connection
-    # stops reading; requests start again, oldest connection first, as
-    # replies leave.
+    # The budget (module doc). Connections whose next request does not
+    # fit wait, unstarted, oldest first, and stop being read; requests
+    # start again as replies leave.
 
-    def _admit(self, cost: int) -> bool:
-        if self.inflight_bytes and \
-                self.inflight_bytes + cost > self.max_inflight:
-            return False
+    def _admit(self, conn: NbdConnection, cost: int) -> str | None:
+        """Charge ``cost`` to ``conn`` if the caps allow; None if they
+        did, else which cap stopped it ("own" or "shared")."""
+        if conn.charged:
+            if conn.charged + cost > self.max_inflight_per_client:
+                return "own"
+            if self.inflight_bytes + cost > self.max_inflight:
+                return "shared"
+        elif self.inflight_bytes + cost > self.max_inflight \
+                and cost > RESERVE_BYTES and self.inflight_bytes:
+            return "shared"
+        conn.charged += cost
         self.inflight_bytes += cost
-        return True
+        return None
 
     def _defer(self, conn: NbdConnection) -> None:
         if conn not in self._throttled:
             self._throttled[conn] = None
             conn.throttle(True)
 
-    def _release(self, nbytes: int) -> None:
+    def _release(self, conn: NbdConnection, nbytes: int) -> None:
+        conn.charged -= nbytes
         self.inflight_bytes -= nbytes
         if self._throttled and not self._admitting:
             self._admitting = True
@@ -157,9 +212,16 @@ class NbdServer:
                 self._admitting = False
 
     def _admit_waiting(self) -> None:
+        # Oldest first. A connection stopped by its own cap does not hold
+        # up the others; one stopped by the shared cap does (so large
+        # requests are not starved by small ones), except for requests
+        # that fit the reserve of connections with nothing charged.
+        shared_full = False
         for conn in list(self._throttled):
-            if not conn.start_deferred():
-                return              # budget full: the rest wait too
+            if not conn.start_deferred(reserve_only=shared_full):
+                if conn.blocked_by == "shared":
+                    shared_full = True
+                continue
             del self._throttled[conn]
             conn.throttle(False)
 
@@ -169,7 +231,7 @@ class NbdConnection(asyncio.Protocol):
         self.server = server
         self.proto = sp.NbdServerProtocol(
             server._infos, max_request=server.max_request,
-            default_export=server.default_export)
+            default_export=server.default_export, gate_payloads=True)
         self.transport: asyncio.Transport | None = None
         self.export: Export | None = None
         self.peer = "?"
@@ -182,6 +244,14 @@ class NbdConnection(asyncio.Protocol):
         self._deferred: collections.deque = collections.deque()
         # Sends the replies once transmission starts (writer.py).
         self._writer: ReplyWriter | None = None
+        # Bytes of the budget this connection holds (module doc), and
+        # which cap stopped its oldest waiting request ("own"/"shared").
+        self.charged = 0
+        self.blocked_by: str | None = None
+        # A write payload charged before it is read: its length, and the
+        # timer that drops a client that never sends it.
+        self._payload_charged = 0
+        self._payload_timer: asyncio.TimerHandle | None = None
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -190,12 +260,32 @@ class NbdConnection(asyncio.Protocol):
         peer = transport.get_extra_info("peername")
         self.peer = (f"{peer[0]}:{peer[1]}"
                      if isinstance(peer, tuple) else "unix socket")
+        if len(self.server._connections) >= self.server.max_connections:
+            LOG.warning("refusing client %s: %d connections already "
+                        "(max_connections)", self.peer,
+                        len(self.server._connections))
+            transport.abort()
+            return
         transport.set_write_buffer_limits(high=8 * 1024 * 1024)
         self.server._connections.add(self)
         transport.write(self.proto.greeting())
 
     def data_received(self, data: bytes) -> None:
-        out, events = self.proto.receive(data)
+        while True:
+            self._handle(*self.proto.receive(data))
+            want = self.proto.awaiting_payload
+            if not want or self._waiting_payload():
+                return
+            # A write's payload is charged before it is read off the
+            # socket (the protocol leaves it unread until accepted).
+            if self._deferred or not self._admit(want):
+                self._deferred.append((None, want))
+                self.server._defer(self)
+                return
+            self._payload_arrives(want)
+            data = b""              # parse what it had buffered
+
+    def _handle(self, out: bytes, events: list) -> None:
         if out:
             self._send(out)
         for event in events:
@@ -221,10 +311,12 @@ class NbdConnection(asyncio.Protocol):
         self.server._connections.discard(self)
         self.server._throttled.pop(self, None)
         self._deferred.clear()
+        if self._payload_charged:
+            self._payload_done()
         for task in self._tasks:
-            task.cancel()
+            task.cancel()           # each gives its charge back
         if self._writer is not None:
-            self._writer.close()
+            self._writer.close()    # gives back what it still queued
         LOG.debug("client %s disconnected", self.peer)
 
     def pause_writing(self):
@@ -262,25 +354,82 @@ class NbdConnection(asyncio.Protocol):
 
     # -- requests -----------------------------------------------------------
 
+    def _cost(self, req: sp.Request) -> int:
+        cmd = req.command
+        if cmd in (c.CMD_READ, c.CMD_WRITE):
+            return req.length
+        if cmd in (c.CMD_CACHE, c.CMD_WRITE_ZEROES):
+            return min(req.length, CACHE_SLICE)
+        if cmd == c.CMD_BLOCK_STATUS:
+            return BLOCK_STATUS_COST
+        return 0
+
+    def _admit(self, cost: int) -> bool:
+        """Charge ``cost`` if the caps allow (False: it must wait)."""
+        self.blocked_by = self.server._admit(self, cost)
+        return self.blocked_by is None
+
     def _start(self, req: sp.Request) -> None:
-        cost = req.length if req.command in (c.CMD_READ, c.CMD_WRITE) else 0
-        if self._deferred or not self.server._admit(cost):
+        if req.command == c.CMD_WRITE and self._payload_charged:
+            # Its payload was charged before it was read.
+            cost = self._payload_charged
+            self._payload_done(release=False)
+            self._run(req, cost)
+            return
+        cost = self._cost(req)
+        if self._deferred or not self._admit(cost):
             self._deferred.append((req, cost))
             self.server._defer(self)
             return
         self._run(req, cost)
 
-    def start_deferred(self) -> bool:
-        """Start waiting requests that fit the budget; True if none wait."""
+    def start_deferred(self, reserve_only: bool = False) -> bool:
+        """Start waiting requests that fit the budget; True if none wait.
+        ``reserve_only``: an older connection waits for the shared budget;
+        only a request that fits this connection's reserve may start."""
         while self._deferred:
             req, cost = self._deferred[0]
-            if not self.server._admit(cost):
+            if reserve_only and (self.charged or cost > RESERVE_BYTES):
+                self.blocked_by = "shared"
+                return False
+            if not self._admit(cost):
                 return False
             self._deferred.popleft()
-            self._run(req, cost)
+            if req is None:
+                self._payload_arrives(cost)
+                # Its bytes already read are parsed from the loop, not
+                # from inside the budget's bookkeeping.
+                asyncio.get_running_loop().call_soon(self._parse_buffered)
+            else:
+                self._run(req, cost)
         if self._closing and not self._tasks:
             self._close_after_replies()
         return True
+
+    def _waiting_payload(self) -> bool:
+        return bool(self._deferred) and self._deferred[-1][0] is None
+
+    def _parse_buffered(self) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.data_received(b"")
+
+    def _payload_arrives(self, length: int) -> None:
+        # Charged: read the payload, if it comes in time.
+        self.proto.accept_payload()
+        self._payload_charged = length
+        timeout = self.server.limits.payload_timeout
+        self._payload_timer = asyncio.get_running_loop().call_later(
+            timeout, self.abort,
+            f"the payload of a {length}-byte write did not arrive within "
+            f"{timeout:g} s (write_payload_timeout)")
+
+    def _payload_done(self, release: bool = True) -> None:
+        if self._payload_timer is not None:
+            self._payload_timer.cancel()
+            self._payload_timer = None
+        if release:
+            self.server._release(self, self._payload_charged)
+        self._payload_charged = 0
 
     def _run(self, req: sp.Request, cost: int) -> None:
         task = aio.start_eager(self._serve(req, cost))
@@ -313,7 +462,7 @@ class NbdConnection(asyncio.Protocol):
             reply = self.proto.reply_error(
                 req.handle, _WIRE_ERRORS.get(exc.errno, c.EIO), str(exc))
         except asyncio.CancelledError:
-            self.server._release(cost)
+            self.server._release(self, cost)
             raise
         except Exception as exc:
             LOG.exception("client %s: request %d at offset %d failed",
@@ -323,18 +472,11 @@ class NbdConnection(asyncio.Protocol):
         if recorder is not None:
             recorder.record(req.command, req.offset, req.length, issued)
         if self.transport is None or self.transport.is_closing():
-            self.server._release(cost)
+            self.server._release(self, cost)
             return
-        parts = reply if isinstance(reply, tuple) else (reply,)
-        if cost < _CHARGE_UNTIL_SENT or isinstance(parts[-1], FileRange):
-            # Small replies, and file ranges (no memory of ours), free the
-            # budget now; the writer's own pressure bounds them.
-            self.server._release(cost)
-            self._send(*parts)
-        else:
-            # Large replies stay charged until they have left: queued
-            # replies are memory too.
-            self._send(*parts, sent=lambda: self.server._release(cost))
+        # The reply's bytes take the place of the request's charge.
+        self._send(*(reply if isinstance(reply, tuple) else (reply,)))
+        self.server._release(self, cost)
 
     def _start_writer(self) -> None:
         sock = self.transport.get_extra_info("socket")
@@ -349,18 +491,22 @@ class NbdConnection(asyncio.Protocol):
             asyncio.get_running_loop(), own,
             on_error=self.abort,
             on_pressure=lambda on: self.throttle(on, "writes"),
+            on_sent=lambda n: self.server._release(self, n),
             may_send=lambda: not self.transport.get_write_buffer_size())
 
-    def _send(self, *parts, sent=None) -> None:
+    def _send(self, *parts) -> None:
         """Queue reply parts: bytes, or FileRanges when a writer runs."""
         if self._writer is not None:
-            self._writer.write(*parts, sent=sent)
+            # Queued bytes are charged until they have left (the writer's
+            # on_sent gives them back); file ranges cost no memory of ours.
+            held = sum(len(p) for p in parts if not isinstance(p, FileRange))
+            self.charged += held
+            self.server.inflight_bytes += held
+            self._writer.write(*parts)
         else:
-            # The transport's own flow control (pause_writing) bounds
-            # what it buffers.
+            # Handshake, or no socket of our own: the transport's flow
+            # control (pause_writing) bounds what it buffers.
             self.transport.writelines(parts)
-            if sent is not None:
-                sent()
 
     async def _execute(self, req: sp.Request):
         device = self.export.device
@@ -398,8 +544,13 @@ class NbdConnection(asyncio.Protocol):
                                           "fast zero is not supported")
             await device.write_zeroes(req.offset, req.length, fua=fua)
         elif cmd == c.CMD_CACHE:
-            # Advisory prefetch: pull the range into the cache below.
-            await device.read(req.offset, req.length)
+            # Advisory prefetch: pull the range into the cache below, a
+            # slice at a time (the request is charged one slice).
+            pos, end = req.offset, req.offset + req.length
+            while pos < end:
+                n = min(CACHE_SLICE, end - pos)
+                await device.read(pos, n)
+                pos += n
         elif cmd == c.CMD_BLOCK_STATUS:
             return await self._block_status(device, req)
         return self.proto.reply_ok(req.handle)
@@ -407,8 +558,11 @@ class NbdConnection(asyncio.Protocol):
     async def _block_status(self, device, req: sp.Request) -> bytes:
         by_id = {}
         one = bool(req.flags & c.CMD_FLAG_REQ_ONE)
+        # Describe at most BLOCK_STATUS_MAX (bounded work and memory);
+        # clients ask again from where the reply ends.
+        length = min(req.length, BLOCK_STATUS_MAX)
         for ctx_id, name in self.proto.contexts.items():
-            extents = await device.block_status(req.offset, req.length, name)
+            extents = await device.block_status(req.offset, length, name)
             merged: list[list[int]] = []
             for ext in extents:
                 if merged and merged[-1][1] == ext.flags:

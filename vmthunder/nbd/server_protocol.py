@@ -72,7 +72,7 @@ class Request(typing.NamedTuple):
     handle: int
     offset: int
     length: int
-    data: bytes | None = None     # payload of NBD_CMD_WRITE
+    data: bytearray | None = None     # payload of NBD_CMD_WRITE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,7 +94,8 @@ class NbdServerProtocol:
     """One client connection, from greeting to disconnect."""
 
     def __init__(self, exports, *, max_request: int = 32 * 1024 * 1024,
-                 default_export: str | None = None):
+                 default_export: str | None = None,
+                 gate_payloads: bool = False):
         # exports: a mapping name -> ExportInfo, looked up at option time so
         # that exports added later are visible to new negotiations.
         self._exports = exports
@@ -111,14 +112,38 @@ class NbdServerProtocol:
         self.contexts: dict[int, str] = {}
         # Bytes of an oversized write payload still to be thrown away.
         self._discard = 0
-        # A pending write request whose payload has not fully arrived.
+        # A pending write request whose payload has not fully arrived,
+        # and that payload, filled as it comes (one buffer of exactly its
+        # size: no growing, no second copy).
         self._pending_write: tuple | None = None
+        self._payload: bytearray | None = None
+        self._payload_got = 0
+        # With gate_payloads, a write's payload stays unread (and
+        # unallocated) until accept_payload(): the transport charges it
+        # to its memory budget first.
+        self._gate_payloads = gate_payloads
+        self._payload_accepted = False
 
     # -- greeting ---------------------------------------------------------
 
     def greeting(self) -> bytes:
         return struct.pack(">QQH", c.NBDMAGIC, c.IHAVEOPT,
                            c.FLAG_FIXED_NEWSTYLE | c.FLAG_NO_ZEROES)
+
+    @property
+    def awaiting_payload(self) -> int:
+        """Length of the write whose header has been read and whose
+        payload waits for :meth:`accept_payload` (0: none; only with
+        gate_payloads)."""
+        if self._pending_write is None or self._payload_accepted:
+            return 0
+        return self._pending_write[3]
+
+    def accept_payload(self) -> None:
+        """Read the pending write's payload from now on (call
+        :meth:`receive`, with b"" if nothing new came, to parse what is
+        buffered)."""
+        self._payload_accepted = True
 
     @property
     def closed(self) -> bool:
@@ -393,11 +418,23 @@ class NbdServerProtocol:
             return self._discard == 0 and self._available() > 0
         if self._pending_write is not None:
             flags, handle, offset, length = self._pending_write
-            if self._available() < length:
+            if not self._payload_accepted:
                 return False
+            if self._payload is None:
+                self._payload = bytearray(length)
+            n = min(self._available(), length - self._payload_got)
+            if n:
+                with memoryview(self._buf) as view:
+                    self._payload[self._payload_got:self._payload_got + n] \
+                        = view[self._pos:self._pos + n]
+                self._pos += n
+                self._payload_got += n
+            if self._payload_got < length:
+                return False
+            data, self._payload = self._payload, None
             self._pending_write = None
             events.append(Request(c.CMD_WRITE, flags, handle, offset, length,
-                                  self._take(length)))
+                                  data))
             return True
         if self._available() < _REQUEST.size:
             return False
@@ -420,6 +457,8 @@ class NbdServerProtocol:
                 self._discard = length
                 return True
             self._pending_write = (flags, handle, offset, length)
+            self._payload_got = 0
+            self._payload_accepted = not self._gate_payloads
             return True
         if err is not None:
             out += self.reply_error(handle, *err)

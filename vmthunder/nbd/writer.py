@@ -30,7 +30,7 @@ class FileRange:
 
 class ReplyWriter:
     def __init__(self, loop, sock: socket.socket, *, on_error,
-                 on_pressure, may_send=None,
+                 on_pressure, may_send=None, on_sent=None,
                  high_water: int = 8 * 1024 * 1024):
         """``sock`` is this writer's own (dup'd) socket.
 
@@ -38,7 +38,9 @@ class ReplyWriter:
         ``on_pressure(bool)`` when queued bytes cross ``high_water`` (True)
         and fall back under a quarter of it (False). ``may_send()`` returns
         False while someone else (the transport, still sending the
-        handshake) has bytes to go first.
+        handshake) has bytes to go first. ``on_sent(n)`` is told, once per
+        send pass, how many queued bytes of memory (not file ranges) have
+        left or been dropped: the owner's memory budget gives them back.
         """
         self._may_send = may_send
         self._loop = loop
@@ -47,6 +49,9 @@ class ReplyWriter:
         sock.setblocking(False)
         self._queue: collections.deque = collections.deque()
         self._queued = 0
+        # Of _queued, the bytes held in memory (bytes parts, not ranges).
+        self._queued_mem = 0
+        self._on_sent = on_sent
         self._high = high_water
         self._pressure = False
         self._waiting = False
@@ -73,7 +78,11 @@ class ReplyWriter:
                 sent()
             return
         for part in parts:
-            n = part.length if isinstance(part, FileRange) else len(part)
+            if isinstance(part, FileRange):
+                n = part.length
+            else:
+                n = len(part)
+                self._queued_mem += n
             if n:
                 self._queue.append(part)
                 self._queued += n
@@ -129,6 +138,7 @@ class ReplyWriter:
                         iov.append(part)
                 n = self._sock.sendmsg(iov)
                 self._queued -= n
+                self._mem_sent(n)
                 while queue:
                     part = queue[0]
                     if callable(part):
@@ -158,6 +168,12 @@ class ReplyWriter:
                 callback, self.on_drained = self.on_drained, None
                 callback()
         self._check_pressure()
+
+    def _mem_sent(self, n: int) -> None:
+        if n:
+            self._queued_mem -= n
+            if self._on_sent is not None:
+                self._on_sent(n)
 
     def _writable(self) -> None:
         self._flush()
@@ -190,6 +206,7 @@ class ReplyWriter:
         pending = [part for part in self._queue if callable(part)]
         self._queue.clear()
         self._queued = 0
+        self._mem_sent(self._queued_mem)
         self._sock.close()
         for sent in pending:
             sent()
