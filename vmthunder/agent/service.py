@@ -35,7 +35,7 @@ from vmthunder.cache import snapshot as snapshot_mod
 from vmthunder.cache.cache_layer import HELD, CacheInUse, CacheLayer
 from vmthunder.cache.snapshot import SnapshotLayer
 from vmthunder.nbd.address import Address, parse_address
-from vmthunder.nbd.server import NbdServer
+from vmthunder.nbd.server import NbdLimits, NbdServer
 from vmthunder.peers.digest_table import image_of, table_name
 
 LOG = logging.getLogger(__name__)
@@ -64,8 +64,7 @@ class AgentConfig:
     block_size: int = 4096
     max_pending_writes: int = 32
     sync_interval: float = 2.0
-    max_request: int = 32 * 1024 * 1024
-    max_inflight: int = 64 * 1024 * 1024
+    nbd_limits: NbdLimits = NbdLimits()
     # [iscsi] options and the [export] settings resolving export:NAME.
     iscsi: object = None
     exports: object = None
@@ -427,8 +426,7 @@ class Agent:
         self.store = state_mod.StateStore(config.state_dir)
         self.images: dict[str, Image] = {}
         self.vms: dict[str, Vm] = {}
-        self.hypervisor_server = NbdServer(max_request=config.max_request,
-                                           max_inflight=config.max_inflight)
+        self.hypervisor_server = NbdServer(config.nbd_limits)
         self.hypervisor_address: Address = config.hypervisor_listen
         self.peer_server: NbdServer | None = None
         self.peer_address: Address | None = None
@@ -659,8 +657,7 @@ class Agent:
         [agent] peer_listen is set (export name = image name)."""
         if self.config.peer_listen is None:
             return
-        self.peer_server = NbdServer(max_request=self.config.max_request,
-                                     max_inflight=self.config.max_inflight)
+        self.peer_server = NbdServer(self.config.nbd_limits)
         for image in self.images.values():
             if image.cache is not None:
                 self._export_to_peers(image)
