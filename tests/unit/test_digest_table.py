@@ -3,6 +3,7 @@
 caches; the origin is the image file and the manifest's table bytes."""
 
 import asyncio
+import errno
 import random
 
 import pytest
@@ -160,4 +161,61 @@ def test_forged_digests_from_a_peer_are_caught(tmp_path, image):
         finally:
             await b.stop()
             await both.close()
+    asyncio.run(main())
+
+
+def test_forged_chunk_and_digest_on_the_origin_are_refused(tmp_path, image):
+    """The origin's chunk *and* its entry in the manifest's table both
+    replaced (header and page digests untouched): the table's page does
+    not match its page digest, so a read of the chunk fails with EIO,
+    the cache marks neither the chunk nor the table's page, and once the
+    origin is repaired the read returns the right bytes."""
+    path, data, raw, head = image
+    bad = 70
+    ds = head["digest_size"]
+    chunk = bytearray(data[bad * CS:(bad + 1) * CS])
+    chunk[123] ^= 0xFF
+    table = bytearray(raw[head["table_offset"]:])
+    table[bad * ds:(bad + 1) * ds] = mf.HASHES[head["algorithm"]](
+        bytes(chunk)).digest()[:ds]
+    page = bad * ds // mf.PAGE_SIZE
+
+    def write_chunk(content):
+        with open(path, "r+b") as f:
+            f.seek(bad * CS)
+            f.write(content)
+
+    async def settle(host):
+        # Stored, synced and marked (or not), the kept pages too.
+        await asyncio.gather(*host.table._keeping, return_exceptions=True)
+        for cache in (host.cache, host.table.cache):
+            await drain(cache)
+            if cache._syncer is not None:
+                await asyncio.gather(cache._syncer, return_exceptions=True)
+
+    async def main():
+        a = await Host.start(tmp_path, "a", image, [])
+        try:
+            write_chunk(chunk)
+            a.table_origin.table = bytes(table)
+            for _ in range(2):          # refused again: nothing remembered
+                with pytest.raises(mf.blockdev.BlockError) as info:
+                    got = await a.cache.read((bad - 1) * CS, 3 * CS)
+                    assert got[CS:2 * CS] != bytes(chunk), "forged served"
+                assert info.value.errno == errno.EIO
+                assert "'img'" in str(info.value)
+                await settle(a)
+                assert not a.cache.map.present(bad)
+                assert not a.table.cache.map.present(page)
+                assert not a.manifest.loaded(bad)
+            # Repaired.
+            write_chunk(data[bad * CS:(bad + 1) * CS])
+            a.table_origin.table = raw[head["table_offset"]:]
+            got = await a.cache.read((bad - 1) * CS, 3 * CS)
+            assert got == data[(bad - 1) * CS:(bad + 2) * CS]
+            await settle(a)
+            assert a.cache.map.present(bad)
+            assert a.table.cache.map.present(page)
+        finally:
+            await a.stop()
     asyncio.run(main())

@@ -1,6 +1,7 @@
 """The chunk manifest: digests, verification, both formats, lazy loading."""
 
 import asyncio
+import errno
 import random
 
 import pytest
@@ -92,11 +93,14 @@ def test_version_1_json_is_still_read(tmp_path):
     assert again.identity() == f"manifest:{h.hexdigest()}"
 
 
-def lazy_of(m, calls, fail=None):
-    """A lazy copy of manifest ``m`` whose table reads are recorded."""
+def lazy_of(m, calls, fail=None, table=None):
+    """A lazy copy of manifest ``m`` whose table reads are recorded;
+    ``table`` (a bytearray, changed at will) is what they return instead
+    of the true table (a damaged origin)."""
     raw = m.to_bytes()
     head = mf.parse_header(raw[:mf.HEADER_BYTES])
-    table = raw[head["table_offset"]:]
+    if table is None:
+        table = raw[head["table_offset"]:]
     pages = raw[head["pages_offset"]:head["pages_offset"]
                 + head["pages_bytes"]]
 
@@ -105,12 +109,12 @@ def lazy_of(m, calls, fail=None):
         await asyncio.sleep(0.01)
         if fail is not None and fail(offset):
             raise mf.blockdev.BlockError(5, "LUN gone")
-        return table[offset:offset + length]
+        return bytes(table[offset:offset + length])
     return mf.Manifest.lazy(head, pages, fetch, where="test LUN")
 
 
 def test_lazy_manifest_loads_only_what_is_asked_once(tmp_path):
-    chunks = 200                     # 3200 bytes of table: 7 load units
+    chunks = 1300                    # 20800 bytes of table: 6 pages
     data = random.Random(3).randbytes(chunks * CS)
     full = mf.build_manifest(make(tmp_path, data), "img", CS)
     calls = []
@@ -120,26 +124,29 @@ def test_lazy_manifest_loads_only_what_is_asked_once(tmp_path):
     # Unloaded: refused, never trusted.
     with pytest.raises(mf.ChunkMismatch, match="not loaded"):
         m.verify(0, data[:CS])
+    page = mf.PAGE_SIZE
 
     async def main():
-        # Concurrent loads of overlapping ranges: each unit read once,
-        # consecutive missing units in one read.
-        await asyncio.gather(m.load(0, 40), m.load(10, 70), m.load(0, 5))
-        assert calls == [(0, 1024), (1024, 512)]
+        # Concurrent loads of overlapping ranges: whole pages (each
+        # checked against its page digest), each read once, consecutive
+        # missing pages in one read.
+        await asyncio.gather(m.load(0, 300), m.load(200, 520),
+                             m.load(0, 5))
+        assert calls == [(0, 2 * page), (2 * page, page)]
         before = len(calls)
-        await m.load(3, 60)
+        await m.load(3, 700)
         assert len(calls) == before
-        await m.load(190, 400)                   # clipped to the table
-        assert calls[-1] == (2560, 640)
+        await m.load(1290, 4000)                 # clipped to the table
+        assert calls[-1] == (5 * page, chunks * mf.DIGEST_SIZE - 5 * page)
     asyncio.run(main())
-    for i in list(range(0, 64)) + list(range(190, 200)):
+    for i in list(range(0, 768)) + list(range(1280, 1300)):
         m.verify(i, data[i * CS:(i + 1) * CS])
-    assert not m.loaded(100)
+    assert not m.loaded(800)
     assert m.table_bytes_loaded == sum(n for _, n in calls)
 
 
 def test_lazy_manifest_load_failure_is_an_io_error(tmp_path):
-    data = b"q" * (CS * 100)
+    data = b"q" * (CS * 600)                 # 3 pages of table
     full = mf.build_manifest(make(tmp_path, data), "img", CS)
     calls = []
     m = lazy_of(full, calls, fail=lambda offset: offset == 0)
@@ -147,10 +154,10 @@ def test_lazy_manifest_load_failure_is_an_io_error(tmp_path):
     async def main():
         with pytest.raises(mf.blockdev.BlockError, match="LUN gone"):
             await m.load(0, 3)
-        # Not remembered as loaded; another piece still loads.
+        # Not remembered as loaded; another page still loads.
         assert not m.loaded(0)
-        await m.load(40, 41)
-        assert m.loaded(40)
+        await m.load(400, 401)
+        assert m.loaded(400) and not m.loaded(0)
     asyncio.run(main())
 
 
@@ -186,3 +193,78 @@ def test_the_table_is_an_image_checked_by_its_page_digests(tmp_path):
     asyncio.run(main())
     for i in range(chunks):
         lazy.verify(i, data[i * CS:(i + 1) * CS])
+
+
+def forged(data, index, tmp_path):
+    """(manifest of ``data``, the chunk ``index`` forged, the table with
+    that chunk's entry replaced by the forged chunk's digest: header and
+    page digests untouched)."""
+    full = mf.build_manifest(make(tmp_path, data), "img", CS)
+    raw = full.to_bytes()
+    head = mf.parse_header(raw[:mf.HEADER_BYTES])
+    chunk = bytearray(data[index * CS:(index + 1) * CS])
+    chunk[17] ^= 0xFF
+    table = bytearray(raw[head["table_offset"]:])
+    ds = full.digest_size
+    table[index * ds:(index + 1) * ds] = full._hash(bytes(chunk))
+    return full, bytes(chunk), table
+
+
+@pytest.mark.parametrize("path", ["table", "from_origin", "table_cache"])
+def test_forged_table_entry_is_caught_by_its_page_digest(tmp_path, path):
+    """A chunk *and* its entry in the table both replaced (header and
+    page digests untouched): the table's page does not match its page
+    digest, so the load fails (EIO, naming image and page), nothing is
+    marked loaded, and the forged chunk is never accepted; the same
+    straight from the origin (from_origin) and through a table cache. The
+    repaired table loads."""
+    chunks = 1000                       # 4 pages of table
+    data = random.Random(9).randbytes(chunks * CS)
+    bad = 300                           # on page 1
+    full, chunk, table = forged(data, bad, tmp_path)
+    right = full.to_bytes()[-full.table_bytes:]
+    calls = []
+    # The damaged side: the origin, or (table_cache) the cache in front.
+    m = lazy_of(full, calls, table=table if path != "table_cache" else None)
+    if path == "table_cache":
+        async def cache_read(offset, length):
+            return bytes(table[offset:offset + length])
+        m.read_table_through(cache_read)
+    elif path == "from_origin":
+        async def cache_read(offset, length):     # honest, never asked
+            raise AssertionError("from_origin read the table cache")
+        m.read_table_through(cache_read)
+
+    async def load(first, last):
+        await m.load(first, last, from_origin=path == "from_origin")
+
+    async def main():
+        with pytest.raises(mf.blockdev.BlockError) as info:
+            await load(bad, bad + 1)
+            m.verify(bad, chunk)               # the forgery, accepted
+        assert info.value.errno == errno.EIO
+        assert isinstance(info.value, mf.ChunkMismatch)
+        message = str(info.value)
+        assert "'img'" in message and "page 1" in message, message
+        assert "damaged" in message, message
+        # Nothing marked loaded: neither chunk checks.
+        assert not any(m.loaded(i) for i in range(chunks))
+        assert m.table_bytes_loaded == 0
+        for piece in (chunk, data[bad * CS:(bad + 1) * CS]):
+            with pytest.raises(mf.ChunkMismatch, match="not loaded"):
+                m.verify(bad, piece)
+        # Still refused when asked again (nothing remembered) and when
+        # asked with the pages around it.
+        with pytest.raises(mf.ChunkMismatch, match="page 1"):
+            await load(0, chunks)
+        assert not m.loaded(bad)
+        # Other pages load and check.
+        await load(0, 10)
+        m.verify(5, data[5 * CS:6 * CS])
+        # Repaired: the right digest, the forgery refused.
+        table[:] = right
+        await load(bad, bad + 1)
+        m.verify(bad, data[bad * CS:(bad + 1) * CS])
+        with pytest.raises(mf.ChunkMismatch, match="does not match"):
+            m.verify(bad, chunk)
+    asyncio.run(main())

@@ -1,7 +1,7 @@
 """A manifest's digest table, fetched from peers like the image itself.
 
 A compute host reads an image's manifest lazily (volume/manifest.py): the
-header and the page digests at attach, the table's pieces as chunks are
+header and the page digests at attach, the table's pages as chunks are
 fetched. With peers, the table is one more image: its "chunks" are the
 table's pages, checked against the page digests, and it gets the same
 stack as the image: an ImageVolume (holders, owners, the origin's
@@ -9,6 +9,10 @@ manifest LUN last) under a CacheLayer, re-exported to peers read-only as
 ``IMAGE@digests``. So a page of digests leaves the origin about once
 however many hosts boot, hosts keep verifying chunks from peers when the
 origin is gone, and the table a host loaded survives its restarts.
+
+The manifest checks every page it loads through this cache against its
+page digest once more (as it does the pages it reads straight from the
+origin): no digest is trusted on the word of whoever filled the cache.
 """
 
 from __future__ import annotations
@@ -59,7 +63,8 @@ class PeerDigestTable:
         # A host serving an image chunk to a peer (an owner fetching it)
         # checks it against this table: the table is another image, so its
         # pages may come from their own owners (no loop: the table's pages
-        # are checked against digests held here).
+        # are checked against digests held here). The manifest asks for
+        # whole pages and checks them again (Manifest.load).
         token = serving_peer.set(False)
         try:
             return await self.cache.read(offset, length)

@@ -29,12 +29,18 @@ Format, version 2 (binary; what `vmthunder export` writes)::
 Every digest is truncated to digest_size bytes.
 
 A host reads the header and the page digests at attach (32 KiB for a
-2 GiB image in 4 KiB chunks), and the table *lazily*, a few hundred
-bytes at a time, only for the chunks it fetches (:meth:`Manifest.load`):
-small chunks keep what a boot fetches close to what it reads (a guest's
-reads are scattered 4 KiB blocks), and their table (512 Ki digests for
-that image) would cost every host more than the boot itself if read
-whole. The page digests make the table an image of its own, with pages
+2 GiB image in 4 KiB chunks), and the table *lazily*, a page at a time,
+each page checked against its page digest, only for the chunks it
+fetches (:meth:`Manifest.load`): small chunks keep what a boot fetches
+close to what it reads (a guest's reads are scattered 4 KiB blocks), and
+their table (512 Ki digests for that image) would cost every host more
+than the boot itself if read whole. A page is the smallest piece of the
+table that can be checked, and no digest in it is trusted before it is:
+wherever a page comes from (the origin's manifest LUN, or a table cache
+filled by peers), one that does not match its page digest fails the load
+(EIO) and nothing of it is kept, so a chunk forged together with its
+table entry (header and page digests untouched) is neither served nor
+cached. The page digests make the table an image of its own, with pages
 for chunks: peers serve it like the image (the agent's table cache,
 :meth:`Manifest.table_manifest`), each page checked against its digest,
 so hosts need the origin neither for every page nor at all once peers
@@ -73,9 +79,12 @@ MIN_DIGEST_SIZE = 16
 HEADER_BYTES = 4096
 # The table's pages (each with a digest, see the module doc).
 PAGE_SIZE = 4096
-# The table is loaded lazily in pieces of this many bytes (one LUN sector:
-# 32 digests of 16 bytes), each piece once.
-LOAD_UNIT = 512
+# The table is loaded lazily in pieces of this many bytes, each piece
+# once: whole pages (256 digests of 16 bytes), since a page is what its
+# page digest checks, and nothing in a piece is trusted before that.
+LOAD_UNIT = PAGE_SIZE
+# Pieces of the table are checked in a worker thread from this many bytes.
+_CHECK_IN_THREAD = 64 * 1024
 # build_manifest reads the image this much at a time.
 _READ_BYTES = 4 << 20
 
@@ -149,7 +158,8 @@ class Manifest:
                 raise ValueError("a lazy manifest needs fetch_table and "
                                  "the page digests")
             self._table = bytearray(self.table_bytes)
-            self._have = bytearray(-(-self.table_bytes // LOAD_UNIT))
+            # One byte per page of the table: loaded (and checked) or not.
+            self._have = bytearray(n_pages)
         if len(pages) != n_pages * digest_size:
             raise ManifestError(
                 f"{where} is inconsistent: {len(pages)} bytes of page "
@@ -163,7 +173,7 @@ class Manifest:
         # Where the table comes from (the origin's manifest LUN), even once
         # it is read through a table cache (read_table_through).
         self._fetch_origin = fetch_table
-        # load unit -> future of its fetch, while one runs
+        # page of the table -> future of its fetch, while one runs
         self._pending: dict[int, asyncio.Future] = {}
         self.table_bytes_loaded = 0 if self._have is not None \
             else self.table_bytes
@@ -235,8 +245,9 @@ class Manifest:
         return TableDevice(self, self._fetch_table)
 
     def read_table_through(self, fetch_table) -> None:
-        """Load missing pieces of the table with ``fetch_table(offset,
-        length)`` from now on (a table cache's read)."""
+        """Load missing pages of the table with ``fetch_table(offset,
+        length)`` from now on (a table cache's read). They are checked
+        against the page digests like the origin's."""
         self._fetch_table = fetch_table
 
     # -- checking chunks -------------------------------------------------
@@ -246,6 +257,8 @@ class Manifest:
         return bytes(self._table[index * ds:(index + 1) * ds])
 
     def _units(self, first: int, last: int) -> range:
+        """The pages of the table holding the digests of chunks [first,
+        last)."""
         ds = self.digest_size
         return range(first * ds // LOAD_UNIT,
                      (last * ds - 1) // LOAD_UNIT + 1)
@@ -257,12 +270,15 @@ class Manifest:
     async def load(self, first: int, last: int, *,
                    from_origin: bool = False) -> None:
         """Have the digests of chunks [first, last) at hand: fetch the
-        missing pieces of the table (each piece once, however many ask;
+        missing pages of the table (each page once, however many ask;
         consecutive ones in one read), straight from the origin with
         ``from_origin`` (for a host reading those chunks from the origin
         anyway: one round trip, beside the data's), else through the
-        table cache when there is one. Raises BlockError when they cannot
-        be read."""
+        table cache when there is one, and check each page against its
+        page digest before any digest in it is used. Raises BlockError
+        when they cannot be read, ChunkMismatch (EIO) when a page does
+        not match its page digest; either way nothing of that read is
+        marked loaded (a later load fetches it again)."""
         if self._have is None or first >= last:
             return
         first, last = max(first, 0), min(last, self.chunks)
@@ -296,6 +312,8 @@ class Manifest:
 
     async def _fetch_units(self, a: int, b: int, future: asyncio.Future,
                            fetch) -> None:
+        """Fetch pages [a, b) of the table in one read, check each against
+        its page digest, then (only if all match) keep them."""
         start = a * LOAD_UNIT
         stop = min(b * LOAD_UNIT, len(self._table))
         try:
@@ -305,6 +323,13 @@ class Manifest:
                     errno.EIO, f"{self.where}: asked for {stop - start} "
                     f"bytes of the digest table at {start}, got "
                     f"{len(data)}")
+            if stop - start >= _CHECK_IN_THREAD:
+                bad = await asyncio.to_thread(self._bad_page, a, data)
+            else:
+                bad = self._bad_page(a, data)
+            if bad is not None:
+                raise self._page_mismatch(
+                    bad, fetch is not self._fetch_origin)
             self._table[start:stop] = data
             for u in range(a, b):
                 self._have[u] = 1
@@ -324,6 +349,33 @@ class Manifest:
             for u in range(a, b):
                 if self._pending.get(u) is future:
                     del self._pending[u]
+
+    def _bad_page(self, first: int, data) -> int | None:
+        """The first page of ``data`` (page ``first`` of the table at its
+        start) that does not match its page digest; None if all do."""
+        ds = self.digest_size
+        view = memoryview(data)
+        for pos in range(0, len(view), PAGE_SIZE):
+            page = first + pos // PAGE_SIZE
+            if self._hash(view[pos:pos + PAGE_SIZE]) \
+                    != self.pages[page * ds:(page + 1) * ds]:
+                return page
+        return None
+
+    def _page_mismatch(self, page: int, through_cache: bool
+                       ) -> ChunkMismatch:
+        ds = self.digest_size
+        per_page = PAGE_SIZE // ds
+        first = page * per_page
+        last = min(first + per_page, self.chunks) - 1
+        source = ("through the table cache (from peers or the origin)"
+                  if through_cache else "from the origin")
+        return ChunkMismatch(
+            f"image {self.name!r}: page {page} of the digest table of "
+            f"{self.where} (the digests of chunks {first}-{last}), read "
+            f"{source}, does not match its page digest: the origin's "
+            "manifest or the table served for it is damaged; those chunks "
+            "cannot be checked and are not served")
 
     def verify(self, index: int, data) -> None:
         """Raise ChunkMismatch unless ``data`` is chunk ``index`` (a lazy
