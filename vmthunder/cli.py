@@ -73,6 +73,14 @@ def build_parser() -> argparse.ArgumentParser:
                             "NAME; repeat for more VMs. Its overlay stays in "
                             "the cache directory until deleted with "
                             "`vmthunder snapshot-delete`.")
+    serve.add_argument("--snapshot-size", type=parse_size, default=None,
+                       metavar="SIZE",
+                       help="virtual size of the --snapshot disks (bytes, "
+                            "or 20G, 512M...), at least the image's: past "
+                            "the image they read as zeros until written. "
+                            "Default: the size a snapshot has (the image's "
+                            "for a new one); a larger size grows it, a "
+                            "smaller one is refused.")
     serve.add_argument("--read-only", action="store_true",
                        help="make the snapshot exports read-only too")
     serve.add_argument("--chunk-size", type=parse_size, default=None,
@@ -244,6 +252,7 @@ def _cmd_serve(args) -> int:
         export=(args.export if args.export is not None else
                 default_export_name(image)),
         snapshots=args.snapshot,
+        snapshot_size=args.snapshot_size,
         chunk_size=args.chunk_size or CONF.cache.chunk_size,
         block_size=CONF.snapshot.block_size,
         max_pending_writes=CONF.cache.max_pending_writes,

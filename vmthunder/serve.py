@@ -51,6 +51,9 @@ class ServeConfig:
     # Record a block trace of each export here (bench/trace.py names the
     # per-export files).
     trace: str | None = None
+    # Virtual size of the snapshots (at least the image's); None: the
+    # size each has on disk, the image's for a new one.
+    snapshot_size: int | None = None
 
 
 def describe_image_forms() -> str:
@@ -151,7 +154,8 @@ class ServeJob:
                 raise ValueError(f"snapshot name {name!r} is also the export "
                                  "name of the shared cache; pick another")
             snap = SnapshotLayer(self.cache, snap_dir, name,
-                                 block_size=cfg.block_size)
+                                 block_size=cfg.block_size,
+                                 size=cfg.snapshot_size)
             self.snapshots[name] = snap
             self.server.add_export(name, snap, read_only=cfg.read_only,
                                    description=f"VM {name} on {cfg.image}")

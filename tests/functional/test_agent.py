@@ -12,6 +12,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -271,7 +272,7 @@ def test_bad_input_is_refused_and_changes_nothing(agents, tmp_path):
         ("missing origin", lambda: post("/images", {"name": "x"}), 400,
          "missing field 'origin'"),
         ("unknown field", lambda: post(
-            "/vms", {"name": "vm2", "image": "base", "size": 1}), 400,
+            "/vms", {"name": "vm2", "image": "base", "disk": 1}), 400,
          "unknown field"),
         ("name not a string", lambda: post(
             "/vms", {"name": 5, "image": "base"}), 400, "must be a string"),
@@ -447,6 +448,140 @@ def test_restart_with_origin_gone_keeps_records_until_it_is_back(
     [got] = nbd(vm_info["nbd"], ("read", 0, 8192))
     assert got == b"\xc3" * 4096 + read_file(image, 4096, 4096)
     assert agent.state_bytes() == state
+    assert agent.stop() == 0
+
+
+# -- (3b) a VM disk larger than its image (a flavor's root disk) -----------
+
+def nbd_size(uri: str) -> int:
+    async def main():
+        from vmthunder.nbd.client import open_nbd
+        client = await open_nbd(uri)
+        try:
+            return client.size
+        finally:
+            await client.close()
+    return asyncio.run(main())
+
+
+def test_vm_disk_larger_than_its_image_survives_restarts(agents, tmp_path):
+    size = 1 * MiB + 1000                     # an unaligned image end
+    disk = 8 * MiB
+    image = make_image(tmp_path / "base.raw", size, seed=6)
+    base = read_file(image, 0, size)
+    workdir = tmp_path / "agent"
+    agent = agents(workdir)
+    agent.client.attach_image("base", image)
+
+    # The CLI takes a size with a suffix; the agent answers the size.
+    res = agent.cli("vm", "create", "big", "--image", "base", "--size", "8M",
+                    "--json")
+    assert res.returncode == 0, res.stderr
+    big = json.loads(res.stdout)
+    assert big["size"] == disk and big["state"] == "ready"
+    small = agent.client.create_vm("small", "base")
+    assert small["size"] == size              # no size: the image's
+    assert nbd_size(big["nbd"]) == disk
+    assert nbd_size(small["nbd"]) == size
+    records = {v["name"]: v for v in json.loads(agent.state_bytes())["vms"]}
+    assert records["big"]["size"] == disk
+    assert "size" not in records["small"]
+
+    # Past the image: zeros; straddling its end: its bytes, then zeros.
+    [past, straddle] = nbd(big["nbd"], ("read", 4 * MiB, 65536),
+                           ("read", size - 100, 4096))
+    assert past == bytes(65536)
+    assert straddle == base[-100:] + bytes(4096 - 100)
+
+    # Writes past the image, straddling its end, up to the disk's end.
+    expected = bytearray(base + bytes(disk - size))
+    writes = [(6 * MiB, b"\x6b" * 65536), (size - 10, b"\x5c" * 8192),
+              (disk - 4096, b"\x7d" * 4096), (3 * MiB + 7, b"\x11" * 100)]
+    ops = [("write", off, data) for off, data in writes] + [("flush",)]
+    nbd(big["nbd"], *ops)
+    for off, data in writes:
+        expected[off:off + len(data)] = data
+    [whole] = nbd(big["nbd"], ("read", 0, disk))
+    assert whole == expected
+    # The image and the other VM are untouched.
+    assert read_file(image, 0, size + 1) == base
+    [other] = nbd(small["nbd"], ("read", 0, size))
+    assert other == base
+    if shutil.which("qemu-img"):
+        info = subprocess.run(["qemu-img", "info", "--output=json",
+                               big["nbd"]], capture_output=True, text=True,
+                              timeout=30)
+        assert info.returncode == 0, info.stderr
+        assert json.loads(info.stdout)["virtual-size"] == disk
+
+    # A clean restart reopens the VM with its size and data.
+    assert agent.stop() == 0
+    agent = agents(workdir)
+    vms = {v["name"]: v for v in agent.client.vms()}
+    assert vms["big"]["size"] == disk and vms["big"]["state"] == "ready"
+    assert vms["small"]["size"] == size
+    assert agent.client.status()["vms"]["big"]["size"] == disk
+    assert nbd_size(big["nbd"]) == disk
+    [whole] = nbd(big["nbd"], ("read", 0, disk))
+    assert whole == expected
+    listing = agent.cli("vm", "list")
+    assert "8.0 MiB" in listing.stdout, listing.stdout + listing.stderr
+
+    # A crash after a flushed write past the image: it is kept.
+    nbd(big["nbd"], ("write", 7 * MiB, b"\x42" * 4096), ("flush",))
+    expected[7 * MiB:7 * MiB + 4096] = b"\x42" * 4096
+    assert agent.stop(signal.SIGKILL) == -signal.SIGKILL
+    agent = agents(workdir)
+    [whole] = nbd(big["nbd"], ("read", 0, disk))
+    assert whole == expected
+    assert agent.stop() == 0
+
+
+def test_bad_vm_sizes_are_refused_and_change_nothing(agents, tmp_path):
+    size = 1 * MiB
+    image = make_image(tmp_path / "base.raw", size, seed=7)
+    agent = agents()
+    client = agent.client
+    info = client.attach_image("base", image)
+    snap_dir = os.path.join(info["cache_dir"], "snapshots")
+    state = agent.state_bytes()
+
+    def post(body):
+        return client.request("POST", "/vms", json.dumps(body).encode())
+
+    cases = [
+        # (size, words the message must contain)
+        (size - 1, f"VM size {size - 1} bytes is smaller than image 'base' "
+                   f"({size} bytes)"),
+        (0, "not positive"),
+        (-4096, "not positive"),
+        ("8M", "must be an integer number of bytes, not str"),
+        (8.0 * MiB, "must be an integer number of bytes, not float"),
+        (True, "must be an integer number of bytes, not bool"),
+        ([8], "must be an integer number of bytes, not list"),
+        (1 << 60, "above this agent's limit"),
+    ]
+    for bad, words in cases:
+        with pytest.raises(AgentError) as err:
+            post({"name": "vm1", "image": "base", "size": bad})
+        assert err.value.status == 400, (bad, str(err.value))
+        assert words in str(err.value), (bad, str(err.value))
+        assert agent.state_bytes() == state, f"size {bad!r} changed state"
+        assert client.vms() == []
+        assert not os.path.exists(snap_dir) or os.listdir(snap_dir) == []
+
+    # The CLI refuses a size it cannot parse before asking the agent.
+    res = agent.cli("vm", "create", "vm1", "--image", "base", "--size",
+                    "10X")
+    assert res.returncode == 2
+    assert "'10X' is not a size" in res.stderr
+    assert agent.state_bytes() == state
+
+    # null is no size: the image's.
+    vm = post({"name": "vm1", "image": "base", "size": None})
+    assert vm["size"] == size
+    exact = client.create_vm("vm2", "base", size)
+    assert exact["size"] == size
     assert agent.stop() == 0
 
 

@@ -696,3 +696,222 @@ def test_partial_write_stores_the_whole_block_in_the_overlay(tmp_path,
     expect = bytearray(data[3 * BS:4 * BS])
     expect[100:110] = b"w" * 10
     assert block == expect
+
+
+# -- virtual size above the image (a flavor's root disk) -----------------
+
+VSIZE = 100 * BS + 123          # past the image, and itself unaligned
+
+
+def test_reads_past_the_image_are_zeros(tmp_path, image):
+    path, data = image
+
+    async def main():
+        lower = ReadOnlyLower(path)
+        snap = SnapshotLayer(lower, str(tmp_path / "s"), "vm1", size=VSIZE)
+        assert snap.size == VSIZE
+        assert bytes(await snap.read(0, VSIZE)) == data + bytes(VSIZE - SIZE)
+        assert bytes(await snap.read(SIZE, 10)) == bytes(10)
+        assert bytes(await snap.read(VSIZE - 7, 7)) == bytes(7)
+        # Straddling the image's end: its bytes, then zeros.
+        assert bytes(await snap.read(SIZE - 100, 300)) == \
+            data[-100:] + bytes(200)
+        # Past the image nothing is asked of the layer below.
+        before = lower.reads
+        await snap.read(80 * BS, 4 * BS)
+        assert lower.reads == before
+        # Nothing to sendfile from past the image.
+        assert snap.local_extent(80 * BS, BS) is None
+        with pytest.raises(blockdev.BlockError) as info:
+            await snap.read(VSIZE - 1, 2)
+        assert info.value.errno == errno.EINVAL
+        await snap.close()
+        assert lower.changes == []
+
+    run(main())
+
+
+def test_writes_past_the_image_persist_across_reopen(tmp_path, image):
+    path, data = image
+    sdir = str(tmp_path / "s")
+
+    async def main():
+        lower = ReadOnlyLower(path)
+        snap = SnapshotLayer(lower, sdir, "vm1", size=VSIZE)
+        model = bytearray(data + bytes(VSIZE - SIZE))
+        writes = [
+            (90 * BS, b"P" * BS),               # aligned, past the image
+            (70 * BS + 5, b"Q" * 20),           # partial block past it
+            (SIZE - 50, b"R" * 200),            # straddles the image's end
+            (VSIZE - 100, b"S" * 100),          # ends at the virtual end
+        ]
+        for offset, buf in writes:
+            await snap.write(offset, buf)
+            model[offset:offset + len(buf)] = buf
+        assert bytes(await snap.read(0, VSIZE)) == model
+        await snap.close()
+        # Reopened without a size: the size it has on disk.
+        snap = SnapshotLayer(lower, sdir, "vm1")
+        assert snap.size == VSIZE
+        assert bytes(await snap.read(0, VSIZE)) == model
+        await snap.close()
+        # ...and with it.
+        snap = SnapshotLayer(lower, sdir, "vm1", size=VSIZE)
+        assert bytes(await snap.read(0, VSIZE)) == model
+        await snap.close()
+        assert lower.changes == []
+        assert os.path.getsize(os.path.join(sdir, "vm1.overlay")) == VSIZE
+
+    run(main())
+
+
+def test_flushed_writes_past_the_image_survive_a_crash(tmp_path, image):
+    path, data = image
+    sdir = str(tmp_path / "s")
+
+    async def main():
+        snap = SnapshotLayer(FileSource(path), sdir, "vm1", size=VSIZE)
+        await snap.write(95 * BS, b"C" * BS, fua=True)
+        crash(snap)
+        snap = SnapshotLayer(FileSource(path), sdir, "vm1", size=VSIZE)
+        assert bytes(await snap.read(95 * BS, BS)) == b"C" * BS
+        await snap.close()
+
+    run(main())
+
+
+def test_block_status_past_the_image(tmp_path, image):
+    path, _ = image
+
+    async def main():
+        snap = SnapshotLayer(FileSource(path), str(tmp_path / "s"), "vm1",
+                             size=VSIZE)
+        below = await FileSource(path).block_status(0, SIZE)
+        hole = blockdev.STATE_HOLE | blockdev.STATE_ZERO
+        assert await snap.block_status(0, VSIZE) == \
+            below + [blockdev.Extent(VSIZE - SIZE, hole)]
+        await snap.write(80 * BS, b"x" * BS)
+        assert await snap.block_status(SIZE, VSIZE - SIZE) == [
+            blockdev.Extent(80 * BS - SIZE, hole),
+            blockdev.Extent(BS, 0),
+            blockdev.Extent(VSIZE - 81 * BS, hole)]
+        # A range straddling the image's end.
+        got = await snap.block_status(SIZE - 10, 20)
+        assert sum(e.length for e in got) == 20
+        assert got[-1] == blockdev.Extent(10, hole)
+        await snap.close()
+
+    run(main())
+
+
+def test_write_zeroes_and_trim_past_the_image(tmp_path, image):
+    path, data = image
+
+    async def main():
+        lower = ReadOnlyLower(path)
+        snap = SnapshotLayer(lower, str(tmp_path / "s"), "vm1", size=VSIZE)
+        model = bytearray(data + bytes(VSIZE - SIZE))
+        await snap.write(SIZE - 2 * BS, b"W" * (VSIZE - SIZE + 2 * BS))
+        model[SIZE - 2 * BS:] = b"W" * (VSIZE - SIZE + 2 * BS)
+        written = snap.map.count_present()
+        # Zeroes from inside the image to past it, ending mid-block.
+        await snap.write_zeroes(SIZE - 300, 20 * BS + 1)
+        model[SIZE - 300:SIZE - 300 + 20 * BS + 1] = bytes(20 * BS + 1)
+        assert bytes(await snap.read(0, VSIZE)) == model
+        # Whole blocks past the image were forgotten, not filled.
+        assert snap.map.count_present() < written
+        # Up to the virtual end (a short last block).
+        await snap.write_zeroes(99 * BS, VSIZE - 99 * BS, fua=True)
+        model[99 * BS:] = bytes(VSIZE - 99 * BS)
+        assert not snap.map.present(snap.blocks - 1)
+        # Trim past the image: the VM's blocks are forgotten, zeros show.
+        await snap.trim(90 * BS, 5 * BS)
+        model[90 * BS:95 * BS] = bytes(5 * BS)
+        assert bytes(await snap.read(0, VSIZE)) == model
+        crash(snap)
+        snap = SnapshotLayer(lower, str(tmp_path / "s"), "vm1")
+        # write_zeroes was fua: everything before it is durable.
+        assert bytes(await snap.read(0, 90 * BS)) == model[:90 * BS]
+        await snap.close()
+        assert lower.changes == []
+
+    run(main())
+
+
+def test_virtual_size_below_the_image_is_refused(tmp_path, image):
+    path, _ = image
+    with pytest.raises(ValueError) as info:
+        SnapshotLayer(FileSource(path), str(tmp_path / "s"), "vm1",
+                      size=SIZE - 1)
+    assert str(SIZE - 1) in str(info.value)
+    assert str(SIZE) in str(info.value)
+    assert not os.path.exists(tmp_path / "s")
+    for bad in (True, 1.5e6, "1G"):
+        with pytest.raises(ValueError, match="integer"):
+            SnapshotLayer(FileSource(path), str(tmp_path / "s"), "vm1",
+                          size=bad)
+    # Exactly the image size is the default.
+    snap = SnapshotLayer(FileSource(path), str(tmp_path / "s"), "vm1",
+                         size=SIZE)
+    assert snap.size == SIZE
+    run(snap.close())
+
+
+def test_reopen_smaller_is_refused_larger_grows(tmp_path, image):
+    path, data = image
+    sdir = str(tmp_path / "s")
+
+    async def main():
+        # An image-sized snapshot (unaligned end) written at its last
+        # block, then grown twice.
+        snap = SnapshotLayer(FileSource(path), sdir, "vm1")
+        await snap.write(SIZE - 1000, b"T" * 1000)
+        await snap.write(0, b"H" * BS)
+        await snap.close()
+        snap = SnapshotLayer(FileSource(path), sdir, "vm1", size=VSIZE)
+        model = bytearray(data + bytes(VSIZE - SIZE))
+        model[SIZE - 1000:SIZE] = b"T" * 1000
+        model[:BS] = b"H" * BS
+        assert bytes(await snap.read(0, VSIZE)) == model
+        await snap.write(VSIZE - 5, b"E" * 5)
+        model[VSIZE - 5:] = b"E" * 5
+        await snap.close()
+        with pytest.raises(blockdev.BlockError) as info:
+            SnapshotLayer(FileSource(path), sdir, "vm1", size=VSIZE - 1)
+        assert info.value.errno == errno.EINVAL
+        assert str(VSIZE) in str(info.value) and \
+            str(VSIZE - 1) in str(info.value)
+        assert os.path.getsize(os.path.join(sdir, "vm1.overlay")) == VSIZE
+        bigger = VSIZE + 10 * BS
+        snap = SnapshotLayer(FileSource(path), sdir, "vm1", size=bigger)
+        assert bytes(await snap.read(0, bigger)) == model + bytes(10 * BS)
+        await snap.close()
+        snap = SnapshotLayer(FileSource(path), sdir, "vm1")
+        assert snap.size == bigger
+        await snap.close()
+
+    run(main())
+
+
+def test_a_grow_interrupted_after_the_map_finishes_at_that_size(tmp_path,
+                                                               image):
+    path, data = image
+    sdir = str(tmp_path / "s")
+
+    async def main():
+        snap = SnapshotLayer(FileSource(path), sdir, "vm1")
+        await snap.write(0, b"G" * BS)
+        await snap.close()
+        # The map grew (first, durably), the overlay did not: a crash
+        # in between.
+        with open(os.path.join(sdir, "vm1.map"), "r+b") as f:
+            f.truncate((VSIZE + BS - 1) // BS)
+        with pytest.raises(blockdev.BlockError, match="grown"):
+            SnapshotLayer(FileSource(path), sdir, "vm1")
+        snap = SnapshotLayer(FileSource(path), sdir, "vm1", size=VSIZE)
+        assert bytes(await snap.read(0, BS)) == b"G" * BS
+        assert bytes(await snap.read(SIZE, VSIZE - SIZE)) == \
+            bytes(VSIZE - SIZE)
+        await snap.close()
+
+    run(main())

@@ -11,8 +11,12 @@
     GET    /images/N/precache   the progress of its last precache (404:
                                 never started)
     GET    /vms                 {"vms": [VM...]}
-    POST   /vms                 {"name": V, "image": N}  201
-                                {"name", "image", "state", "nbd": URI}
+    POST   /vms                 {"name": V, "image": N, "size": BYTES}
+                                ("size" optional: the disk's virtual
+                                size, at least the image's; absent or
+                                null: the image's size)  201
+                                {"name", "image", "state", "nbd": URI,
+                                "size": BYTES}
     DELETE /vms/V               removes the VM's snapshot files
     GET    /status              counters per image and per VM
 
@@ -79,8 +83,10 @@ async def _errors(request: web.Request, handler):
                           "log")
 
 
-async def _body(request: web.Request, fields: tuple[str, ...]) -> dict:
-    """The request's JSON object with exactly ``fields``, all strings."""
+async def _body(request: web.Request, fields: tuple[str, ...],
+                optional: tuple[str, ...] = ()) -> dict:
+    """The request's JSON object with exactly ``fields``, all strings,
+    and maybe ``optional`` ones (any type: the caller checks them)."""
     example = EXAMPLES[f"{request.method} {request.path}"]
     raw = await request.read()
     try:
@@ -91,10 +97,11 @@ async def _body(request: web.Request, fields: tuple[str, ...]) -> dict:
     if not isinstance(body, dict):
         raise AgentError(400, f"request body must be a JSON object like "
                               f"{example}, not {type(body).__name__}")
-    unknown = sorted(set(body) - set(fields))
+    unknown = sorted(set(body) - set(fields) - set(optional))
     if unknown:
+        also = (f" (optional: {', '.join(optional)})" if optional else "")
         raise AgentError(400, f"unknown field(s) {', '.join(unknown)}; "
-                              f"expected {', '.join(fields)}, e.g. "
+                              f"expected {', '.join(fields)}{also}, e.g. "
                               f"{example}")
     for field in fields:
         if field not in body:
@@ -163,8 +170,9 @@ def make_app(agent: Agent) -> web.Application:
         return _json(200, {"vms": agent.list_vms()})
 
     async def create_vm(request):
-        body = await _body(request, ("name", "image"))
-        return _json(201, await agent.create_vm(body["name"], body["image"]))
+        body = await _body(request, ("name", "image"), optional=("size",))
+        return _json(201, await agent.create_vm(body["name"], body["image"],
+                                                body.get("size")))
 
     async def delete_vm(request):
         return _json(200, await agent.delete_vm(request.match_info["name"]))

@@ -16,6 +16,8 @@ import sys
 import time
 import urllib.parse
 
+from vmthunder.sizes import parse_size
+
 DEFAULT_TIMEOUT = 120.0     # an iSCSI attach may wait for a login
 
 
@@ -114,8 +116,14 @@ class AgentClient:
     def images(self) -> list[dict]:
         return self.request("GET", "/images")["images"]
 
-    def create_vm(self, name: str, image: str) -> dict:
-        return self.request("POST", "/vms", {"name": name, "image": image})
+    def create_vm(self, name: str, image: str,
+                  size: int | None = None) -> dict:
+        """Create VM ``name``'s disk on ``image``, ``size`` bytes (at
+        least the image's; None: the image's size)."""
+        body = {"name": name, "image": image}
+        if size is not None:
+            body["size"] = size
+        return self.request("POST", "/vms", body)
 
     def delete_vm(self, name: str) -> dict:
         return self.request("DELETE", f"/vms/{self._quote(name)}")
@@ -185,6 +193,10 @@ def add_parsers(sub) -> None:
                                     "opens.")
     p.add_argument("name")
     p.add_argument("--image", required=True, help="an attached image")
+    p.add_argument("--size", type=parse_size, default=None, metavar="SIZE",
+                   help="virtual size of the disk (bytes, or 20G, 512M...): "
+                        "at least the image's; past the image it reads as "
+                        "zeros until written (default: the image's size)")
     p.add_argument("--json", action="store_true", help="print JSON")
     socket_arg(p)
     p = vsub.add_parser("delete", help="delete a VM disk and its data")
@@ -280,10 +292,12 @@ def run(args, conf) -> int:
                     out("no images attached")
         elif args.command == "vm":
             if args.action == "create":
-                info = client.create_vm(args.name, args.image)
+                info = client.create_vm(args.name, args.image, args.size)
+                size = (f" ({_size(info['size'])})" if "size" in info
+                        else "")
                 out(json.dumps(info, indent=1) if args.json
-                    else f"VM {info['name']} on image {info['image']}: "
-                         f"{info['nbd']}")
+                    else f"VM {info['name']} on image {info['image']}"
+                         f"{size}: {info['nbd']}")
             elif args.action == "delete":
                 client.delete_vm(args.name)
                 out(f"VM {args.name} deleted")
@@ -293,9 +307,10 @@ def run(args, conf) -> int:
                     out(json.dumps(vms, indent=1))
                 elif vms:
                     out(_table([[v["name"], v["image"], v["state"],
+                                 _size(v["size"]) if "size" in v else "-",
                                  v.get("nbd") or v.get("error")]
                                 for v in vms],
-                               ["NAME", "IMAGE", "STATE", "NBD"]))
+                               ["NAME", "IMAGE", "STATE", "SIZE", "NBD"]))
                 else:
                     out("no VMs")
         else:

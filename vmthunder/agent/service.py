@@ -44,6 +44,12 @@ NAME_RULE = ("use 1-128 letters, digits, '.', '_' or '-', starting with a "
              "letter or digit")
 
 
+# A VM disk (its snapshot's virtual size) may have at most this many
+# snapshot blocks: the snapshot keeps one byte of memory per block, so the
+# largest disk (1 TiB at the default 4 KiB blocks) costs 256 MiB.
+MAX_VM_BLOCKS = 1 << 28
+
+
 class AgentError(Exception):
     """A request the agent refuses; ``status`` is its HTTP status."""
 
@@ -282,9 +288,15 @@ class Vm:
     image: str
     snapshot: SnapshotLayer | None = None
     error: str | None = None
+    # The disk's virtual size in bytes, as asked at create; None: the
+    # image's size.
+    size: int | None = None
 
     def record(self) -> dict:
-        return {"name": self.name, "image": self.image}
+        rec = {"name": self.name, "image": self.image}
+        if self.size is not None:
+            rec["size"] = self.size
+        return rec
 
 
 class _ImageUris:
@@ -513,7 +525,7 @@ class Agent:
                          "chunks cached)", image.name, redact(image.origin),
                          image.cache.map.count_present(), image.cache.chunks)
         for rec in state["vms"]:
-            vm = Vm(rec["name"], rec["image"])
+            vm = Vm(rec["name"], rec["image"], size=rec.get("size"))
             self.vms[vm.name] = vm
             self._reopen_vm(vm)
 
@@ -526,7 +538,7 @@ class Agent:
             LOG.error("restore: VM %s not restored: %s", vm.name, vm.error)
             return
         try:
-            vm.snapshot = self._open_snapshot(image, vm.name)
+            vm.snapshot = self._open_snapshot(image, vm.name, vm.size)
         except Exception as exc:
             vm.error = _message(exc)
             LOG.error("restore: VM %s not restored: %s", vm.name, vm.error)
@@ -643,9 +655,38 @@ class Agent:
         # them there).
         return os.path.join(image.cache.directory, "snapshots")
 
-    def _open_snapshot(self, image: Image, name: str) -> SnapshotLayer:
+    def _open_snapshot(self, image: Image, name: str,
+                       size: int | None = None) -> SnapshotLayer:
         return SnapshotLayer(image.cache, self._snapshot_dir(image), name,
-                             block_size=self.config.block_size)
+                             block_size=self.config.block_size, size=size)
+
+    @property
+    def max_vm_size(self) -> int:
+        return MAX_VM_BLOCKS * self.config.block_size
+
+    def _check_vm_size(self, size) -> int | None:
+        """A VM's disk size as asked (bytes, an integer; None: the image's
+        size); AgentError(400) naming what is wrong."""
+        if size is None:
+            return None
+        if isinstance(size, bool) or not isinstance(size, int):
+            raise AgentError(400, f"VM size must be an integer number of "
+                                  f"bytes, not {type(size).__name__} "
+                                  f"{size!r}; e.g. 21474836480 for 20 GiB, "
+                                  "or no size for a disk the size of the "
+                                  "image")
+        if size <= 0:
+            raise AgentError(400, f"VM size {size} is not positive; give "
+                                  "the disk size in bytes (at least the "
+                                  "image's), or no size")
+        if size > self.max_vm_size:
+            raise AgentError(
+                400, f"VM size {size} bytes is above this agent's limit of "
+                f"{self.max_vm_size} bytes ({MAX_VM_BLOCKS} snapshot blocks "
+                f"of {self.config.block_size} bytes: a snapshot keeps one "
+                "byte of memory per block; a larger [snapshot] block_size "
+                "raises the limit)")
+        return size
 
     def _export_vm(self, vm: Vm) -> None:
         self.hypervisor_server.add_export(
@@ -806,9 +847,12 @@ class Agent:
             await self._announce()
             return {"name": name, "detached": True}
 
-    async def create_vm(self, name, image_name) -> dict:
+    async def create_vm(self, name, image_name, size=None) -> dict:
+        """Create VM ``name``'s disk on ``image_name``: ``size`` bytes
+        (at least the image's; None: the image's size)."""
         check_name("VM", name)
         check_name("image", image_name)
+        size = self._check_vm_size(size)
         async with self._lock:
             if name in self.vms:
                 raise AgentError(
@@ -826,6 +870,12 @@ class Agent:
                     409, f"image {image_name!r} is recorded but not attached "
                     f"(409: {image.error}); attach it again with the same "
                     "origin to retry")
+            if size is not None and size < image.cache.size:
+                raise AgentError(
+                    400, f"VM size {size} bytes is smaller than image "
+                    f"{image_name!r} ({image.cache.size} bytes); give at "
+                    "least the image's size, or no size for a disk the "
+                    "size of the image")
             # A new VM starts from the image: leftovers of an earlier VM of
             # that name (deleted while the agent was down) go.
             for path in snapshot_mod.snapshot_paths(
@@ -834,11 +884,11 @@ class Agent:
                     LOG.warning("VM %s: removing stale %s", name, path)
                     os.unlink(path)
             try:
-                snap = self._open_snapshot(image, name)
+                snap = self._open_snapshot(image, name, size)
             except (ValueError, blockdev.BlockError, OSError) as exc:
                 raise AgentError(500, f"cannot create the snapshot of VM "
                                       f"{name!r}: {_message(exc)}") from None
-            vm = Vm(name, image_name, snap)
+            vm = Vm(name, image_name, snap, size=size)
             self.vms[name] = vm
             try:
                 self._save()
@@ -998,8 +1048,12 @@ class Agent:
                 "state": "ready" if vm.snapshot else "error"}
         if vm.snapshot is not None:
             info["nbd"] = self.vm_uri(vm.name)
+            # The disk's virtual size (the image's unless asked larger).
+            info["size"] = vm.snapshot.size
         else:
             info["error"] = vm.error
+            if vm.size is not None:
+                info["size"] = vm.size
         return info
 
     def list_images(self) -> list[dict]:

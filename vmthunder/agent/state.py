@@ -6,10 +6,13 @@ crash leaves either the old or the new state, never a torn one::
 
     {"version": 1,
      "images": [{"name": "debian", "origin": "export:debian"}],
-     "vms": [{"name": "vm1", "image": "debian"}]}
+     "vms": [{"name": "vm1", "image": "debian"},
+             {"name": "vm2", "image": "debian", "size": 21474836480}]}
 
-Only names and origins are stored: the data lives in the cache and
-snapshot directories, which the layers find again by themselves.
+Only names, origins and a VM's disk size (its snapshot's virtual size in
+bytes, recorded only when one was asked for; none means the image's
+size) are stored: the data lives in the cache and snapshot directories,
+which the layers find again by themselves.
 """
 
 from __future__ import annotations
@@ -88,7 +91,19 @@ class StateStore:
                     f"{self.path}: {key!r} must be a list of objects with "
                     f"string fields {', '.join(fields)}; fix or move the "
                     "file away")
-            state[key] = [{f: e[f] for f in fields} for e in entries]
+            # A VM's optional disk size, in bytes.
+            optional = ("size",) if key == "vms" else ()
+            for e in entries:
+                for f in optional:
+                    if f in e and (isinstance(e[f], bool)
+                                   or not isinstance(e[f], int)
+                                   or e[f] <= 0):
+                        raise StateError(
+                            f"{self.path}: {key[:-1]} {e['name']!r}: "
+                            f"{f!r} must be a positive integer, not "
+                            f"{e[f]!r}; fix or move the file away")
+            state[key] = [{f: e[f] for f in fields + optional if f in e}
+                          for e in entries]
         return state
 
     def save(self, images: list[dict], vms: list[dict]) -> None:

@@ -10,6 +10,16 @@ a FUA write) completed. A flush makes the overlay's data durable first and
 only then saves the block map, so a block marked written after a crash
 always has its data; writes not yet flushed may be lost, never garbled
 into zeros.
+
+Virtual size: a snapshot may be larger than the layer below (a Nova
+flavor's root disk is usually larger than its image). Past the end of the
+layer below, a block the VM never wrote reads as zeros and a write lands
+in the overlay like any other. The overlay file is always exactly the
+virtual size, which is how a reopened snapshot knows its size: opened
+without a size it keeps it; opened with a larger one it grows (the map is
+extended first, durably, then the overlay, so an interrupted grow is
+finished by opening with that size again); opened with a smaller one it
+is refused, since shrinking would drop what the VM wrote past the new end.
 """
 
 from __future__ import annotations
@@ -50,12 +60,23 @@ class SnapshotLayer(blockdev.BlockDevice):
     capabilities = blockdev.Capabilities(writable=True, block_status=True)
 
     def __init__(self, lower: blockdev.BlockDevice, directory: str,
-                 name: str, *, block_size: int = 4096):
+                 name: str, *, block_size: int = 4096,
+                 size: int | None = None):
+        """``size``: the virtual size, at least ``lower.size`` (None: the
+        size the snapshot has on disk, or ``lower.size`` for a new one)."""
         if block_size <= 0 or block_size & (block_size - 1):
             raise ValueError(f"block size {block_size} is not a power of two")
         self.lower = lower
         self.name = check_name(name)
-        self.size = lower.size
+        if size is not None and (isinstance(size, bool)
+                                 or not isinstance(size, int)):
+            raise ValueError(f"snapshot {name!r}: virtual size must be an "
+                             f"integer number of bytes, not {size!r}")
+        if size is not None and size < lower.size:
+            raise ValueError(
+                f"snapshot {name!r}: virtual size {size} bytes is smaller "
+                f"than the image below it ({lower.size} bytes); give at "
+                "least the image size")
         self.block_size = block_size
         os.makedirs(directory, exist_ok=True)
         self.overlay_path, map_path = snapshot_paths(directory, name)
@@ -68,22 +89,11 @@ class SnapshotLayer(blockdev.BlockDevice):
             raise blockdev.BlockError(
                 errno.EBUSY, f"snapshot {name!r} ({self.overlay_path}) is "
                 "open in another process") from None
-        if os.fstat(self._fd).st_size != self.size:
-            os.ftruncate(self._fd, self.size)
-        self.blocks = (self.size + block_size - 1) // block_size
         try:
-            stored = os.path.getsize(map_path)
-        except FileNotFoundError:
-            stored = 0
-        if stored not in (0, self.blocks):
-            # ChunkMap would start empty and the VM's writes would be
-            # silently gone: refuse instead.
+            self._size_files(size, map_path)
+        except BaseException:
             os.close(self._fd)
-            raise blockdev.BlockError(
-                errno.EINVAL, f"snapshot {name!r}: its map {map_path} has "
-                f"{stored} entries, not {self.blocks}; was it made with "
-                f"another block size than {block_size} (the [snapshot] "
-                "block_size option)? Open it with that block size.")
+            raise
         self.map = chunkmap.ChunkMap(self.blocks, map_path)
         self._resident = fileio.ResidencyMap(self._fd, self.size)
         self._rmw_locks: dict[int, asyncio.Lock] = {}
@@ -91,6 +101,55 @@ class SnapshotLayer(blockdev.BlockDevice):
         self.counters = {"bytes_read": 0, "bytes_written": 0,
                          "read_requests": 0, "write_requests": 0,
                          "flushes": 0}
+
+    def _size_files(self, size: int | None, map_path: str) -> None:
+        """Set size and blocks from ``size`` and the overlay's recorded
+        size; grow the map and the overlay to them. Refuses (changing
+        nothing) a shrink or a map of another block size."""
+        bs = self.block_size
+        # The overlay's length is the virtual size (0: new, never sized).
+        recorded = os.fstat(self._fd).st_size
+        if size is None:
+            size = max(recorded, self.lower.size)
+        elif recorded > size:
+            raise blockdev.BlockError(
+                errno.EINVAL, f"snapshot {self.name!r} has a virtual size "
+                f"of {recorded} bytes ({self.overlay_path}); it cannot be "
+                f"reopened with the smaller size {size} (the VM's data past "
+                "that would be lost): give at least its size")
+        self.size = size
+        self.blocks = (size + bs - 1) // bs
+        try:
+            stored = os.path.getsize(map_path)
+        except FileNotFoundError:
+            stored = 0
+        old_blocks = (recorded + bs - 1) // bs
+        if stored not in (0, self.blocks):
+            if not (0 < recorded < size and stored == old_blocks):
+                # ChunkMap would start empty and the VM's writes would be
+                # silently gone: refuse instead.
+                raise blockdev.BlockError(
+                    errno.EINVAL, f"snapshot {self.name!r}: its map "
+                    f"{map_path} has {stored} entries, not {self.blocks} "
+                    f"({size} bytes in blocks of {bs}); was it made with "
+                    f"another block size than {bs} (the [snapshot] "
+                    "block_size option), or was it being grown to a "
+                    "larger virtual size? Open it with that block size or "
+                    "size.")
+            # Growing: the new blocks are absent (zero bytes). The map
+            # grows first and durably: a crash before the overlay grows
+            # leaves a map that opening with the new size accepts.
+            fd = os.open(map_path, os.O_RDWR | os.O_CLOEXEC)
+            try:
+                os.ftruncate(fd, self.blocks)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+        if recorded != size:
+            if recorded:
+                LOG.info("snapshot %s: virtual size %d -> %d bytes",
+                         self.name, recorded, size)
+            os.ftruncate(self._fd, size)
 
     def describe(self) -> str:
         return f"snapshot {self.name!r}"
@@ -113,15 +172,26 @@ class SnapshotLayer(blockdev.BlockDevice):
         bs = self.block_size
         first, last = offset // bs, (offset + length - 1) // bs + 1
         if self.map.none_present(first, last):
-            return await self.lower.read_parts(offset, length)
+            return await self._lower_parts(offset, length)
         pieces = []
         for start, end, present in self.map.runs(first, last):
             lo = max(offset, start * bs)
             hi = min(offset + length, end * bs)
             pieces.append(self._overlay_parts(lo, hi - lo) if present
-                          else self.lower.read_parts(lo, hi - lo))
+                          else self._lower_parts(lo, hi - lo))
         return [part for parts in await asyncio.gather(*pieces)
                 for part in parts]
+
+    async def _lower_parts(self, offset: int, length: int) -> list:
+        """What the VM sees where it wrote nothing: the layer below, and
+        zeros past its end (a virtual size above the image's)."""
+        base = self.lower.size
+        if offset + length <= base:
+            return await self.lower.read_parts(offset, length)
+        if offset >= base:
+            return [bytes(length)]
+        return (await self.lower.read_parts(offset, base - offset)
+                + [bytes(offset + length - base)])
 
     async def _overlay_parts(self, offset: int, length: int) -> list:
         return [await self._read_overlay(offset, length)]
@@ -130,7 +200,9 @@ class SnapshotLayer(blockdev.BlockDevice):
         bs = self.block_size
         first, last = offset // bs, (offset + length - 1) // bs + 1
         if self.map.none_present(first, last):
-            extent = self.lower.local_extent(offset, length)
+            # Past the layer below there is no file to send zeros from.
+            extent = (self.lower.local_extent(offset, length)
+                      if offset + length <= self.lower.size else None)
         elif self.map.all_present(first, last) \
                 and self._resident.resident(offset, length):
             extent = self._fd, offset
@@ -147,7 +219,7 @@ class SnapshotLayer(blockdev.BlockDevice):
         if len(data) != length:
             raise blockdev.BlockError(
                 errno.EIO, f"{self.describe()}: overlay {self.overlay_path} "
-                "is shorter than the image")
+                "is shorter than the snapshot's virtual size")
         return data
 
     # -- writes -----------------------------------------------------------
@@ -205,13 +277,31 @@ class SnapshotLayer(blockdev.BlockDevice):
     async def write_zeroes(self, offset: int, length: int,
                            fua: bool = False) -> None:
         self.check_range(offset, length)
-        pos, end = offset, offset + length
+        bs = self.block_size
+        end = offset + length
+        # Whole blocks past the end of the layer below read as zeros where
+        # the VM wrote nothing: forgetting them writes their zeros without
+        # filling the overlay (a guest zeroing its new disk space would
+        # otherwise allocate all of it).
+        first = max((offset + bs - 1) // bs,
+                    (self.lower.size + bs - 1) // bs)
+        last = self.blocks if end == self.size else end // bs
+        if first < last:
+            lo, hi = first * bs, min(last * bs, self.size)
+            await self._write_zero_data(offset, lo)
+            self.map.clear(first, last)
+            self.counters["bytes_written"] += hi - lo
+            await self._write_zero_data(hi, end)
+        else:
+            await self._write_zero_data(offset, end)
+        if fua:
+            await self.flush()
+
+    async def _write_zero_data(self, pos: int, end: int) -> None:
         while pos < end:
             n = min(_ZERO_PIECE, end - pos)
             await self.write(pos, bytes(n))
             pos += n
-        if fua:
-            await self.flush()
 
     async def trim(self, offset: int, length: int) -> None:
         # After a trim the content is undefined (NBD spec): forgetting the
@@ -255,8 +345,23 @@ class SnapshotLayer(blockdev.BlockDevice):
             if present:
                 extents.append(blockdev.Extent(hi - lo, 0))
             else:
-                extents.extend(await self.lower.block_status(
-                    lo, hi - lo, context))
+                extents.extend(await self._lower_status(lo, hi - lo,
+                                                        context))
+        return extents
+
+    async def _lower_status(self, offset: int, length: int,
+                            context: str) -> list:
+        """The layer below's extents; past its end a hole reading as
+        zeros (what the VM sees there until it writes)."""
+        base = self.lower.size
+        extents = []
+        if offset < base:
+            n = min(length, base - offset)
+            extents.extend(await self.lower.block_status(offset, n, context))
+            offset, length = offset + n, length - n
+        if length:
+            extents.append(blockdev.Extent(
+                length, blockdev.STATE_HOLE | blockdev.STATE_ZERO))
         return extents
 
     def stats(self) -> dict:
