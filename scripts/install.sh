@@ -3,7 +3,8 @@
 #   1. Debian packages (apt-get, only when some are missing),
 #   2. a virtualenv in <repo>/.venv with vmthunder installed editable plus
 #      requirements.txt and test-requirements.txt,
-#   3. the small test guest (scripts/build-guest.sh, when present).
+#   3. the small test guest (scripts/build-guest.sh, when present) and its
+#      whole-disk variant (scripts/build-guest-disk.sh).
 # Idempotent: a re-run only checks and is quick.
 #
 # Run as root, or as a user with sudo (used for apt-get only).
@@ -33,6 +34,12 @@ PACKAGES=(
     libiscsi-bin libiscsi-dev
     iproute2
     redis-server debootstrap
+    # the whole-disk test guest (scripts/build-guest-disk.sh)
+    fdisk dosfstools mtools syslinux syslinux-common
+    # libvirtd for the tests (tests/functional/libvirt_fixtures.py);
+    # libvirt-dev and pkg-config build libvirt-python
+    libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
+    libvirt-dev pkg-config
 )
 
 missing_packages() {
@@ -155,6 +162,11 @@ if [[ "${VMTHUNDER_SKIP_GUEST:-0}" == 1 ]]; then
 elif [[ -f scripts/build-guest.sh ]]; then
     log "test guest: scripts/build-guest.sh"
     bash scripts/build-guest.sh || die "scripts/build-guest.sh failed"
+    if [[ -f scripts/build-guest-disk.sh ]]; then
+        log "whole-disk test guest: scripts/build-guest-disk.sh"
+        bash scripts/build-guest-disk.sh >/dev/null \
+            || die "scripts/build-guest-disk.sh failed"
+    fi
 else
     log "test guest: scripts/build-guest.sh not there yet, skipped"
 fi

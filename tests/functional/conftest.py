@@ -141,3 +141,25 @@ def guest_dir():
     subprocess.run([os.path.join(REPO, "scripts", "build-guest.sh"), out],
                    check=True, stdout=subprocess.DEVNULL)
     return out
+
+
+def build_guest_disk() -> dict:
+    """The whole-disk test guest (scripts/build-guest-disk.sh: MBR,
+    SYSLINUX, root on /dev/vda1), built once, cached under
+    .cache/guest-disk: its guest.json, plus ``path`` (the raw disk image)
+    and ``dir``."""
+    out = os.path.join(REPO, ".cache", "guest-disk")
+    subprocess.run([os.path.join(REPO, "scripts", "build-guest-disk.sh"),
+                    out], check=True, stdout=subprocess.DEVNULL)
+    with open(os.path.join(out, "guest.json")) as f:
+        meta = json.load(f)
+    meta["dir"] = out
+    meta["path"] = os.path.join(out, meta["disk"])
+    return meta
+
+
+@pytest.fixture(scope="session")
+def guest_disk():
+    """The whole-disk test guest (see build_guest_disk): a dict."""
+    need("qemu-system-x86_64")
+    return build_guest_disk()
