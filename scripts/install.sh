@@ -171,4 +171,9 @@ else
     log "test guest: scripts/build-guest.sh not there yet, skipped"
 fi
 
+# --- 4. the Nova side ----------------------------------------------------------
+# A venv of its own (.venv-nova: pinned nova, libvirt-python, Nova's test
+# libraries) for nova_driver/ and tests/nova/; VMTHUNDER_SKIP_NOVA=1 skips.
+bash "$REPO/scripts/install-nova.sh" || die "scripts/install-nova.sh failed"
+
 log "done: .venv/bin/vmthunder boot | .venv/bin/python -m pytest -q tests"
