@@ -33,30 +33,18 @@ import dataclasses
 import enum
 import errno as _errno
 import os
-import struct
 import types
 from collections.abc import Mapping
 
 from vmthunder.blockdev import Extent
 from vmthunder.nbd import constants as c
 
-_GREETING = struct.Struct(">QQH")            # NBDMAGIC, IHAVEOPT, flags
-_OPT_HEADER = struct.Struct(">QII")          # IHAVEOPT, option, length
-_OPT_REPLY = struct.Struct(">QIII")          # magic, option, type, length
-_EXPORT_NAME_REPLY = struct.Struct(">QH")    # size, transmission flags
-_REQUEST = struct.Struct(">IHHQQI")          # magic, flags, type, handle,
-#                                              offset, length
-_SIMPLE_REPLY = struct.Struct(">IIQ")        # magic, error, handle
-_CHUNK = struct.Struct(">IHHQI")             # magic, flags, type, handle,
-#                                              length
-_U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
-_DESCRIPTOR = struct.Struct(">II")           # extent length, flags
-_ERROR_HEAD = struct.Struct(">IH")           # error, message length
-
-_U32_MAX = (1 << 32) - 1
-_U64_MAX = (1 << 64) - 1
+from vmthunder.nbd.wire import (BLOCK_DESCRIPTOR, ERROR_HEAD,
+                                EXPORT_NAME_PADDING, EXPORT_NAME_REPLY,
+                                GREETING, INFO_BLOCK_SIZE, INFO_EXPORT,
+                                OFFSET_HOLE, OPT_HEADER, OPT_REPLY, REQUEST,
+                                SIMPLE_REPLY, STRUCTURED_REPLY, U16, U32,
+                                U32_MAX, U64, U64_MAX)
 
 # Limits on what the server may make us buffer. Option replies carry a few
 # strings of at most 4 KiB; an error chunk carries one.
@@ -307,7 +295,7 @@ def _zero(view: memoryview, start: int, length: int) -> None:
 
 
 def _check_u64(what: str, value: int) -> None:
-    if not isinstance(value, int) or not 0 <= value <= _U64_MAX:
+    if not isinstance(value, int) or not 0 <= value <= U64_MAX:
         raise ValueError(f"{what} must be an integer in [0, 2**64), "
                          f"got {value!r}")
 
@@ -669,7 +657,7 @@ class NbdClientProtocol:
         self._require_transmission()
         handle = self._alloc_handle()
         self._disconnected = True
-        return _REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_DISC, handle, 0, 0)
+        return REQUEST.pack(c.REQUEST_MAGIC, 0, c.CMD_DISC, handle, 0, 0)
 
     def _fua_flag(self, export: RemoteExport, fua: bool) -> int:
         if not fua:
@@ -697,7 +685,7 @@ class NbdClientProtocol:
                        length: int) -> RemoteExport:
         export = self._require_transmission()
         _check_u64(f"{what} offset", offset)
-        if not isinstance(length, int) or not 1 <= length <= _U32_MAX:
+        if not isinstance(length, int) or not 1 <= length <= U32_MAX:
             raise ValueError(f"{what} length must be an integer in "
                              f"[1, 2**32), got {length!r}")
         if offset + length > export.size:
@@ -715,22 +703,22 @@ class NbdClientProtocol:
     def _alloc_handle(self) -> int:
         handle = self._next_handle
         while handle in self._inflight or handle == 0:
-            handle = (handle + 1) & _U64_MAX
-        self._next_handle = (handle + 1) & _U64_MAX
+            handle = (handle + 1) & U64_MAX
+        self._next_handle = (handle + 1) & U64_MAX
         return handle
 
     def _request(self, command: int, flags: int, offset: int,
                  length: int) -> tuple[int, bytes]:
         handle = self._alloc_handle()
         self._inflight[handle] = _Pending(command, offset, length, flags)
-        return handle, _REQUEST.pack(c.REQUEST_MAGIC, flags, command, handle,
-                                     offset, length)
+        return handle, REQUEST.pack(c.REQUEST_MAGIC, flags, command, handle,
+                                    offset, length)
 
     # -- handshake ------------------------------------------------------
 
     def _send_option(self, option: int, payload: bytes = b"") -> None:
         self._option = option
-        self._out += _OPT_HEADER.pack(c.IHAVEOPT, option, len(payload))
+        self._out += OPT_HEADER.pack(c.IHAVEOPT, option, len(payload))
         self._out += payload
 
     def _next_option(self, after: int) -> None:
@@ -740,16 +728,16 @@ class NbdClientProtocol:
             return
         if after in (0, c.OPT_STRUCTURED_REPLY) and self._context_raws \
                 and self._structured:
-            payload = bytearray(_U32.pack(len(self._name_raw)))
+            payload = bytearray(U32.pack(len(self._name_raw)))
             payload += self._name_raw
-            payload += _U32.pack(len(self._context_raws))
+            payload += U32.pack(len(self._context_raws))
             for raw in self._context_raws:
-                payload += _U32.pack(len(raw))
+                payload += U32.pack(len(raw))
                 payload += raw
             self._send_option(c.OPT_SET_META_CONTEXT, bytes(payload))
             return
-        payload = (_U32.pack(len(self._name_raw)) + self._name_raw
-                   + _U16.pack(1) + _U16.pack(c.INFO_BLOCK_SIZE))
+        payload = (U32.pack(len(self._name_raw)) + self._name_raw
+                   + U16.pack(1) + U16.pack(c.INFO_BLOCK_SIZE))
         self._send_option(c.OPT_GO, payload)
 
     def _on_greeting(self, magic: int, opt_magic: int, hflags: int) -> None:
@@ -769,7 +757,7 @@ class NbdClientProtocol:
         self._no_zeroes = bool(hflags & c.FLAG_NO_ZEROES)
         cflags = ((c.FLAG_C_FIXED_NEWSTYLE if fixed else 0)
                   | (c.FLAG_C_NO_ZEROES if self._no_zeroes else 0))
-        self._out += _U32.pack(cflags)
+        self._out += U32.pack(cflags)
         if self.list_mode:
             if not fixed:
                 raise NbdHandshakeError(
@@ -873,7 +861,7 @@ class NbdClientProtocol:
             raise NbdProtocolError(
                 f"NBD_REP_META_CONTEXT of {len(payload)} bytes is too short "
                 f"(needs an id and a name)")
-        (context_id,) = _U32.unpack_from(payload, 0)
+        (context_id,) = U32.unpack_from(payload, 0)
         name = _decode(payload[4:])
         if name not in self.meta_contexts:
             raise NbdProtocolError(
@@ -890,20 +878,20 @@ class NbdClientProtocol:
     def _on_info(self, payload: bytes) -> None:
         if len(payload) < 2:
             raise NbdProtocolError("NBD_REP_INFO without an info type")
-        (info,) = _U16.unpack_from(payload, 0)
+        (info,) = U16.unpack_from(payload, 0)
         if info == c.INFO_EXPORT:
             if len(payload) != 12:
                 raise NbdProtocolError(
                     f"NBD_INFO_EXPORT is {len(payload)} bytes, expected 12")
-            size, flags = struct.unpack_from(">QH", payload, 2)
+            _, size, flags = INFO_EXPORT.unpack_from(payload)
             self._info_size, self._info_flags = size, flags
         elif info == c.INFO_BLOCK_SIZE:
             if len(payload) != 14:
                 raise NbdProtocolError(
                     f"NBD_INFO_BLOCK_SIZE is {len(payload)} bytes, "
                     f"expected 14")
-            minimum, preferred, maximum = struct.unpack_from(
-                ">III", payload, 2)
+            _, minimum, preferred, maximum = INFO_BLOCK_SIZE.unpack_from(
+                payload)
             self._check_block_sizes(minimum, preferred, maximum)
             self._block_sizes = (minimum, preferred, maximum)
         elif info == c.INFO_DESCRIPTION:
@@ -923,7 +911,7 @@ class NbdClientProtocol:
             raise NbdProtocolError(
                 f"server preferred block size {preferred} is not a power "
                 f"of two at least the minimum {minimum}")
-        if maximum < minimum or (maximum != _U32_MAX and maximum % minimum):
+        if maximum < minimum or (maximum != U32_MAX and maximum % minimum):
             raise NbdProtocolError(
                 f"server maximum block size {maximum} is not a multiple of "
                 f"the minimum {minimum}")
@@ -931,7 +919,7 @@ class NbdClientProtocol:
     def _on_server_entry(self, payload: bytes) -> None:
         if len(payload) < 4:
             raise NbdProtocolError("NBD_REP_SERVER without a name length")
-        (n,) = _U32.unpack_from(payload, 0)
+        (n,) = U32.unpack_from(payload, 0)
         if n > len(payload) - 4:
             raise NbdProtocolError(
                 f"NBD_REP_SERVER name length {n} exceeds the reply "
@@ -977,10 +965,10 @@ class NbdClientProtocol:
             elif state is _State.OPTIONS:
                 used = self._parse_option_reply(view, pos, end, events)
             elif state is _State.GREETING:
-                if end - pos < _GREETING.size:
+                if end - pos < GREETING.size:
                     break
-                self._on_greeting(*_GREETING.unpack_from(view, pos))
-                used = _GREETING.size
+                self._on_greeting(*GREETING.unpack_from(view, pos))
+                used = GREETING.size
             elif state is _State.EXPORT_NAME:
                 used = self._parse_export_name_reply(view, pos, end, events)
             else:
@@ -994,9 +982,9 @@ class NbdClientProtocol:
 
     def _parse_option_reply(self, view: memoryview, pos: int, end: int,
                             events: list[Event]) -> int:
-        if end - pos < _OPT_REPLY.size:
+        if end - pos < OPT_REPLY.size:
             return 0
-        magic, option, reply, length = _OPT_REPLY.unpack_from(view, pos)
+        magic, option, reply, length = OPT_REPLY.unpack_from(view, pos)
         if magic != c.OPT_REPLY_MAGIC:
             raise NbdProtocolError(
                 f"bad option reply magic {magic:#x} (expected "
@@ -1006,19 +994,20 @@ class NbdClientProtocol:
             raise NbdProtocolError(
                 f"option reply to {option_name(option)} is {length} bytes "
                 f"long; at most {MAX_OPTION_REPLY} is accepted")
-        total = _OPT_REPLY.size + length
+        total = OPT_REPLY.size + length
         if end - pos < total:
             return 0
-        payload = bytes(view[pos + _OPT_REPLY.size:pos + total])
+        payload = bytes(view[pos + OPT_REPLY.size:pos + total])
         self._on_option_reply(option, reply, payload, events)
         return total
 
     def _parse_export_name_reply(self, view: memoryview, pos: int, end: int,
                                  events: list[Event]) -> int:
-        need = _EXPORT_NAME_REPLY.size + (0 if self._no_zeroes else 124)
+        need = EXPORT_NAME_REPLY.size + (0 if self._no_zeroes
+                                         else EXPORT_NAME_PADDING)
         if end - pos < need:
             return 0
-        size, flags = _EXPORT_NAME_REPLY.unpack_from(view, pos)
+        size, flags = EXPORT_NAME_REPLY.unpack_from(view, pos)
         self._enter_transmission(size, flags, events)
         return need
 
@@ -1034,7 +1023,7 @@ class NbdClientProtocol:
                      events: list[Event]) -> int:
         if end - pos < 4:
             return 0
-        (magic,) = _U32.unpack_from(view, pos)
+        (magic,) = U32.unpack_from(view, pos)
         if magic == c.SIMPLE_REPLY_MAGIC:
             return self._parse_simple(view, pos, end, events)
         if magic == c.STRUCTURED_REPLY_MAGIC:
@@ -1050,9 +1039,9 @@ class NbdClientProtocol:
 
     def _parse_simple(self, view: memoryview, pos: int, end: int,
                       events: list[Event]) -> int:
-        if end - pos < _SIMPLE_REPLY.size:
+        if end - pos < SIMPLE_REPLY.size:
             return 0
-        _, error, handle = _SIMPLE_REPLY.unpack_from(view, pos)
+        _, error, handle = SIMPLE_REPLY.unpack_from(view, pos)
         pending = self._lookup(handle, "simple reply")
         if pending.command == c.CMD_READ and self._structured:
             raise NbdProtocolError(
@@ -1074,16 +1063,17 @@ class NbdClientProtocol:
         else:
             del self._inflight[handle]
             events.append(Done(handle))
-        return _SIMPLE_REPLY.size
+        return SIMPLE_REPLY.size
 
     def _parse_chunk(self, view: memoryview, pos: int, end: int,
                      events: list[Event]) -> int:
-        if end - pos < _CHUNK.size:
+        if end - pos < STRUCTURED_REPLY.size:
             return 0
-        _, flags, rtype, handle, length = _CHUNK.unpack_from(view, pos)
+        _, flags, rtype, handle, length = STRUCTURED_REPLY.unpack_from(
+            view, pos)
         pending = self._lookup(handle, "structured reply chunk")
         done = bool(flags & c.REPLY_FLAG_DONE)
-        body = pos + _CHUNK.size
+        body = pos + STRUCTURED_REPLY.size
         avail = end - body
         cmd = pending.command
 
@@ -1103,11 +1093,11 @@ class NbdClientProtocol:
                     f"asked for")
             if avail < 8:
                 return 0
-            (offset,) = _U64.unpack_from(view, body)
+            (offset,) = U64.unpack_from(view, body)
             rel = self._content_range(pending, offset, length - 8, "data")
             self._start_sink(handle, pending, rel, length - 8, done=done,
                              simple=False)
-            return _CHUNK.size + 8
+            return STRUCTURED_REPLY.size + 8
 
         # Every other chunk type is read whole before acting on it.
         if rtype == c.REPLY_TYPE_BLOCK_STATUS:
@@ -1128,7 +1118,7 @@ class NbdClientProtocol:
             self._on_chunk(handle, pending, rtype, payload, done, events)
         finally:
             payload.release()
-        return _CHUNK.size + length
+        return STRUCTURED_REPLY.size + length
 
     def _on_chunk(self, handle: int, pending: _Pending, rtype: int,
                   payload: memoryview, done: bool,
@@ -1152,7 +1142,7 @@ class NbdClientProtocol:
                 raise NbdProtocolError(
                     f"NBD_REPLY_TYPE_OFFSET_HOLE chunk of length {length} "
                     f"(must be 12)")
-            offset, hole = struct.unpack_from(">QI", payload, 0)
+            offset, hole = OFFSET_HOLE.unpack_from(payload, 0)
             if hole == 0:
                 raise NbdProtocolError(
                     "NBD_REPLY_TYPE_OFFSET_HOLE chunk with a hole of size 0")
@@ -1194,7 +1184,7 @@ class NbdClientProtocol:
             raise NbdProtocolError(
                 f"NBD_REPLY_TYPE_BLOCK_STATUS chunk of length {length} "
                 f"(must be 4 plus a positive multiple of 8)")
-        (context_id,) = _U32.unpack_from(payload, 0)
+        (context_id,) = U32.unpack_from(payload, 0)
         if context_id not in self.export.contexts.values():
             raise NbdProtocolError(
                 f"block status for context id {context_id}, which was "
@@ -1206,7 +1196,7 @@ class NbdClientProtocol:
                 f"one reply")
         extents: list[Extent] = []
         left = pending.length
-        for ext_len, ext_flags in _DESCRIPTOR.iter_unpack(payload[4:]):
+        for ext_len, ext_flags in BLOCK_DESCRIPTOR.iter_unpack(payload[4:]):
             if ext_len == 0:
                 raise NbdProtocolError(
                     "block status descriptor of length 0")
@@ -1221,12 +1211,12 @@ class NbdClientProtocol:
     def _on_error_chunk(self, pending: _Pending, rtype: int,
                         payload: memoryview) -> None:
         length = len(payload)
-        if length < _ERROR_HEAD.size:
+        if length < ERROR_HEAD.size:
             raise NbdProtocolError(
                 f"error chunk (type {rtype}) of length {length} is too "
                 f"short (at least 6)")
-        error, msg_len = _ERROR_HEAD.unpack_from(payload, 0)
-        if msg_len > length - _ERROR_HEAD.size:
+        error, msg_len = ERROR_HEAD.unpack_from(payload, 0)
+        if msg_len > length - ERROR_HEAD.size:
             raise NbdProtocolError(
                 f"error chunk message length {msg_len} exceeds the chunk")
         message = _decode(bytes(payload[6:6 + msg_len]))
@@ -1235,7 +1225,7 @@ class NbdClientProtocol:
                 raise NbdProtocolError(
                     f"NBD_REPLY_TYPE_ERROR_OFFSET chunk of length {length} "
                     f"does not hold a {msg_len}-byte message and an offset")
-            (offset,) = _U64.unpack_from(payload, 6 + msg_len)
+            (offset,) = U64.unpack_from(payload, 6 + msg_len)
             if not (pending.offset <= offset
                     < pending.offset + max(pending.length, 1)):
                 raise NbdProtocolError(

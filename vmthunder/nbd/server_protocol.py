@@ -15,21 +15,14 @@ becomes an event: a layer below never sees a request outside its export.
 from __future__ import annotations
 
 import dataclasses
-import struct
 import typing
 
 from vmthunder.nbd import constants as c
-
-_OPT_HEADER = struct.Struct(">QII")          # magic, option, length
-_OPT_REPLY = struct.Struct(">QIII")          # magic, option, type, length
-_REQUEST = struct.Struct(">IHHQQI")          # magic, flags, type, handle,
-#                                              offset, length
-_SIMPLE_REPLY = struct.Struct(">IIQ")        # magic, error, handle
-_STRUCT_REPLY = struct.Struct(">IHHQI")      # magic, flags, type, handle,
-#                                              length
-_U16 = struct.Struct(">H")
-_U32 = struct.Struct(">I")
-_U64 = struct.Struct(">Q")
+from vmthunder.nbd.wire import (BLOCK_DESCRIPTOR, ERROR_HEAD,
+                                EXPORT_NAME_PADDING, EXPORT_NAME_REPLY,
+                                GREETING, INFO_BLOCK_SIZE, INFO_EXPORT,
+                                OPT_HEADER, OPT_REPLY, REQUEST, SIMPLE_REPLY,
+                                STRUCTURED_REPLY, U16, U32, U64)
 
 _KNOWN_COMMANDS = frozenset({
     c.CMD_READ, c.CMD_WRITE, c.CMD_FLUSH, c.CMD_TRIM, c.CMD_WRITE_ZEROES,
@@ -127,8 +120,8 @@ class NbdServerProtocol:
     # -- greeting ---------------------------------------------------------
 
     def greeting(self) -> bytes:
-        return struct.pack(">QQH", c.NBDMAGIC, c.IHAVEOPT,
-                           c.FLAG_FIXED_NEWSTYLE | c.FLAG_NO_ZEROES)
+        return GREETING.pack(c.NBDMAGIC, c.IHAVEOPT,
+                             c.FLAG_FIXED_NEWSTYLE | c.FLAG_NO_ZEROES)
 
     @property
     def awaiting_payload(self) -> int:
@@ -187,7 +180,7 @@ class NbdServerProtocol:
         if self._state == _CLIENT_FLAGS:
             if self._available() < 4:
                 return False
-            (flags,) = _U32.unpack(self._take(4))
+            (flags,) = U32.unpack(self._take(4))
             if not flags & c.FLAG_C_FIXED_NEWSTYLE:
                 raise ProtocolViolation(
                     f"client flags {flags:#x} lack FIXED_NEWSTYLE; only "
@@ -207,30 +200,30 @@ class NbdServerProtocol:
             self._pos += n
             self._discard -= n
             return self._discard == 0 and self._available() > 0
-        if self._available() < _OPT_HEADER.size:
+        if self._available() < OPT_HEADER.size:
             return False
-        magic, option, length = _OPT_HEADER.unpack_from(self._buf, self._pos)
+        magic, option, length = OPT_HEADER.unpack_from(self._buf, self._pos)
         if magic != c.IHAVEOPT:
             raise ProtocolViolation(
                 f"bad option magic {magic:#x} (expected IHAVEOPT)")
         if length > MAX_OPTION_LENGTH:
             # Tell the client and skip the payload as it streams in.
-            self._pos += _OPT_HEADER.size
+            self._pos += OPT_HEADER.size
             out += self._opt_reply(option, c.REP_ERR_TOO_BIG,
                                    f"option length {length} is too big"
                                    .encode())
             self._discard = length
             return True
-        if self._available() < _OPT_HEADER.size + length:
+        if self._available() < OPT_HEADER.size + length:
             return False
-        self._pos += _OPT_HEADER.size
+        self._pos += OPT_HEADER.size
         payload = self._take(length)
         self._handle_option(option, payload, out, events)
         return True
 
     def _opt_reply(self, option: int, rtype: int, data: bytes = b"") -> bytes:
-        return _OPT_REPLY.pack(c.OPT_REPLY_MAGIC, option, rtype,
-                               len(data)) + data
+        return OPT_REPLY.pack(c.OPT_REPLY_MAGIC, option, rtype,
+                              len(data)) + data
 
     def _handle_option(self, option, payload, out, events):
         if option == c.OPT_EXPORT_NAME:
@@ -239,9 +232,9 @@ class NbdServerProtocol:
                 # The only answer EXPORT_NAME allows is a hang-up.
                 raise ProtocolViolation(
                     f"unknown export {payload[:100]!r} (NBD_OPT_EXPORT_NAME)")
-            out += _U64.pack(export.size) + _U16.pack(self._flags(export))
+            out += EXPORT_NAME_REPLY.pack(export.size, self._flags(export))
             if not self._no_zeroes:
-                out += bytes(124)
+                out += bytes(EXPORT_NAME_PADDING)
             self._enter_transmission(export, events)
         elif option == c.OPT_ABORT:
             out += self._opt_reply(option, c.REP_ACK)
@@ -258,7 +251,7 @@ class NbdServerProtocol:
                 raw = name.encode()
                 out += self._opt_reply(
                     option, c.REP_SERVER,
-                    _U32.pack(len(raw)) + raw + export.description.encode())
+                    U32.pack(len(raw)) + raw + export.description.encode())
             out += self._opt_reply(option, c.REP_ACK)
         elif option in (c.OPT_INFO, c.OPT_GO):
             self._handle_info_go(option, payload, out, events)
@@ -296,7 +289,7 @@ class NbdServerProtocol:
     def _parse_name(self, payload: bytes, option: int):
         if len(payload) < 4:
             return None
-        (nlen,) = _U32.unpack_from(payload, 0)
+        (nlen,) = U32.unpack_from(payload, 0)
         if nlen > c.MAX_STRING or 4 + nlen > len(payload):
             return None
         return payload[4:4 + nlen].decode("utf-8", "replace"), 4 + nlen
@@ -312,7 +305,7 @@ class NbdServerProtocol:
             out += self._opt_reply(option, c.REP_ERR_INVALID,
                                    b"missing information request count")
             return
-        (nreq,) = _U16.unpack_from(payload, pos)
+        (nreq,) = U16.unpack_from(payload, pos)
         if len(payload) != pos + 2 + 2 * nreq:
             out += self._opt_reply(option, c.REP_ERR_INVALID,
                                    b"information request list has the "
@@ -324,25 +317,25 @@ class NbdServerProtocol:
                                    f"no export named {name[:100]!r}; "
                                    "NBD_OPT_LIST shows the exports".encode())
             return
-        requested = {_U16.unpack_from(payload, pos + 2 + 2 * i)[0]
+        requested = {U16.unpack_from(payload, pos + 2 + 2 * i)[0]
                      for i in range(nreq)}
         out += self._opt_reply(
             option, c.REP_INFO,
-            _U16.pack(c.INFO_EXPORT) + _U64.pack(export.size)
-            + _U16.pack(self._flags(export)))
+            INFO_EXPORT.pack(c.INFO_EXPORT, export.size,
+                             self._flags(export)))
         if c.INFO_NAME in requested:
             out += self._opt_reply(option, c.REP_INFO,
-                                   _U16.pack(c.INFO_NAME)
+                                   U16.pack(c.INFO_NAME)
                                    + export.name.encode())
         if c.INFO_DESCRIPTION in requested and export.description:
             out += self._opt_reply(option, c.REP_INFO,
-                                   _U16.pack(c.INFO_DESCRIPTION)
+                                   U16.pack(c.INFO_DESCRIPTION)
                                    + export.description.encode())
         # Always sent: it tells clients our payload limit.
         out += self._opt_reply(
             option, c.REP_INFO,
-            struct.pack(">HIII", c.INFO_BLOCK_SIZE, export.min_block,
-                        export.preferred_block, self.max_request))
+            INFO_BLOCK_SIZE.pack(c.INFO_BLOCK_SIZE, export.min_block,
+                                 export.preferred_block, self.max_request))
         out += self._opt_reply(option, c.REP_ACK)
         if option == c.OPT_GO:
             self._enter_transmission(export, events)
@@ -359,13 +352,13 @@ class NbdServerProtocol:
                                    b"malformed meta context request")
             return
         name, pos = parsed
-        (nqueries,) = _U32.unpack_from(payload, pos)
+        (nqueries,) = U32.unpack_from(payload, pos)
         pos += 4
         queries = []
         for _ in range(nqueries):
             if len(payload) < pos + 4:
                 break
-            (qlen,) = _U32.unpack_from(payload, pos)
+            (qlen,) = U32.unpack_from(payload, pos)
             if qlen > c.MAX_STRING or len(payload) < pos + 4 + qlen:
                 break
             queries.append(payload[pos + 4:pos + 4 + qlen].decode(
@@ -397,7 +390,7 @@ class NbdServerProtocol:
             if option == c.OPT_SET_META_CONTEXT:
                 self._meta[ctx_id] = ctx
             out += self._opt_reply(option, c.REP_META_CONTEXT,
-                                   _U32.pack(ctx_id) + ctx.encode())
+                                   U32.pack(ctx_id) + ctx.encode())
         out += self._opt_reply(option, c.REP_ACK)
 
     def _enter_transmission(self, export: ExportInfo, events: list) -> None:
@@ -436,15 +429,15 @@ class NbdServerProtocol:
             events.append(Request(c.CMD_WRITE, flags, handle, offset, length,
                                   data))
             return True
-        if self._available() < _REQUEST.size:
+        if self._available() < REQUEST.size:
             return False
-        magic, flags, cmd, handle, offset, length = _REQUEST.unpack_from(
+        magic, flags, cmd, handle, offset, length = REQUEST.unpack_from(
             self._buf, self._pos)
         if magic != c.REQUEST_MAGIC:
             raise ProtocolViolation(
                 f"bad request magic {magic:#x}; cannot find the next "
                 "request, hanging up")
-        self._pos += _REQUEST.size
+        self._pos += REQUEST.size
         if cmd == c.CMD_DISC:
             self._state = _CLOSED
             events.append(Closed("client sent NBD_CMD_DISC"))
@@ -503,40 +496,40 @@ class NbdServerProtocol:
 
     def reply_ok(self, handle: int) -> bytes:
         if self.structured:
-            return _STRUCT_REPLY.pack(c.STRUCTURED_REPLY_MAGIC,
-                                      c.REPLY_FLAG_DONE, c.REPLY_TYPE_NONE,
-                                      handle, 0)
-        return _SIMPLE_REPLY.pack(c.SIMPLE_REPLY_MAGIC, 0, handle)
+            return STRUCTURED_REPLY.pack(c.STRUCTURED_REPLY_MAGIC,
+                                         c.REPLY_FLAG_DONE,
+                                         c.REPLY_TYPE_NONE, handle, 0)
+        return SIMPLE_REPLY.pack(c.SIMPLE_REPLY_MAGIC, 0, handle)
 
     def reply_read_header(self, handle: int, offset: int,
                           length: int) -> bytes:
         """Header to send right before ``length`` bytes of read data."""
         if self.structured:
-            return _STRUCT_REPLY.pack(
+            return STRUCTURED_REPLY.pack(
                 c.STRUCTURED_REPLY_MAGIC, c.REPLY_FLAG_DONE,
                 c.REPLY_TYPE_OFFSET_DATA, handle, 8 + length) \
-                + _U64.pack(offset)
-        return _SIMPLE_REPLY.pack(c.SIMPLE_REPLY_MAGIC, 0, handle)
+                + U64.pack(offset)
+        return SIMPLE_REPLY.pack(c.SIMPLE_REPLY_MAGIC, 0, handle)
 
     def reply_error(self, handle: int, err: int, message: str = "") -> bytes:
         if self.structured:
             msg = message.encode()[:4096]
-            payload = _U32.pack(err) + _U16.pack(len(msg)) + msg
-            return _STRUCT_REPLY.pack(
+            payload = ERROR_HEAD.pack(err, len(msg)) + msg
+            return STRUCTURED_REPLY.pack(
                 c.STRUCTURED_REPLY_MAGIC, c.REPLY_FLAG_DONE,
                 c.REPLY_TYPE_ERROR, handle, len(payload)) + payload
-        return _SIMPLE_REPLY.pack(c.SIMPLE_REPLY_MAGIC, err, handle)
+        return SIMPLE_REPLY.pack(c.SIMPLE_REPLY_MAGIC, err, handle)
 
     def reply_block_status(self, handle: int, extents_by_id: dict) -> bytes:
         """One chunk per context; ``extents_by_id``: id -> [(len, flags)]."""
         out = bytearray()
         items = list(extents_by_id.items())
         for i, (ctx_id, extents) in enumerate(items):
-            payload = _U32.pack(ctx_id) + b"".join(
-                struct.pack(">II", length, flags)
+            payload = U32.pack(ctx_id) + b"".join(
+                BLOCK_DESCRIPTOR.pack(length, flags)
                 for length, flags in extents)
             done = c.REPLY_FLAG_DONE if i == len(items) - 1 else 0
-            out += _STRUCT_REPLY.pack(c.STRUCTURED_REPLY_MAGIC, done,
-                                      c.REPLY_TYPE_BLOCK_STATUS, handle,
-                                      len(payload)) + payload
+            out += STRUCTURED_REPLY.pack(c.STRUCTURED_REPLY_MAGIC, done,
+                                         c.REPLY_TYPE_BLOCK_STATUS, handle,
+                                         len(payload)) + payload
         return bytes(out)
