@@ -33,6 +33,7 @@ import pytest
 from tests.functional.conftest import READY_RE, REPO, Served, make_image, need
 from tests.functional.iscsi_fixtures import (  # noqa: F401
     free_port, need_tgtd, tgtd)
+from tests.waiting import wait_until
 from vmthunder import opts as opts_mod
 from vmthunder.volume import tgt as tgt_mod
 from vmthunder.volume.manifest import build_manifest
@@ -244,7 +245,11 @@ def test_target_restart_while_reading_completes_with_correct_data(
              "-r", "16M", uri, out], stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT, text=True)
         try:
-            time.sleep(0.8)
+            # A sixth of the image copied (the rest takes ~2.5 s more).
+            wait_until(lambda: reader.poll() is not None or (
+                os.path.exists(out)
+                and os.stat(out).st_blocks * 512 >= 8 * MiB),
+                "the reader to be under way", timeout=20)
             assert reader.poll() is None, "reader finished before the outage"
             t_down = time.monotonic()
             daemon.stop()

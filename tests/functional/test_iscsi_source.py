@@ -23,6 +23,7 @@ import time
 import pytest
 
 from tests.functional.iscsi_fixtures import free_port, tgtd  # noqa: F401
+from tests.waiting import until, wait_until
 from vmthunder.blockdev import BlockError
 from vmthunder.volume import libiscsi
 from vmthunder.volume.iscsi_source import IscsiSource
@@ -181,8 +182,10 @@ def test_reads_in_flight_are_bounded_and_cancel_safe(tgtd, tmp_path):  # noqa
             assert 1 <= peak <= 4
             # A caller that gives up leaves the connection consistent.
             for _ in range(5):
+                issued = src.stats()["commands"]
                 t = asyncio.ensure_future(src.read(MiB, 4 * MiB))
-                await asyncio.sleep(0.001)
+                await until(lambda: src.stats()["commands"] > issued,
+                            "the read's commands in flight")
                 t.cancel()
                 with pytest.raises(asyncio.CancelledError):
                     await t
@@ -373,10 +376,18 @@ def test_second_portal_when_first_is_dead(tgtd, tmp_path):  # noqa: F811
 
 # -- target restarts -----------------------------------------------------
 
-def bounce(daemon, after: float, down_for: float, crash: bool):
-    """Stop tgtd ``after`` s from now, start it ``down_for`` s later."""
+def reads_going(src, reads: int = 8):
+    """A condition: ``reads`` reads done and more in flight."""
+    def check():
+        stats = src.stats()
+        return stats["reads"] >= reads and stats["in_flight"] > 0
+    return check
+
+
+def bounce(daemon, ready, down_for: float, crash: bool):
+    """Stop tgtd once ``ready()`` holds, start it ``down_for`` s later."""
     def go():
-        time.sleep(after)
+        wait_until(ready, "reads before the outage", timeout=10)
         daemon.kill() if crash else daemon.stop()
         time.sleep(down_for)
         daemon.start()
@@ -412,7 +423,7 @@ def test_target_restart_during_reads(tgtd, tmp_path, crash):  # noqa: F811
         src = await IscsiSource.open(daemon.url(target, 1),
                                      reconnect_timeout=20)
         try:
-            thread = bounce(daemon, 0.5, 2.0, crash)
+            thread = bounce(daemon, reads_going(src), 2.0, crash)
             latencies = await read_stream(src, data, time.monotonic() + 4.5)
             await asyncio.to_thread(thread.join)
             assert daemon.exits == [-9 if crash else 0]
@@ -442,7 +453,7 @@ def test_hung_target_is_detected_by_the_command_timeout(tgtd,  # noqa
                                      command_timeout=2, reconnect_timeout=10)
         try:
             def freeze():
-                time.sleep(0.3)
+                wait_until(reads_going(src, 4), "reads before the freeze")
                 os.kill(daemon.proc.pid, signal.SIGSTOP)
                 time.sleep(3)
                 os.kill(daemon.proc.pid, signal.SIGCONT)
@@ -513,7 +524,8 @@ def test_reconnect_moves_to_the_next_portal(tgtd, tmp_path):  # noqa: F811
             assert src.describe().endswith(first.portal)
             reads = asyncio.ensure_future(
                 read_stream(src, data, time.monotonic() + 2.0, workers=4))
-            await asyncio.sleep(0.5)
+            await until(reads_going(src, 4), "reads on the first portal",
+                        timeout=1.5)
             first.kill()
             await reads
             assert src.describe().endswith(second.portal)

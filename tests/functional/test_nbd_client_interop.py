@@ -25,6 +25,8 @@ from vmthunder.nbd.client import (NbdClient, NbdConnectionError,
                                   NbdHandshakeError, NbdSource,
                                   list_exports, open_nbd, parse_nbd_uri)
 
+from tests.waiting import until
+
 MiB = 1024 * 1024
 SEED = int(os.environ.get("VMTHUNDER_TEST_SEED", time.time_ns() % 100000))
 
@@ -531,8 +533,9 @@ def test_server_dies_with_requests_in_flight(nbd_server, image):
         client = await open_nbd(server.address, server.export)
         reads = [asyncio.ensure_future(client.read(i * 4096, 4096))
                  for i in range(4)]
-        await asyncio.sleep(0.3)
-        assert client.in_flight == 4
+        # Sent (the server holds every read 2 s), none answered.
+        await until(lambda: client.in_flight == 4, "4 reads in flight")
+        assert not any(r.done() for r in reads)
         server.proc.kill()
         results = await asyncio.gather(*reads, return_exceptions=True)
         for r in results:

@@ -16,11 +16,11 @@ import signal
 import subprocess
 import sys
 import tempfile
-import time
 
 import pytest
 
 from tests.functional.conftest import REPO, make_image, need
+from tests.waiting import wait_until
 
 MiB = 1024 * 1024
 SIZE = 32 * MiB
@@ -109,17 +109,6 @@ def chunks_of(ranges) -> set:
     return {i for offset, length in ranges
             for i in range(offset // CHUNK, (offset + length - 1) // CHUNK
                            + 1)}
-
-
-def wait_for(predicate, what, timeout=10.0):
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"timed out waiting for {what}")
-        time.sleep(0.1)
 
 
 def live_stats(served) -> dict:
@@ -376,14 +365,14 @@ def test_nbdinfo_cache_map_shows_exactly_the_chunks_read(serve, image):
     assert len(want) == 1 + 2 + 5 + 1 + 1
     qemu_io(uri, *(f"read {o} {n}" for o, n in ranges), read_only=True)
     # A chunk is marked once its data is durable, just after the read.
-    wait_for(lambda: cached_chunks(uri) == want,
-             f"the cache map to show chunks {sorted(want)}")
+    wait_until(lambda: cached_chunks(uri) == want,
+               f"the cache map to show chunks {sorted(want)}")
     assert cached_chunks(uri) == want
     # base:allocation is not affected by what is cached.
     assert nbdinfo_map(uri) == [(0, HOLE_AT, 0), (HOLE_AT, SIZE - HOLE_AT,
                                                   3)]
     # The stats file (rewritten every second) agrees.
-    wait_for(lambda: live_stats(served).get("cache", {}).get(
+    wait_until(lambda: live_stats(served).get("cache", {}).get(
         "chunks_present") == len(want), "the stats file to catch up")
     assert served.stop() == 0
     cache = served.stats()["cache"]

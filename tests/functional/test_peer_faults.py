@@ -382,9 +382,12 @@ def agents(net, tmp_path):
     # A SIGKILLed agent leaves its member entry until its lease expires
     # (membership_timeout=3): let it go before the next test's agents
     # look for peers.
-    if any(a.proc is not None and a.proc.returncode == -signal.SIGKILL
-           for a in started):
-        time.sleep(3.5)
+    crashed = {a.host.name for a in started
+               if a.proc is not None and a.proc.returncode == -signal.SIGKILL}
+    if crashed:
+        wait_for(lambda: not crashed & set(net.members(net.hosts[0])),
+                 f"the member entries of {sorted(crashed)} to expire",
+                 timeout=15, poll=0.25)
     # Faults are the peers' business, never an internal error of an agent
     # (a request handler's exception is logged as ERROR with a traceback).
     problems = [f"{agent.host.name}: {line}" for agent in started

@@ -21,6 +21,7 @@ import pytest
 from tests.functional.conftest import REPO, make_image
 from tests.functional.test_agent import (
     nbd, read_file, start_agent, wait_status)
+from tests.waiting import until
 from vmthunder.agent.client import AgentError, _UnixConnection
 from vmthunder.bench import trace as trace_mod
 
@@ -317,12 +318,15 @@ def test_precache_running_twice_and_cancelled_by_detach(tmp_path):
 
             first, started = await agent.precache("base")
             assert started and first["chunks_total"] == 16
-            await asyncio.sleep(0.01)
+            await until(lambda: reads, "the precache to read")
             again, started = await agent.precache("base", "/nonexistent")
             assert not started and again["state"] == "running"
             assert again["trace"] is None
-            # Runs of 4 chunks (1 MiB), in order, at most 4 at a time.
-            await asyncio.sleep(0.02)
+            # Runs of 4 chunks (1 MiB), in order, at most 4 at a time
+            # (each read takes 50 ms: none ends while these start).
+            await until(lambda: len(reads) >= 4, "4 reads in flight")
+            for _ in range(3):
+                await asyncio.sleep(0)
             assert sorted(reads) == [0, 4, 8, 12], reads
             run = agent.images["base"].precache
             await agent.detach_image("base")

@@ -14,6 +14,8 @@ from vmthunder.cache import cache_layer
 from vmthunder.cache.cache_layer import CacheInUse, CacheLayer
 from vmthunder.volume.file_source import FileSource
 
+from tests.waiting import until
+
 CS = 4096                       # chunk size used by most tests
 SIZE = 37 * CS + 1234           # the last chunk is short
 
@@ -206,7 +208,9 @@ def test_a_cancelled_reader_does_not_cancel_the_shared_fetch(tmp_path):
         layer = CacheLayer(src, str(tmp_path / "cache"), chunk_size=CS)
         first = asyncio.ensure_future(layer.read(2 * CS, 10))
         second = asyncio.ensure_future(layer.read(2 * CS, CS))
-        await asyncio.sleep(0.01)
+        # Both readers wait for the one fetch (its delay is 50 ms).
+        await until(lambda: src.calls, "the fetch to start")
+        assert not first.done() and not second.done()
         first.cancel()
         assert bytes(await second) == image[2 * CS:3 * CS]
         with pytest.raises(asyncio.CancelledError):

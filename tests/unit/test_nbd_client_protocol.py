@@ -534,9 +534,27 @@ def test_eof_with_requests_in_flight():
 
 
 def test_clean_eof_after_disconnect():
+    """EOF after NBD_CMD_DISC with nothing in flight is the clean end of
+    the connection: no error, the protocol is finished and stays so."""
+    # The same EOF without the disconnect is an error.
+    with pytest.raises(NbdProtocolError,
+                       match="^server closed the connection$"):
+        connected().eof_received()
     p = connected()
+    assert parse_request(p.disconnect())[1] == c.CMD_DISC
+    assert p.in_flight == 0 and p.phase == "transmission"
+    p.eof_received()                    # no exception
+    assert p.phase == "finished"
+    p.eof_received()                    # a second EOF is still clean
+    assert p.phase == "finished"
+    with pytest.raises(RuntimeError, match="NBD_CMD_DISC"):
+        p.read(0, 1)
+    # A disconnect does not excuse a request still waiting for its reply.
+    p = connected()
+    p.read(0, 100)
     p.disconnect()
-    p.eof_received()
+    with pytest.raises(NbdProtocolError, match="1 request"):
+        p.eof_received()
 
 
 def test_chunk_outside_requested_range():

@@ -24,6 +24,8 @@ from vmthunder.peers.volume import ImageVolume, StaticOwners, StaticPeers
 from vmthunder.volume.file_source import FileSource
 from vmthunder.volume.manifest import build_manifest
 
+from tests.waiting import until
+
 CS = 4096
 SIZE = 1024 * 1024 - 1000          # 256 chunks, the last one short
 
@@ -524,7 +526,8 @@ def test_unrooted_fetch_is_neither_offered_nor_waited_for(tmp_path, image):
                            verify=manifest.verify)
         export = PeerExport(cache)
         fetching = asyncio.ensure_future(cache.read(*span(2, 4)))
-        await asyncio.sleep(0.05)
+        await until(lambda: cache.chunk_states(2, 4)
+                    == [cache_layer.FETCHING] * 2, "chunks 2-3 in flight")
         rooted.add(3)
         ext = await export.block_status(*span(0, 4),
                                         blockdev.VMTHUNDER_CACHE)

@@ -9,6 +9,8 @@ import socket
 
 from vmthunder.nbd.writer import FileRange, ReplyWriter
 
+from tests.waiting import until
+
 
 def _pair():
     a, b = socket.socketpair()
@@ -70,8 +72,8 @@ def test_short_file_fails_the_connection(tmp_path):
         writer = ReplyWriter(loop, a, on_error=errors.append,
                              on_pressure=lambda on: None)
         writer.write(b"hdr", FileRange(fd, 500, 1000))   # 500 bytes short
-        await asyncio.sleep(0.01)
-        assert errors and "short" in errors[0]
+        await until(lambda: errors, "the short read to fail the writer")
+        assert len(errors) == 1 and "short" in errors[0]
         assert writer.closed
         writer.write(b"ignored after close")
         b.close()
@@ -89,14 +91,15 @@ def test_on_drained_runs_once_queue_is_empty():
         writer = ReplyWriter(loop, a, on_error=lambda r: None,
                              on_pressure=lambda on: None)
         writer.write(b"z" * (1 << 20))
-        await asyncio.sleep(0.01)
-        assert writer.queued_bytes > 0
+        # More than a socket buffer: the rest waits in the writer's queue.
+        await until(lambda: writer.queued_bytes > 0, "a backlog")
         writer.on_drained = lambda: drained.append(True)
         got = 0
         while got < 1 << 20:
             got += len(await asyncio.wait_for(loop.sock_recv(b, 65536), 10))
-        await asyncio.sleep(0.05)
-        assert drained == [True]
+        await until(lambda: drained, "on_drained")
+        await asyncio.sleep(0)
+        assert drained == [True] and writer.queued_bytes == 0
         writer.close()
         b.close()
 

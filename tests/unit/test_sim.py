@@ -2,7 +2,6 @@
 
 import json
 import math
-import time
 
 import pytest
 
@@ -153,11 +152,15 @@ def test_direct_fluid_fallback_is_labelled_and_bounded(trace):
 
 def test_hundred_hosts_lazy_is_fast_and_origin_bound():
     t = sim.synthetic_trace(50 * MiB, 1500, 30.0, 2048 * MiB)
-    t0 = time.perf_counter()
     r = sim.simulate(t, t.boot_s, t.image_size, t.image_size, 100, 10,
                      "lazy", 200e6, 1e9)
-    assert time.perf_counter() - t0 < 5
     assert r["vms"] == 1000
+    # Fast (not timed here: a loaded machine makes wall time noise)
+    # because the 10 identical VMs of a host are simulated once: the work,
+    # in events handled, grows with the hosts, not with the VMs (about 6
+    # times more with merge_identical=False).
+    per_host = r["candidates_per_vm"] + r["working_set_chunks"]
+    assert 0 < r["events"] <= 2 * 100 * per_host, r["events"]
     total = r["origin_bytes"]
     assert total == 100 * r["working_set_chunk_bytes"]
     # Origin-bound: everything crossed the 25 MB/s link.
