@@ -17,6 +17,7 @@ import signal
 import sys
 import time
 
+from vmthunder.blockdev import BlockError
 from vmthunder.cache.cache_layer import CacheLayer
 from vmthunder.cache.snapshot import SnapshotLayer
 from vmthunder.nbd.address import Address
@@ -183,7 +184,13 @@ class ServeJob:
     def flush_traces(self) -> None:
         for export in self.server.exports.values() if self.server else ():
             if export.recorder is not None:
-                export.recorder.flush()
+                try:
+                    export.recorder.flush()
+                except OSError as exc:
+                    # That second of the trace is lost; serving goes on.
+                    LOG.warning("trace of export %r: could not write %s: "
+                                "%s", export.name,
+                                export.recorder.part_path, exc)
 
     def stats(self) -> dict:
         return {
@@ -199,24 +206,47 @@ class ServeJob:
         if not self.config.stats_file:
             return
         tmp = self.config.stats_file + ".tmp"
-        with open(tmp, "w") as f:
-            json.dump(self.stats(), f, indent=1)
-        os.replace(tmp, self.config.stats_file)
+        try:
+            with open(tmp, "w") as f:
+                json.dump(self.stats(), f, indent=1)
+            os.replace(tmp, self.config.stats_file)
+        except OSError as exc:
+            # The previous stats file stays whole; the next write retries.
+            LOG.warning("could not write the stats file %s: %s",
+                        self.config.stats_file, exc)
 
     async def stop(self) -> None:
+        """Close everything; a part that fails (a full disk) is logged
+        and the others are still closed: each layer's files stay
+        consistent on their own (marks never precede their data)."""
         if self.server is not None:
             await self.server.close()
             for export in self.server.exports.values():
                 if export.recorder is not None:
-                    trace = export.recorder.close()
+                    try:
+                        trace = export.recorder.close()
+                    except (OSError, ValueError) as exc:
+                        LOG.error("trace of export %r: could not write %s: "
+                                  "%s", export.name, export.recorder.path,
+                                  exc)
+                        continue
                     if trace is not None:
                         LOG.info("trace of export %r: %d requests in %s",
                                  export.name, len(trace.requests),
                                  export.recorder.path)
         for snap in self.snapshots.values():
-            await snap.close()
+            try:
+                await snap.close()
+            except (OSError, BlockError) as exc:
+                LOG.error("snapshot %r: closing it failed: %s; what the VM "
+                          "flushed before is kept, its writes since its "
+                          "last flush may be lost", snap.name, exc)
         if self.cache is not None:
-            await self.cache.close()
+            try:
+                await self.cache.close()
+            except (OSError, BlockError) as exc:
+                LOG.error("%s: closing it failed: %s", self.cache.describe(),
+                          exc)
         self.write_stats()
 
 

@@ -306,3 +306,89 @@ def test_no_marker_means_the_end_of_the_io():
 def test_device_too_small_is_refused():
     with pytest.raises(ValueError, match="replay it against its own image"):
         run_replay(chain_trace(), SlowMemory(0, size=8192))
+
+
+# -- chunks of huge reads; loading within limits (issue 10) ---------------
+
+def _naive_chunks(t, cs):
+    seen = {}
+    for r in t.reads():
+        if r.length:
+            for i in range(r.offset // cs, (r.offset + r.length - 1) // cs
+                           + 1):
+                seen.setdefault(i, None)
+    return list(seen)
+
+
+def test_chunks_are_the_first_touch_order_of_the_plain_walk():
+    import random
+    rng = random.Random(7)
+    for _ in range(300):
+        reqs = []
+        for n in range(rng.randint(0, 30)):
+            off = rng.randrange(SIZE)
+            length = rng.choice([0, 1, 512, 4096, rng.randrange(SIZE - off
+                                                                + 1)])
+            reqs.append(Rq(rng.random(), 1.0, rng.choice("RRRW"), off,
+                           min(length, SIZE - off)))
+        t = make(reqs)
+        for cs in (512, 4096, 65536):
+            assert t.chunks(cs) == _naive_chunks(t, cs)
+            flat = [i for a, b in t.chunk_runs(cs) for i in range(a, b)]
+            assert flat == t.chunks(cs)
+
+
+def test_chunk_runs_of_a_huge_read_cost_nothing():
+    huge = 1 << 62
+    t = tr.Trace({"format": tr.FORMAT, "version": tr.VERSION,
+                  "image_size": huge},
+                 [Rq(0.0, 1.0, "R", 4096, huge - 4096),
+                  Rq(0.5, 1.0, "R", 0, 8192)])
+    assert t.chunk_runs(4096) == [(1, huge // 4096), (0, 1)]
+
+
+def test_load_refuses_what_is_not_a_regular_file(tmp_path):
+    fifo = tmp_path / "t.trace"
+    os.mkfifo(fifo)
+    for path, kind in ((str(fifo), "a FIFO"), (str(tmp_path), "a directory"),
+                       ("/dev/zero", "a character device")):
+        with pytest.raises(tr.TraceError,
+                           match=f"not a regular file \\({kind}\\)"):
+            tr.load(path)
+
+
+def test_load_limits(tmp_path):
+    good = [HEADER] + ["0 0.1 R 0 512"] * 10
+    plain = write_lines(tmp_path / "t", *good)
+    size = os.path.getsize(plain)
+    gz = str(tmp_path / "t.gz")
+    with gzip.open(gz, "wb") as f:
+        f.write(("\n".join(good) + "\n").encode())
+    # At the limits: read.
+    assert len(tr.load(plain, max_file_bytes=size, max_text_bytes=size,
+                       max_requests=10).requests) == 10
+    assert len(tr.load(gz, max_text_bytes=size).requests) == 10
+    for path, kwargs, message in [
+            (plain, dict(max_file_bytes=size - 1),
+             f"has {size} bytes; traces of at most {size - 1} bytes"),
+            (plain, dict(max_text_bytes=size - 1),
+             f"more than {size - 1} bytes"),
+            (gz, dict(max_text_bytes=size - 1),
+             f"more than {size - 1} bytes once decompressed"),
+            (plain, dict(max_requests=9), "more than 9 requests")]:
+        with pytest.raises(tr.TraceTooLarge, match=message):
+            tr.load(path, **kwargs)
+
+
+def test_long_bad_lines_are_cut_in_the_message(tmp_path):
+    path = write_lines(tmp_path / "t", HEADER, "x" * 100000)
+    with pytest.raises(tr.TraceError) as info:
+        tr.load(path)
+    assert len(str(info.value)) < 300
+    assert "(100000 characters)" in str(info.value)
+
+
+def test_deeply_nested_header_is_a_trace_error(tmp_path):
+    path = write_lines(tmp_path / "t", "[" * 100000 + "]" * 100000)
+    with pytest.raises(tr.TraceError, match="nested too deeply"):
+        tr.load(path)

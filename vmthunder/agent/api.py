@@ -29,6 +29,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 
 from aiohttp import web
 
@@ -37,6 +38,11 @@ from vmthunder.agent.service import Agent, AgentError
 LOG = logging.getLogger(__name__)
 
 MAX_BODY = 64 * 1024
+# Request bodies are flat objects; nesting deeper than this is refused
+# (400) before the JSON is parsed: json.loads recurses once per level,
+# and a 64 KiB body holds 32768 of them.
+MAX_JSON_DEPTH = 32
+_JSON_SPECIAL = re.compile(rb'[\[\]{}"\\]')
 PATHS = ("/images, /images/NAME, /images/NAME/precache, /vms, /vms/NAME, "
          "/status")
 EXAMPLES = {
@@ -83,17 +89,58 @@ async def _errors(request: web.Request, handler):
                           "log")
 
 
+def _json_depth(raw: bytes) -> int:
+    """How deep ``raw``'s brackets nest (outside strings), counting no
+    further than MAX_JSON_DEPTH + 1; linear, looking only at brackets,
+    quotes and backslashes."""
+    depth = deepest = 0
+    in_string = False
+    escape_at = -2              # where the last escaping backslash was
+    for m in _JSON_SPECIAL.finditer(raw):
+        pos, char = m.start(), m.group()
+        if in_string:
+            if escape_at == pos - 1:
+                escape_at = -2          # this byte is escaped
+            elif char == b"\\":
+                escape_at = pos
+            elif char == b'"':
+                in_string = False
+        elif char == b'"':
+            in_string = True
+        elif char in (b"[", b"{"):
+            depth += 1
+            deepest = max(deepest, depth)
+            if deepest > MAX_JSON_DEPTH:
+                break
+        elif char in (b"]", b"}"):
+            depth -= 1
+    return deepest
+
+
+def _loads(raw: bytes, example: str):
+    """The JSON value of a request body; AgentError(400) saying what is
+    wrong (not JSON, or nested too deeply)."""
+    too_deep = AgentError(400, f"request body is JSON nested more than "
+                               f"{MAX_JSON_DEPTH} levels deep; send a flat "
+                               f"object like {example}")
+    if _json_depth(raw) > MAX_JSON_DEPTH:
+        raise too_deep
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise too_deep from None
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise AgentError(400, f"request body is not valid JSON ({exc}); "
+                              f"send an object like {example}") from None
+
+
 async def _body(request: web.Request, fields: tuple[str, ...],
                 optional: tuple[str, ...] = ()) -> dict:
     """The request's JSON object with exactly ``fields``, all strings,
     and maybe ``optional`` ones (any type: the caller checks them)."""
     example = EXAMPLES[f"{request.method} {request.path}"]
     raw = await request.read()
-    try:
-        body = json.loads(raw)
-    except (ValueError, UnicodeDecodeError) as exc:
-        raise AgentError(400, f"request body is not valid JSON ({exc}); "
-                              f"send an object like {example}") from None
+    body = _loads(raw, example)
     if not isinstance(body, dict):
         raise AgentError(400, f"request body must be a JSON object like "
                               f"{example}, not {type(body).__name__}")
@@ -134,12 +181,7 @@ def make_app(agent: Agent) -> web.Application:
         raw = await request.read()
         body = {}
         if raw.strip():
-            try:
-                body = json.loads(raw)
-            except (ValueError, UnicodeDecodeError) as exc:
-                raise AgentError(400, f"request body is not valid JSON "
-                                      f"({exc}); send an object like "
-                                      f"{example}") from None
+            body = _loads(raw, example)
             if not isinstance(body, dict):
                 raise AgentError(400, f"request body must be a JSON object "
                                       f"like {example}, not "

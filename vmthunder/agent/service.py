@@ -90,6 +90,15 @@ class AgentConfig:
 # share of the cache's write slots) are not starved.
 PRECACHE_RUN_BYTES = 1024 * 1024
 PRECACHE_PARALLEL = 4
+# A boot trace named in a precache request is read only when it is a
+# regular file of at most PRECACHE_TRACE_MAX_FILE_BYTES, at most
+# PRECACHE_TRACE_MAX_TEXT_BYTES once decompressed, with at most
+# PRECACHE_TRACE_MAX_REQUESTS requests (a systemd boot is ~1000; each
+# costs ~200 bytes while loaded): bigger is refused (400), never read
+# whole. Whatever the file, the agent's memory and time stay bounded.
+PRECACHE_TRACE_MAX_FILE_BYTES = 16 * 1024 * 1024
+PRECACHE_TRACE_MAX_TEXT_BYTES = 32 * 1024 * 1024
+PRECACHE_TRACE_MAX_REQUESTS = 250_000
 
 
 class Precache:
@@ -943,27 +952,32 @@ class Agent:
         image = self._attached(image_name)
         if image.precache is not None and image.precache.running:
             return image.precache.progress(), False
-        trace_chunks = None
+        trace_runs = None
         if trace_path is not None:
-            trace_chunks = await self._trace_chunks(image, trace_path)
+            trace_runs = await self._trace_chunks(image, trace_path)
         async with self._lock:
             # The image may have gone or changed while the trace loaded.
             image = self._attached(image_name)
             if image.precache is not None and image.precache.running:
                 return image.precache.progress(), False
             cache = image.cache
-            if trace_chunks is None:
+            if trace_runs is None:
                 order = list(range(cache.chunks))
             else:
-                order = trace_chunks
-                beyond = [i for i in order if i >= cache.chunks]
+                # Checked run by run: a trace may claim a read of an
+                # exabyte, which must not be listed chunk by chunk.
+                beyond = [(max(first, cache.chunks), end)
+                          for first, end in trace_runs if end > cache.chunks]
                 if beyond:
                     raise AgentError(
                         400, f"trace {trace_path} reads chunk(s) "
-                        f"{_chunk_list(beyond)} of {cache.chunk_size} bytes, "
+                        f"{_run_list(beyond)} of {cache.chunk_size} bytes, "
                         f"beyond image {image_name!r} ({cache.size} bytes, "
                         f"{cache.chunks} chunks); is it a trace of this "
                         "image?")
+                order = []
+                for first, end in trace_runs:
+                    order.extend(range(first, end))
             run = Precache(image, order, trace_path)
             image.precache = run
             run.start()
@@ -973,9 +987,11 @@ class Agent:
                      run.chunks_total, run.bytes_total, run.chunks_selected)
             return run.progress(), True
 
-    async def _trace_chunks(self, image: Image, path) -> list[int]:
+    async def _trace_chunks(self, image: Image, path) -> list[tuple]:
         """The chunks (of ``image``'s cache) trace ``path`` reads, in
-        first-touch order; AgentError(400) naming what is wrong."""
+        first-touch order, as runs (first, end); AgentError(400) naming
+        what is wrong. The file is read and parsed in a thread, within
+        the PRECACHE_TRACE_MAX_* limits (a regular file only)."""
         from vmthunder.bench import trace as trace_mod
         if not isinstance(path, str) or not path:
             raise AgentError(400, "trace must be the absolute path of a "
@@ -984,12 +1000,19 @@ class Agent:
             raise AgentError(400, f"trace {path!r} is a relative path; give "
                                   "an absolute path (the agent does not run "
                                   "in your working directory)")
+        chunk_size = image.cache.chunk_size
+
+        def load() -> list[tuple]:
+            return trace_mod.load(
+                path, max_file_bytes=PRECACHE_TRACE_MAX_FILE_BYTES,
+                max_text_bytes=PRECACHE_TRACE_MAX_TEXT_BYTES,
+                max_requests=PRECACHE_TRACE_MAX_REQUESTS,
+            ).chunk_runs(chunk_size)
         try:
-            trace = await asyncio.to_thread(trace_mod.load, path)
+            return await asyncio.to_thread(load)
         except trace_mod.TraceError as exc:
             raise AgentError(400, f"cannot precache image {image.name!r} "
                                   f"from trace: {exc}") from None
-        return trace.chunks(image.cache.chunk_size)
 
     def _attached(self, name: str) -> Image:
         image = self._image(name)
@@ -1126,7 +1149,14 @@ def _message(exc: BaseException) -> str:
     return str(exc) or type(exc).__name__
 
 
-def _chunk_list(indices: list[int], most: int = 5) -> str:
-    shown = ", ".join(str(i) for i in indices[:most])
-    return shown + (f" (and {len(indices) - most} more)"
-                    if len(indices) > most else "")
+def _run_list(runs: list[tuple[int, int]], most: int = 5) -> str:
+    """The first ``most`` chunks of ``runs`` ((first, end) each) and how
+    many more, without listing them all (a run may be huge)."""
+    shown = []
+    for first, end in runs:
+        shown.extend(range(first, min(end, first + most - len(shown))))
+        if len(shown) >= most:
+            break
+    more = sum(end - first for first, end in runs) - len(shown)
+    return ", ".join(map(str, shown)) + (f" (and {more} more)" if more
+                                         else "")

@@ -31,8 +31,11 @@ from __future__ import annotations
 import argparse
 import datetime
 import gzip
+import heapq
+import io
 import json
 import os
+import stat
 import sys
 import time
 import typing
@@ -51,6 +54,10 @@ _OP_OF_COMMAND = {c.CMD_READ: "R", c.CMD_WRITE: "W", c.CMD_FLUSH: "F",
 
 class TraceError(ValueError):
     """A trace file is missing, unreadable or malformed."""
+
+
+class TraceTooLarge(TraceError):
+    """A trace file is over a limit :func:`load` was given."""
 
 
 class Request(typing.NamedTuple):
@@ -103,14 +110,45 @@ class Trace:
     def chunks(self, chunk_size: int) -> list[int]:
         """Indices of the chunks read, each once, in first-touch order:
         the order to precache them in."""
-        seen: dict[int, None] = {}
-        for r in self.reads():
-            if r.length:
-                first = r.offset // chunk_size
-                last = (r.offset + r.length - 1) // chunk_size
-                for i in range(first, last + 1):
-                    seen.setdefault(i, None)
-        return list(seen)
+        order: list[int] = []
+        for first, end in self.chunk_runs(chunk_size):
+            order.extend(range(first, end))
+        return order
+
+    def chunk_runs(self, chunk_size: int) -> list[tuple[int, int]]:
+        """:meth:`chunks` as runs ``(first, end)`` of consecutive chunks.
+
+        Time and memory grow with the number of reads, not with their
+        lengths (a read may cover a huge image): the chunk axis is cut at
+        every read's edges, and each piece goes to the earliest read
+        covering it (a sweep keeping the reads that cover the current
+        point in a heap).
+        """
+        spans = [(r.offset // chunk_size,
+                  (r.offset + r.length - 1) // chunk_size + 1)
+                 for r in self.reads() if r.length]
+        edges = sorted({edge for span in spans for edge in span})
+        by_start = sorted(range(len(spans)), key=lambda i: spans[i][0])
+        covering: list[tuple[int, int]] = []    # (read, end) heap
+        pieces = []                             # (read, first, end)
+        k = 0
+        for x, nxt in zip(edges, edges[1:]):
+            while k < len(by_start) and spans[by_start[k]][0] == x:
+                i = by_start[k]
+                heapq.heappush(covering, (i, spans[i][1]))
+                k += 1
+            while covering and covering[0][1] <= x:
+                heapq.heappop(covering)     # ended before x
+            if covering:
+                pieces.append((covering[0][0], x, nxt))
+        pieces.sort()
+        runs: list[tuple[int, int]] = []
+        for _, first, end in pieces:
+            if runs and runs[-1][1] == first:
+                runs[-1] = (runs[-1][0], end)
+            else:
+                runs.append((first, end))
+        return runs
 
     def dependencies(self, at: list[float] | None = None
                      ) -> list[tuple[int, float]]:
@@ -181,24 +219,121 @@ def save(trace: Trace, path: str) -> None:
         raise
 
 
-def load(path: str) -> Trace:
-    """Read and check a trace; TraceError names the file and line."""
+def load(path: str, *, max_file_bytes: int | None = None,
+         max_text_bytes: int | None = None,
+         max_requests: int | None = None) -> Trace:
+    """Read and check a trace; TraceError names the file and line.
+
+    Only a regular file is read (opened without blocking: a FIFO or a
+    device is refused, never waited on). The limits, for traces read on
+    someone else's request (the agent's precache), bound what loading
+    costs: the file's size, its size decompressed, and its requests;
+    over one, TraceTooLarge naming the limit, and nothing more is read.
+    """
     try:
-        with open(path, "rb") as f:
-            data = f.read()
+        fd = _open_regular(path)
+    except OSError as exc:
+        raise TraceError(f"{path}: cannot read trace: {exc}") from None
+    try:
+        st = os.fstat(fd)
+        if max_file_bytes is not None and st.st_size > max_file_bytes:
+            raise TraceTooLarge(
+                f"{path}: the trace file has {st.st_size} bytes; traces "
+                f"of at most {max_file_bytes} bytes are read")
+        raw = io.FileIO(fd, "rb", closefd=False)
+        stream = _Limited(raw, max_file_bytes, lambda: TraceTooLarge(
+            f"{path}: the trace file grew past {max_file_bytes} bytes "
+            "while read; traces of at most that are read"))
         if path.endswith(".gz"):
-            data = gzip.decompress(data)
-        lines = data.decode().splitlines()
+            stream = _Limited(
+                gzip.GzipFile(fileobj=stream, mode="rb"), max_text_bytes,
+                lambda: TraceTooLarge(
+                    f"{path}: more than {max_text_bytes} bytes once "
+                    f"decompressed; traces of at most {max_text_bytes} "
+                    "bytes decompressed are read"))
+        elif max_text_bytes is not None:
+            stream = _Limited(stream, max_text_bytes, lambda: TraceTooLarge(
+                f"{path}: more than {max_text_bytes} bytes; traces of at "
+                f"most {max_text_bytes} bytes (decompressed) are read"))
+        return _parse(path, io.BufferedReader(stream), max_requests)
+    except TraceError:
+        raise
     except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
         raise TraceError(f"{path}: cannot read trace: {exc}") from None
-    if not lines:
-        raise TraceError(f"{path}: empty file, not a vmthunder trace")
-    header = _parse_header(path, lines[0])
-    size = header["image_size"]
+    finally:
+        os.close(fd)
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
+          (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def _open_regular(path: str) -> int:
+    """A descriptor of regular file ``path``; TraceError otherwise.
+    Checked before the open (a device is not even opened) and after it
+    (the path may have changed meanwhile); O_NONBLOCK: a FIFO put there
+    meanwhile does not block the open."""
+    _check_regular(path, os.stat(path).st_mode)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        _check_regular(path, os.fstat(fd).st_mode)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def _check_regular(path: str, mode: int) -> None:
+    if not stat.S_ISREG(mode):
+        kind = next((name for test, name in _KINDS if test(mode)),
+                    "not a file")
+        raise TraceError(f"{path}: not a regular file ({kind}); a trace "
+                         "must be a regular file")
+
+
+class _Limited(io.RawIOBase):
+    """Reads ``inner`` and raises ``error()`` once more than ``limit``
+    bytes came out of it (None: no limit)."""
+
+    def __init__(self, inner, limit: int | None, error):
+        self.inner = inner
+        self.limit = limit
+        self.error = error
+        self.count = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buf) -> int:
+        if self.limit is not None:
+            # One byte past the limit is enough to know it is passed.
+            buf = memoryview(buf)[:self.limit - self.count + 1]
+        n = self.inner.readinto(buf)
+        self.count += n or 0
+        if self.limit is not None and self.count > self.limit:
+            raise self.error()
+        return n
+
+
+def _parse(path: str, lines, max_requests: int | None) -> Trace:
+    """The trace in ``lines`` (binary lines), streamed: only the parsed
+    requests are kept."""
+    header = None
     requests = []
-    for n, line in enumerate(lines[1:], start=2):
-        if line.strip():
-            requests.append(_parse_request(path, n, line, size))
+    for n, line in enumerate(lines, start=1):
+        text = line.decode().rstrip("\r\n")
+        if header is None:
+            header = _parse_header(path, text)
+            size = header["image_size"]
+        elif text.strip():
+            if max_requests is not None and len(requests) >= max_requests:
+                raise TraceTooLarge(
+                    f"{path}: more than {max_requests} requests; traces "
+                    f"of at most {max_requests} requests are read")
+            requests.append(_parse_request(path, n, text, size))
+    if header is None:
+        raise TraceError(f"{path}: empty file, not a vmthunder trace")
     return Trace(header, requests)
 
 
@@ -208,6 +343,9 @@ def _parse_header(path: str, line: str) -> dict:
     except json.JSONDecodeError as exc:
         raise TraceError(f"{path}:1: header is not JSON ({exc}); is this "
                          "a vmthunder trace?") from None
+    except RecursionError:
+        raise TraceError(f"{path}:1: header is not a vmthunder trace "
+                         "header (JSON nested too deeply)") from None
     if not isinstance(header, dict) or header.get("format") != FORMAT:
         raise TraceError(f"{path}:1: header lacks \"format\": \"{FORMAT}\"; "
                          "not a vmthunder trace")
@@ -226,17 +364,24 @@ def _parse_header(path: str, line: str) -> dict:
     return header
 
 
+def _shown(line: str, most: int = 80) -> str:
+    """``line`` for an error message: quoted, cut when long."""
+    if len(line) <= most:
+        return repr(line)
+    return f"{line[:most]!r}... ({len(line)} characters)"
+
+
 def _parse_request(path: str, n: int, line: str, size: int) -> Request:
     where = f"{path}:{n}"
     fields = line.split()
     if len(fields) != 5:
         raise TraceError(f"{where}: expected 'ISSUE_S COMPLETE_S OP OFFSET "
-                         f"LENGTH', got {line!r}")
+                         f"LENGTH', got {_shown(line)}")
     try:
         issue, complete = float(fields[0]), float(fields[1])
         offset, length = int(fields[3]), int(fields[4])
     except ValueError:
-        raise TraceError(f"{where}: bad number in {line!r}") from None
+        raise TraceError(f"{where}: bad number in {_shown(line)}") from None
     op = fields[2]
     if op not in OPS:
         raise TraceError(f"{where}: unknown op {op!r} (expected one of "

@@ -22,6 +22,7 @@ overlays, snapshot.py).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import errno
 import fcntl
 import hashlib
@@ -45,6 +46,8 @@ _VERIFY_IN_THREAD = 64 * 1024
 MAX_FETCH_BYTES = 2 * 1024 * 1024
 # What one of max_pending_writes stands for, at the least (see __init__).
 SLOT_UNIT = 256 * 1024
+# A chunk map save that failed (a full disk) is retried this often.
+MAP_SAVE_RETRY_S = 5.0
 # chunk_states() values.
 MISSING, HELD, FETCHING = 0, 1, 2
 
@@ -129,8 +132,11 @@ class CacheLayer(blockdev.BlockDevice):
                                 os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
         if os.fstat(self._data_fd).st_size != self.size:
             os.ftruncate(self._data_fd, self.size)
+        # Its space reserved now: a cache disk that fills up later still
+        # takes the marks (see close()).
         self.map = chunkmap.ChunkMap(self.chunks,
-                                     os.path.join(self.directory, "map"))
+                                     os.path.join(self.directory, "map"),
+                                     reserve=True)
         self._resident = fileio.ResidencyMap(self._data_fd, self.size)
         # index -> the _Fetch bringing it; kept until the chunk is written
         # to the cache file, so late readers are served from memory.
@@ -573,11 +579,31 @@ class CacheLayer(blockdev.BlockDevice):
 
     async def _save_map_soon(self) -> None:
         await asyncio.sleep(0.05)
-        try:
-            await self.map.save()
-        except OSError as exc:
-            LOG.warning("%s: could not save the chunk map: %s",
-                        self.describe(), exc)
+        failures = 0
+        while True:
+            try:
+                await self.map.save()
+            except OSError as exc:
+                # The marks stay in memory (and keep serving); the save
+                # is retried, since no new mark may come to trigger one.
+                failures += 1
+                if failures == 1:
+                    LOG.warning("%s: could not save the chunk map %s: %s; "
+                                "its new marks are kept in memory and saved "
+                                "once there is space (retrying every %g s)",
+                                self.describe(), self.map.path,
+                                exc.strerror or exc, MAP_SAVE_RETRY_S)
+                # close() sets _sync_now, then saves the map itself.
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(self._sync_now.wait(),
+                                           MAP_SAVE_RETRY_S)
+                if self._sync_now.is_set():
+                    return
+                continue
+            if failures:
+                LOG.info("%s: chunk map saved after %d failed attempt(s)",
+                         self.describe(), failures)
+            return
 
     # -- status -----------------------------------------------------------
 
@@ -615,7 +641,19 @@ class CacheLayer(blockdev.BlockDevice):
             await asyncio.gather(self._syncer, return_exceptions=True)
         if self._map_save is not None:
             await asyncio.gather(self._map_save, return_exceptions=True)
-        await self.map.save(sync=True)
+        try:
+            await self.map.save(sync=True)
+        except OSError as exc:
+            # The map on disk is older, and right: every chunk it marks
+            # is durable (marks follow their data). What is lost is only
+            # the marks since its last save, i.e. refetches.
+            lo, hi = self.map.dirty_range()
+            LOG.error("%s: could not save the chunk map %s at close: %s; "
+                      "the chunks marked since its last save (up to %d, "
+                      "in chunks %d-%d) will be fetched again; the map on "
+                      "disk is older but consistent", self.describe(),
+                      self.map.path, exc.strerror or exc,
+                      self.map.count_present(lo, hi), lo, hi - 1)
         self.map.close()
         self._resident.close()
         os.close(self._data_fd)

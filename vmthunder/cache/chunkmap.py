@@ -8,12 +8,22 @@ blocks) and buys C-speed run searches with ``bytearray.find``.
 The map can be persisted to a file. Callers decide *when*: the crash rule
 (a mark reaches the file only after the data it stands for is durable) is
 theirs to keep, since only they know when that is.
+
+With ``reserve``, the file's blocks are allocated when the map opens, so
+saving it later needs no new space: a disk that fills up meanwhile does
+not stop the marks from reaching it. When the space cannot be had at
+open, each save tries again first (and fails, keeping its marks for the
+next save, until the space is there).
 """
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import logging
 import os
+
+LOG = logging.getLogger(__name__)
 
 ABSENT = 0
 PRESENT = 1
@@ -22,7 +32,8 @@ _PRESENT_BYTE = b"\x01"
 
 
 class ChunkMap:
-    def __init__(self, count: int, path: str | None = None):
+    def __init__(self, count: int, path: str | None = None, *,
+                 reserve: bool = False):
         self.count = count
         self.path = path
         self._map = bytearray(count)
@@ -30,6 +41,8 @@ class ChunkMap:
         self._dirty_lo = count
         self._dirty_hi = 0
         self._fd: int | None = None
+        # Blocks still to allocate before a save (see the module doc).
+        self._to_reserve = False
         if path is not None:
             self._fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             stored = os.pread(self._fd, count + 1, 0)
@@ -40,6 +53,15 @@ class ChunkMap:
             elif stored:
                 # Wrong length: not our map; start empty.
                 os.ftruncate(self._fd, 0)
+            if reserve and count:
+                try:
+                    _reserve(self._fd, count)
+                except OSError as exc:
+                    self._to_reserve = True
+                    LOG.warning("chunk map %s: could not reserve its %d "
+                                "bytes on disk (%s); saving it will fail "
+                                "until there is space", path, count,
+                                exc.strerror)
 
     def __len__(self) -> int:
         return self.count
@@ -53,8 +75,9 @@ class ChunkMap:
     def none_present(self, lo: int, hi: int) -> bool:
         return self._map.find(_PRESENT_BYTE, lo, hi) == -1
 
-    def count_present(self) -> int:
-        return self._map.count(_PRESENT_BYTE)
+    def count_present(self, lo: int = 0, hi: int | None = None) -> int:
+        return self._map.count(_PRESENT_BYTE, lo,
+                               self.count if hi is None else hi)
 
     def runs(self, lo: int, hi: int):
         """Yield (start, end, present) for maximal runs within [lo, hi)."""
@@ -81,6 +104,11 @@ class ChunkMap:
     @property
     def dirty(self) -> bool:
         return self._dirty_lo < self._dirty_hi
+
+    def dirty_range(self) -> tuple[int, int]:
+        """[lo, hi) of the entries changed since the last save (lo >= hi:
+        none)."""
+        return self._dirty_lo, self._dirty_hi
 
     def _take_dirty(self):
         """Copy the changed range and mark it clean: marks set while the
@@ -112,10 +140,12 @@ class ChunkMap:
             if before is not None:
                 await before()
             await asyncio.get_running_loop().run_in_executor(
-                None, _write_map, self._fd, self.count, chunk, lo, sync)
+                None, _write_map, self._fd, self.count, chunk, lo, sync,
+                self._to_reserve)
         except BaseException:
             self._keep_dirty(lo, hi)
             raise
+        self._to_reserve = False
 
     def save_now(self, sync: bool = True) -> None:
         """Blocking save, for shutdown paths outside the event loop."""
@@ -123,10 +153,12 @@ class ChunkMap:
             return
         lo, hi, chunk = self._take_dirty()
         try:
-            _write_map(self._fd, self.count, chunk, lo, sync)
+            _write_map(self._fd, self.count, chunk, lo, sync,
+                       self._to_reserve)
         except BaseException:
             self._keep_dirty(lo, hi)
             raise
+        self._to_reserve = False
 
     def close(self) -> None:
         if self._fd is not None:
@@ -134,12 +166,33 @@ class ChunkMap:
             self._fd = None
 
 
-def _write_map(fd: int, size: int, chunk: bytes, lo: int, sync: bool):
+def _reserve(fd: int, size: int) -> None:
+    """Allocate the map file's blocks (and its full length). A file
+    system that cannot preallocate is left as it is."""
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.ENOSYS, errno.EINVAL):
+            raise
+
+
+def _write_map(fd: int, size: int, chunk: bytes, lo: int, sync: bool,
+               reserve: bool = False):
+    if reserve:
+        _reserve(fd, size)
     if chunk:
         # Full length first: a crash never leaves a short map.
         if os.fstat(fd).st_size < size:
             os.ftruncate(fd, size)
-        os.pwrite(fd, chunk, lo)
+        # A short write (the disk filled meanwhile) is finished or fails:
+        # the save is then retried whole, never counted done half-way.
+        view = memoryview(chunk)
+        done = 0
+        while done < len(view):
+            n = os.pwrite(fd, view[done:], lo + done)
+            if n <= 0:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            done += n
     if sync:
         os.fdatasync(fd)
 
