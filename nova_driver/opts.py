@@ -1,0 +1,102 @@
+"""oslo.config options of the Nova driver: the ``[vmthunder]`` group of
+nova.conf, exported through list_opts() (``oslo-config-generator
+--namespace vmthunder.nova``).
+
+Only oslo.config is imported here, so that the options can be listed
+(and the sample config generated) without Nova installed.
+"""
+
+from __future__ import annotations
+
+from oslo_config import cfg
+
+GROUP = "vmthunder"
+
+vmthunder_group = cfg.OptGroup(
+    GROUP,
+    title="vmthunder image backend",
+    help="How the vmthunder compute driver "
+         "(compute_driver = vmthunder.VMThunderLibvirtDriver) gets each "
+         "instance's root disk from this host's vmthunder-agent.")
+
+vmthunder_opts = [
+    cfg.StrOpt(
+        "agent_socket",
+        default="/run/vmthunder/agent.sock",
+        help="Unix socket of this host's vmthunder-agent API (its [agent] "
+             "api_socket). nova-compute must be able to open it (the "
+             "socket is mode 0660: run nova-compute as root or in the "
+             "socket's group)."),
+    cfg.FloatOpt(
+        "agent_timeout",
+        default=120.0,
+        min=1.0,
+        help="Seconds one call to the agent may take (attaching an image "
+             "may wait for an iSCSI login) before it fails."),
+    cfg.StrOpt(
+        "origin_property",
+        default="vmthunder_origin",
+        help="Glance image property that names the image's vmthunder "
+             "origin: export:NAME (an image `vmthunder export` published, "
+             "resolved with the agent's [export] settings) or "
+             "iscsi://[USER@]HOST[:PORT]/IQN/LUN. Set it when the image is "
+             "exported, e.g. `openstack image set --property "
+             "vmthunder_origin=export:debian-12 IMAGE`. It is never copied "
+             "to the images instance snapshots create (also list it in "
+             "[DEFAULT] non_inheritable_image_properties)."),
+    cfg.StrOpt(
+        "origin_template",
+        help="Origin of an image that has no origin_property, built from "
+             "the image: {image_id} and {image_name} are replaced, e.g. "
+             "export:{image_id} when images are exported under their "
+             "Glance ids. Unset: an image without the property has no "
+             "vmthunder origin (see fallback_to_download)."),
+    cfg.BoolOpt(
+        "fallback_to_download",
+        default=False,
+        help="When an instance's image has no vmthunder origin, or the "
+             "agent cannot be reached, give the instance an ordinary local "
+             "root disk (Nova's download into the image cache and "
+             "[libvirt] images_type) instead of failing the build. Off: "
+             "the build fails with a fault saying what to do."),
+    cfg.StrOpt(
+        "nbd_transport",
+        default="auto",
+        choices=[
+            ("auto", "whatever the agent serves the VM disks on (its "
+                     "[agent] hypervisor_listen)"),
+            ("unix", "a unix socket (the agent's default); refuse a "
+                     "TCP agent"),
+            ("tcp", "TCP on loopback; refuse a unix-socket agent"),
+        ],
+        help="How QEMU reaches an instance's root disk: the domain XML "
+             "gets an NBD network disk on the agent's socket "
+             "(<host transport='unix' socket=.../>) or on its loopback TCP "
+             "port. The agent decides where it listens; this only checks "
+             "that it is the expected kind."),
+    cfg.StrOpt(
+        "precache_trace_dir",
+        help="Directory of recorded boot traces (vmthunder boot --trace, "
+             "vmthunder serve --trace): when <dir>/<image id>.trace.gz "
+             "(or .trace) exists, precaching the image (the compute API's "
+             "image precache, cache_image) warms only the chunks that "
+             "boot read; else the whole image."),
+    cfg.FloatOpt(
+        "precache_timeout",
+        default=3600.0,
+        min=0,
+        help="Seconds cache_image (the image precache API) waits for the "
+             "agent to finish warming an image before it reports an "
+             "error; 0 starts the precache and returns at once."),
+]
+
+
+def register_opts(conf: cfg.ConfigOpts) -> None:
+    conf.register_group(vmthunder_group)
+    conf.register_opts(vmthunder_opts, group=vmthunder_group)
+
+
+def list_opts():
+    """Entry point for oslo-config-generator (oslo.config.opts:
+    vmthunder.nova)."""
+    return [(vmthunder_group, list(vmthunder_opts))]
