@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from vmthunder.volume.iscsi_source import (IscsiUrl, Portal, parse_iscsi_url,
-                                           parse_portal)
+from vmthunder.volume.iscsi_url import (IscsiUrl, Portal, parse_iscsi_url,
+                                        parse_portal)
 
 IQN = "iqn.2024-01.org.vmthunder:image1"
 

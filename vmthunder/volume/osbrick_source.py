@@ -8,7 +8,7 @@ its path (``/dev/sdX``). :class:`OsBrickSource` reads that block device
 through :mod:`vmthunder.fileio` (page cache first, worker threads when a
 read would wait), like :class:`~vmthunder.volume.file_source.FileSource`
 reads a file. Connection recovery is then the kernel's (iscsid's
-``replacement_timeout``), not :class:`~vmthunder.volume.iscsi_source.
+``replacement_timeout``), not :class:`~vmthunder.volume.iscsi_session.
 IscsiSession`'s.
 
 The manifest LUN (LUN 2 by convention) is attached and read the same way,
@@ -41,8 +41,9 @@ import shutil
 from vmthunder import blockdev
 from vmthunder import fileio
 from vmthunder.blockdev import BlockError
-from vmthunder.volume import iscsi_source
+from vmthunder.volume import iscsi_url
 from vmthunder.volume import manifest as manifest_mod
+from vmthunder.volume.iscsi_manifest import MAX_MANIFEST_BYTES
 
 LOG = logging.getLogger(__name__)
 
@@ -188,7 +189,7 @@ def make_connector(root_helper: str | None = None, *,
         "ISCSI", root_helper, use_multipath=False)
 
 
-def connection_properties(url: iscsi_source.IscsiUrl, lun: int, *,
+def connection_properties(url: iscsi_url.IscsiUrl, lun: int, *,
                           volume_id: str | None = None) -> dict:
     """What os-brick's ISCSIConnector.connect_volume takes for ``lun``."""
     props = {
@@ -314,7 +315,7 @@ class OsBrickSource(blockdev.BlockDevice):
 
     capabilities = blockdev.Capabilities(writable=False)
 
-    def __init__(self, url: iscsi_source.IscsiUrl, image: _Attachment, *,
+    def __init__(self, url: iscsi_url.IscsiUrl, image: _Attachment, *,
                  manifest: manifest_mod.Manifest | None = None,
                  manifest_attachment: _Attachment | None = None):
         self.url = url
@@ -331,7 +332,7 @@ class OsBrickSource(blockdev.BlockDevice):
         self._closed = False
 
     @classmethod
-    async def open(cls, url: str | iscsi_source.IscsiUrl, *,
+    async def open(cls, url: str | iscsi_url.IscsiUrl, *,
                    password: str | None = None,
                    manifest_lun: int | None = 2,
                    connector=None,
@@ -339,7 +340,7 @@ class OsBrickSource(blockdev.BlockDevice):
         """Attach the LUN (and the manifest LUN), check, return the layer.
 
         ``url`` is ``iscsi://[user[%password]@]host[:port]/IQN/LUN``
-        (:func:`~vmthunder.volume.iscsi_source.parse_iscsi_url`);
+        (:func:`~vmthunder.volume.iscsi_url.parse_iscsi_url`);
         ``password`` overrides the URL's. ``manifest_lun`` None (or 0)
         attaches no manifest: nothing is checked. ``connector`` is an
         os-brick connector (anything with ``connect_volume(props)`` and
@@ -348,7 +349,7 @@ class OsBrickSource(blockdev.BlockDevice):
         None runs iscsiadm in-process when root, else through sudo).
         """
         if isinstance(url, str):
-            url = iscsi_source.parse_iscsi_url(url, password=password)
+            url = iscsi_url.parse_iscsi_url(url, password=password)
         elif password is not None:
             url = dataclasses.replace(url, password=password)
         manifest_lun = manifest_lun or None
@@ -448,17 +449,16 @@ class OsBrickSource(blockdev.BlockDevice):
         await self._image.detach()
 
 
-def _where(url: iscsi_source.IscsiUrl, lun: int) -> str:
+def _where(url: iscsi_url.IscsiUrl, lun: int) -> str:
     return f"iSCSI LUN {url.target}/{lun} at portal {url.portal}"
 
 
 async def _read_manifest(att: _Attachment) -> manifest_mod.Manifest:
     where = att.where
     size = att.size
-    if size > iscsi_source.MAX_MANIFEST_BYTES:
+    if size > MAX_MANIFEST_BYTES:
         raise BlockError(errno.EINVAL, f"{where} is {size} bytes; a "
-                         f"manifest is at most "
-                         f"{iscsi_source.MAX_MANIFEST_BYTES}")
+                         f"manifest is at most {MAX_MANIFEST_BYTES}")
     try:
         parts = await asyncio.gather(*(
             fileio.pread(att.fd, min(MAX_READ, size - pos), pos)
