@@ -4,9 +4,26 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 
 from vmthunder import blockdev
 from vmthunder import fileio
+
+
+def _check_kind(path: str, st: os.stat_result) -> None:
+    """Only a regular file or a block device holds an image: a directory
+    would read as a few KiB of nothing, a FIFO or socket would block."""
+    mode = st.st_mode
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+        return
+    kind = ("a directory" if stat.S_ISDIR(mode) else
+            "a FIFO" if stat.S_ISFIFO(mode) else
+            "a socket" if stat.S_ISSOCK(mode) else
+            "a character device" if stat.S_ISCHR(mode) else
+            "not a regular file")
+    raise blockdev.BlockError(
+        errno.EINVAL, f"image {path!r} is {kind}; an image must be a raw "
+        "image file or a block device")
 
 
 class FileSource(blockdev.BlockDevice):
@@ -20,21 +37,29 @@ class FileSource(blockdev.BlockDevice):
 
     def __init__(self, path: str):
         self.path = os.path.abspath(path)
+        self._fd = None
         try:
-            self._fd = os.open(self.path, os.O_RDONLY | os.O_CLOEXEC)
+            st = os.stat(self.path)
+            _check_kind(path, st)
+            # O_NONBLOCK: a path swapped for a FIFO after the stat must not
+            # block the event loop in open(); fstat checks again below.
+            self._fd = os.open(self.path,
+                               os.O_RDONLY | os.O_CLOEXEC | os.O_NONBLOCK)
+            st = os.fstat(self._fd)
+            _check_kind(path, st)
+            self.size = (st.st_size if stat.S_ISREG(st.st_mode)
+                         else os.lseek(self._fd, 0, os.SEEK_END))
         except FileNotFoundError:
             raise blockdev.BlockError(
                 errno.ENOENT, f"image {path!r} does not exist") from None
-        except IsADirectoryError:
-            raise blockdev.BlockError(
-                errno.EISDIR, f"image {path!r} is a directory, not an "
-                "image file") from None
         except PermissionError:
             raise blockdev.BlockError(
                 errno.EACCES, f"image {path!r} is not readable by this "
                 "user") from None
-        st = os.fstat(self._fd)
-        self.size = st.st_size
+        except BaseException:
+            if self._fd is not None:
+                os.close(self._fd)
+            raise
         if self.size == 0:
             os.close(self._fd)
             raise blockdev.BlockError(
