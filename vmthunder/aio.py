@@ -7,6 +7,16 @@ import contextvars
 import sys
 
 
+def run(coro):
+    """Run ``coro`` to completion on a new event loop (uvloop's when it
+    is installed: the data path's loop) and return its result."""
+    try:
+        import uvloop
+    except ImportError:
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
 async def _finish(coro, awaited):
     """Drive the rest of a coroutine that suspended on ``awaited``."""
     while True:

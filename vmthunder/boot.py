@@ -207,7 +207,7 @@ def _finish_trace(raw: str, path: str, started: float, marker_at: float,
     serve and we read the same CLOCK_MONOTONIC, so its time 0 (the first
     request) places QEMU's start and the boot marker on the trace's clock.
     """
-    from vmthunder.bench import trace as trace_mod
+    from vmthunder import trace as trace_mod
     if not os.path.exists(raw):
         raise BootError(f"vmthunder serve wrote no trace to {raw}: the "
                         "guest made no request?")
@@ -260,7 +260,7 @@ async def run(args, conf) -> int:
             try:
                 trace = getattr(args, "trace", None)
                 if trace:
-                    from vmthunder.bench.trace import export_trace_path
+                    from vmthunder.trace import export_trace_path
                     trace = export_trace_path(trace, vm_name, args.vms > 1)
                 result = await boot_one(conf, guest, source, cache_dir,
                                         vm_name, workdir, args.chunk_size,

@@ -7,13 +7,13 @@ Defaults come from the oslo.config options (vmthunder/opts.py), read from
 from __future__ import annotations
 
 import argparse
-import asyncio
 import logging
 import os
 import sys
 
 from oslo_config import cfg
 
+from vmthunder import aio
 from vmthunder import blockdev
 from vmthunder import opts
 from vmthunder.nbd.address import listen_address_arg, parse_address
@@ -264,7 +264,7 @@ def _cmd_serve(args) -> int:
         iscsi=CONF.iscsi,
         exports=_export_config(None),
         trace=args.trace or CONF.nbd.trace_file)
-    return _run(serve.run(config))
+    return aio.run(serve.run(config))
 
 
 def default_export_name(image: str) -> str:
@@ -279,7 +279,7 @@ def default_export_name(image: str) -> str:
 
 def _cmd_boot(args) -> int:
     from vmthunder import boot
-    return _run(boot.run(args, CONF))
+    return aio.run(boot.run(args, CONF))
 
 
 def _cmd_snapshot_delete(args) -> int:
@@ -295,7 +295,7 @@ def _cmd_snapshot_delete(args) -> int:
             await source.close()
 
     directory = os.path.join(args.cache_dir or CONF.cache.cache_dir,
-                             cache_layer.cache_key(_run(identity())),
+                             cache_layer.cache_key(aio.run(identity())),
                              "snapshots")
     removed = 0
     for path in snapshot.snapshot_paths(directory, args.name):
@@ -365,14 +365,6 @@ def _cmd_exports(args) -> int:
     else:
         print(f"no exports in {cfg.export_dir}")
     return 0
-
-
-def _run(coro) -> int:
-    try:
-        import uvloop
-    except ImportError:
-        return asyncio.run(coro)
-    return uvloop.run(coro)
 
 
 def main(argv=None) -> int:

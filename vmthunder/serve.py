@@ -49,7 +49,7 @@ class ServeConfig:
     # resolve export:NAME; None serves local files only.
     iscsi: object = None
     exports: object = None
-    # Record a block trace of each export here (bench/trace.py names the
+    # Record a block trace of each export here (vmthunder/trace.py names the
     # per-export files).
     trace: str | None = None
     # Virtual size of the snapshots (at least the image's); None: the
@@ -171,7 +171,7 @@ class ServeJob:
         return [bound]
 
     def _start_traces(self) -> None:
-        from vmthunder.bench import trace
+        from vmthunder import trace
         identity = getattr(self.cache.source, "identity", None)
         several = len(self.server.exports) > 1
         for name, export in self.server.exports.items():

@@ -22,7 +22,7 @@ from tests.functional.conftest import make_image
 from tests.functional.test_agent import start_agent
 from vmthunder.agent import service
 from vmthunder.agent.client import AgentError
-from vmthunder.bench import trace as trace_mod
+from vmthunder import trace as trace_mod
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -48,7 +48,7 @@ TRACE_PATH = os.path.join(REPO, "vmthunder", "bench", "traces",
 
 
 def _trace():
-    from vmthunder.bench import trace as trace_mod
+    from vmthunder import trace as trace_mod
     from vmthunder.bench import vmhost
     return vmhost.until_boot(trace_mod.load(TRACE_PATH))
 

@@ -23,7 +23,7 @@ from tests.functional.test_agent import (
     nbd, read_file, start_agent, wait_status)
 from tests.waiting import until
 from vmthunder.agent.client import AgentError, _UnixConnection
-from vmthunder.bench import trace as trace_mod
+from vmthunder import trace as trace_mod
 
 pytestmark = pytest.mark.timeout(60)
 

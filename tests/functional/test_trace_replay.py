@@ -16,7 +16,7 @@ import sys
 import pytest
 
 from tests.functional.conftest import REPO, need
-from vmthunder.bench import trace as tr
+from vmthunder import trace as tr
 
 pytestmark = pytest.mark.timeout(120)
 

@@ -1,4 +1,4 @@
-"""vmthunder.bench.trace and .replay: format, checks, working set, timing."""
+"""vmthunder.trace and .replay: format, checks, working set, timing."""
 
 import asyncio
 import errno
@@ -10,8 +10,8 @@ import pytest
 
 from vmthunder import blockdev
 from vmthunder.bench import replay
-from vmthunder.bench import trace as tr
-from vmthunder.bench.trace import Request as Rq
+from vmthunder import trace as tr
+from vmthunder.trace import Request as Rq
 from vmthunder.nbd import constants as c
 
 SIZE = 1 << 20

@@ -11,6 +11,7 @@ import sys
 
 from oslo_config import cfg
 
+from vmthunder import aio
 from vmthunder import opts
 from vmthunder.agent import state as state_mod
 from vmthunder.nbd.address import listen_address_arg, parse_address
@@ -155,9 +156,8 @@ def main(argv=None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     conf = load_config(args.config_file)
     config = make_config(args, conf)
-    from vmthunder.cli import _run
     try:
-        return _run(run(config))
+        return aio.run(run(config))
     except state_mod.StateError as exc:
         print(f"vmthunder-agent: error: {exc}", file=sys.stderr)
         return 1

@@ -992,7 +992,7 @@ class Agent:
         first-touch order, as runs (first, end); AgentError(400) naming
         what is wrong. The file is read and parsed in a thread, within
         the PRECACHE_TRACE_MAX_* limits (a regular file only)."""
-        from vmthunder.bench import trace as trace_mod
+        from vmthunder import trace as trace_mod
         if not isinstance(path, str) or not path:
             raise AgentError(400, "trace must be the absolute path of a "
                                   "trace file (or null for the whole image)")

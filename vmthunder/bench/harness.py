@@ -35,7 +35,7 @@ from vmthunder import opts as opts_mod
 from vmthunder import sizes
 from vmthunder.bench import strategies as strat_mod
 from vmthunder.bench import topology as topo_mod
-from vmthunder.bench import trace as trace_mod
+from vmthunder import trace as trace_mod
 from vmthunder.bench import vmhost
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(

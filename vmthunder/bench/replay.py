@@ -32,7 +32,7 @@ import asyncio
 import json
 import sys
 
-from vmthunder.bench import trace as trace_mod
+from vmthunder import trace as trace_mod
 from vmthunder.blockdev import BlockError
 
 # asyncio's timers fire up to 1 ms late (epoll's timeout is rounded up to

@@ -1003,7 +1003,7 @@ def simulate_trace(trace, *, strategy: str, hosts: int, vms_per_host: int,
     """simulate() for any trace object with ``requests`` (5-tuples or
     NamedTuples of issue_s, complete_s, op, offset, length), ``image_size``
     and ``boot_s`` (None: the last completion) -- e.g. a
-    vmthunder.bench.trace.Trace, without importing that module. Requests
+    vmthunder.trace.Trace, without importing that module. Requests
     completing after boot_s (I/O after the boot marker) are dropped."""
     rows = [tuple(r)[:5] for r in trace.requests]
     boot_s = trace.boot_s
@@ -1045,9 +1045,9 @@ def parse_rate(text: str) -> float:
 
 
 def load_trace(path: str) -> BootTrace:
-    """A recorded boot trace (vmthunder/bench/trace.py format), up to its
+    """A recorded boot trace (vmthunder/trace.py format), up to its
     boot marker."""
-    from vmthunder.bench import trace as trace_mod
+    from vmthunder import trace as trace_mod
     trace = trace_mod.load(path)
     boot_s = trace.boot_s
     rows = [tuple(r)[:5] for r in trace.requests]

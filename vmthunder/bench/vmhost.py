@@ -25,7 +25,7 @@ import sys
 import time
 
 from vmthunder.bench import replay as replay_mod
-from vmthunder.bench import trace as trace_mod
+from vmthunder import trace as trace_mod
 
 
 def emit(vm: str, event: str, **fields) -> None:

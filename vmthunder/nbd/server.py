@@ -71,7 +71,7 @@ class Export:
     device: blockdev.BlockDevice
     read_only: bool
     description: str = ""
-    # A vmthunder.bench.trace.TraceRecorder when requests are traced.
+    # A vmthunder.trace.TraceRecorder when requests are traced.
     recorder: object = None
 
     def info(self) -> sp.ExportInfo:

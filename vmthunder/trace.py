@@ -23,7 +23,7 @@ seconds since time 0 with µs resolution, as the NBD server saw them
 (request started, reply queued); OP is R read, W write, F flush, T trim,
 Z write-zeroes. Bytes are not recorded, only extents.
 
-    python -m vmthunder.bench.trace info TRACE [--json]
+    python -m vmthunder.trace info TRACE [--json]
 """
 
 from __future__ import annotations
@@ -478,7 +478,7 @@ class TraceRecorder:
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
-        prog="python -m vmthunder.bench.trace",
+        prog="python -m vmthunder.trace",
         description="Inspect vmthunder block traces.")
     sub = parser.add_subparsers(dest="command", required=True)
     info = sub.add_parser("info", help="summary of a trace")
