@@ -12,6 +12,7 @@ import sys
 import pytest
 
 from tests.functional.conftest import REPO, need
+from vmthunder import privileged
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="network namespaces and tgtd need "
@@ -20,10 +21,8 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0,
 
 def namespaces_of(pid: int) -> set[str]:
     """Namespaces a harness process (pid) made: vmt-PID-TAG-ROLE."""
-    out = subprocess.run(["ip", "netns", "list"], capture_output=True,
-                         text=True).stdout
-    return {line.split()[0] for line in out.splitlines()
-            if line.startswith(f"vmt-{pid}-")}
+    return {ns for ns in privileged.netns_list()
+            if ns.startswith(f"vmt-{pid}-")}
 
 
 def bench(tmp_path, *args, timeout=300):

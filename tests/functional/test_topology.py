@@ -17,24 +17,25 @@ import subprocess
 import sys
 
 import pytest
+from pyroute2 import IPRoute
 
 from vmthunder import privileged
 from vmthunder.bench import topology
 from vmthunder.bench.topology import Topology, cleanup_stale
 
 
-def _missing_tools():
-    return [b for b in ("ip", "tc")
-            if shutil.which(b) is None
-            and not any(os.access(os.path.join(d, b), os.X_OK)
-                        for d in ("/usr/sbin", "/sbin"))]
+def _missing_ip():
+    # `ip netns exec` runs the programs of a host; the rest is pyroute2.
+    return shutil.which("ip") is None \
+        and not any(os.access(os.path.join(d, "ip"), os.X_OK)
+                    for d in ("/usr/sbin", "/sbin"))
 
 
 pytestmark = [
     pytest.mark.skipif(os.geteuid() != 0,
                        reason="network namespaces need root; run as root"),
-    pytest.mark.skipif(bool(_missing_tools()),
-                       reason="iproute2 (ip, tc) not installed: "
+    pytest.mark.skipif(_missing_ip(),
+                       reason="iproute2 (ip) not installed: "
                               "apt-get install iproute2"),
 ]
 
@@ -119,10 +120,8 @@ def _namespaces(prefix):
 
 
 def _root_links():
-    out = subprocess.run(["ip", "-o", "link", "show"], capture_output=True,
-                         text=True, check=True).stdout
-    return {line.split(":")[1].strip().split("@")[0]
-            for line in out.splitlines()}
+    with IPRoute() as ipr:
+        return {link.get_attr("IFLA_IFNAME") for link in ipr.get_links()}
 
 
 def test_every_host_reaches_every_other():
@@ -296,3 +295,68 @@ def test_link_bytes_counts_transfers():
             assert abs(now[key] - inside[key]) < 500, (key, now, inside)
         for key in ("tx_packets", "rx_packets"):
             assert abs(now[key] - inside[key]) <= 5, (key, now, inside)
+
+
+def _qdiscs(netns: str, dev: str) -> dict:
+    """{kind: TCA_OPTIONS} of the qdiscs on ``dev`` in ``netns``."""
+    with IPRoute(netns=netns, flags=0) as ipr:
+        [index] = ipr.link_lookup(ifname=dev)
+        return {q.get_attr("TCA_KIND"): q.get_attr("TCA_OPTIONS")
+                for q in ipr.get_qdiscs() if q["index"] == index}
+
+
+def test_uplinks_shaped_both_ways_and_quiet():
+    """A shaped uplink has the tbf of tbf_params at both ends, an unshaped
+    one none; no uplink has an IPv6 link-local address (no chatter in the
+    byte counts)."""
+    with Topology(1, origin_rate="40mbit", host_rate=None,
+                  prefix=_prefix()) as topo:
+        rate, burst, latency = topology.tbf_params(40_000_000)
+        for netns, dev in ((topo.origin.netns, "eth0"),
+                           (topo.switch_netns, "p-origin")):
+            tbf = _qdiscs(netns, dev)["tbf"].get_attr("TCA_TBF_PARMS")
+            assert tbf["rate"] == rate // 8, (dev, tbf)
+            # The queue holds `latency` of traffic beyond the bucket.
+            assert tbf["limit"] == int(rate // 8 * latency + burst), tbf
+        for netns, dev in ((topo.hosts[0].netns, "eth0"),
+                           (topo.switch_netns, "p-host0")):
+            assert "tbf" not in _qdiscs(netns, dev), dev
+        for host in topo.all_hosts:
+            with IPRoute(netns=host.netns, flags=0) as ipr:
+                [index] = ipr.link_lookup(ifname="eth0")
+                addrs = [a.get_attr("IFA_ADDRESS")
+                         for a in ipr.get_addr(index=index)]
+            assert addrs == [host.address], (host.name, addrs)
+
+
+HANDLER_RUN = r"""
+import os, signal, sys
+from vmthunder.bench.topology import Topology
+
+def on_term(signum, frame):         # as the benchmark harness does
+    with open(sys.argv[2], "a") as f:
+        f.write(f"{os.getpid()}\n")
+    raise KeyboardInterrupt
+
+signal.signal(signal.SIGTERM, on_term)
+with Topology(1, prefix=sys.argv[1]) as topo:
+    for _ in range(20):
+        topo.link_bytes()
+print("ok", os.getpid())
+"""
+
+
+def test_netlink_helpers_never_run_the_callers_handlers(tmp_path):
+    """pyroute2 forks a helper per namespace it talks to and stops it with
+    SIGTERM: a copy of a program whose SIGTERM handler raises must not run
+    it (and wander off into the program's own clean-up)."""
+    ran = tmp_path / "handler-ran"
+    prefix = _prefix()
+    proc = subprocess.run([sys.executable, "-c", HANDLER_RUN, prefix,
+                           str(ran)], capture_output=True, text=True,
+                          timeout=60, cwd=os.path.dirname(os.path.dirname(
+                              os.path.dirname(__file__))))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.split()[0] == "ok"
+    assert not ran.exists(), ran.read_text()
+    assert _namespaces(prefix) == []

@@ -60,6 +60,8 @@ import tempfile
 import threading
 import time
 
+import psutil
+
 from vmthunder import boot as boot_mod
 from vmthunder import opts as opts_mod
 from vmthunder.bench.nbd_throughput import (
@@ -258,11 +260,10 @@ def process_cpu_s(pid: int | None) -> float:
     if not pid:
         return 0.0
     try:
-        with open(f"/proc/{pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-    except OSError:
+        times = psutil.Process(pid).cpu_times()
+    except psutil.Error:
         return 0.0
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return times.user + times.system
 
 
 def cold_read_qemu(url: str, size: int, tgtd_pid: int | None) -> dict:

@@ -3,8 +3,9 @@
 Serves a large pseudo-random image (default 4 GiB) from a cold cache and
 has ``--clients`` (default 8) `nbdcopy URI null:` processes read the whole
 export at once, then again with the cache warm. The server's resident set
-(VmRSS in /proc/PID/status) is sampled every ``--interval`` seconds, and
-its high-water mark (VmHWM) read before it is stopped. The peak must stay
+(psutil's RSS) is sampled every ``--interval`` seconds, and its high-water
+mark (the kernel's, getrusage's ru_maxrss, which /proc shows as VmHWM) is
+taken when it is stopped and reaped. The peak must stay
 under ``--limit-mib`` (150 MiB): memory must be bounded by configuration
 (in-flight byte budget, pending cache writes), not grow with the image,
 the clients or the data read.
@@ -30,6 +31,8 @@ import tempfile
 import threading
 import time
 
+import psutil
+
 from vmthunder.bench.nbd_throughput import (
     GiB, MiB, code_state, log, make_image, missing_binaries, read_file,
     start_vmthunder)
@@ -38,26 +41,43 @@ from vmthunder.sizes import parse_size
 LIMIT_MIB = 150
 
 
-def proc_status(pid: int) -> dict:
-    """VmRSS/VmHWM (and friends) of ``pid`` in KiB; {} once it is gone."""
-    out = {}
+def rss_kib(proc: psutil.Process) -> tuple[int, int] | None:
+    """(resident set in KiB, threads) of a running process; None once it
+    is gone."""
     try:
-        with open(f"/proc/{pid}/status") as f:
-            for line in f:
-                key, _, value = line.partition(":")
-                if key.startswith("Vm") or key == "Threads":
-                    out[key] = int(value.split()[0])
-    except (OSError, ValueError, IndexError):
-        return {}
-    return out
+        with proc.oneshot():
+            return proc.memory_info().rss // 1024, proc.num_threads()
+    except psutil.Error:
+        return None
+
+
+def stop_reaped(server, timeout: float = 20) -> int:
+    """Stop ``server`` (SIGTERM, SIGKILL after ``timeout`` s) and reap it
+    with wait4: its peak resident set in KiB over its whole life (the
+    kernel's high-water mark, ru_maxrss; VmHWM in /proc)."""
+    proc = server.proc
+    proc.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while True:
+        pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+        if pid:
+            break
+        if time.monotonic() > deadline:
+            proc.kill()
+            pid, status, usage = os.wait4(proc.pid, 0)
+            break
+        time.sleep(0.02)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    server.stop()                   # reaped already: closes its pipe
+    return usage.ru_maxrss
 
 
 class RssSampler(threading.Thread):
-    """Samples VmRSS of a process every ``interval`` seconds."""
+    """Samples the resident set of a process every ``interval`` seconds."""
 
     def __init__(self, pid: int, interval: float):
         super().__init__(daemon=True)
-        self.pid = pid
+        self.proc = psutil.Process(pid)
         self.interval = interval
         self.samples: list[tuple[float, int]] = []     # (t, KiB)
         self.threads_max = 0
@@ -66,12 +86,10 @@ class RssSampler(threading.Thread):
 
     def run(self) -> None:
         while not self._halt.is_set():
-            st = proc_status(self.pid)
-            if "VmRSS" in st:
-                self.samples.append((time.monotonic() - self.t0,
-                                     st["VmRSS"]))
-                self.threads_max = max(self.threads_max,
-                                       st.get("Threads", 0))
+            sample = rss_kib(self.proc)
+            if sample is not None:
+                self.samples.append((time.monotonic() - self.t0, sample[0]))
+                self.threads_max = max(self.threads_max, sample[1])
             self._halt.wait(self.interval)
 
     def stop(self) -> None:
@@ -139,7 +157,7 @@ def run(args) -> dict:
         sampler = RssSampler(pid, args.interval)
         sampler.start()
         time.sleep(max(0.3, 3 * args.interval))
-        baseline = proc_status(pid).get("VmRSS", 0)
+        baseline = (rss_kib(sampler.proc) or (0, 0))[0]
         log(f"vmthunder serve pid {pid} at {server.uri}: {baseline / 1024:.1f}"
             f" MiB RSS idle; {args.clients} clients reading, cold cache")
         phases = {}
@@ -149,7 +167,7 @@ def run(args) -> dict:
                                         args.connections, args.timeout)
             server.check_alive()
             peak = sampler.peak_kib(since=t0)
-            after = proc_status(pid).get("VmRSS", 0)
+            after = (rss_kib(sampler.proc) or (0, 0))[0]
             phases[phase] = {
                 "seconds": round(seconds, 2),
                 "mb_s": round(args.clients * size / seconds / 1e6, 1),
@@ -159,10 +177,9 @@ def run(args) -> dict:
                 f"{seconds:.1f} s ({phases[phase]['mb_s']:.0f} MB/s total), "
                 f"peak RSS {peak / 1024:.1f} MiB, after "
                 f"{after / 1024:.1f} MiB")
-        status = proc_status(pid)
         sampler.stop()
         sampled_peak = sampler.peak_kib()
-        hwm = status.get("VmHWM", 0)
+        hwm = stop_reaped(server)
         peak_mib = max(sampled_peak, hwm) / 1024
         report.update({
             "peak_rss_mib": round(peak_mib, 1),
@@ -182,9 +199,11 @@ def run(args) -> dict:
                        f"{args.clients} concurrent `nbdcopy --no-extents "
                        f"--connections={args.connections} URI null:` reading "
                        "the whole export, first with a cold cache then warm; "
-                       "VmRSS sampled from /proc every "
-                       f"{args.interval} s, VmHWM read at the end; "
-                       "peak_rss_mib = max(sampled, VmHWM)"),
+                       "RSS sampled (psutil) every "
+                       f"{args.interval} s, the kernel's high-water mark "
+                       "(ru_maxrss = VmHWM) taken when the server is "
+                       "stopped and reaped; peak_rss_mib = max(sampled, "
+                       "high-water mark)"),
             "smoke": args.smoke,
         })
         return report

@@ -22,7 +22,9 @@ Namespace names are ``PREFIX-PID-TAG-ROLE`` (e.g. ``vmt-4242-9f3a-host0``,
 parallel runs never clash, and cleanup_stale() removes only runs whose
 creator is dead (a crashed or SIGKILLed run).
 
-Root-only work (ip netns, ip link, tc) goes through vmthunder.privileged.
+Root-only work (namespaces, links, addresses and tbf qdiscs, through
+netlink with pyroute2) goes through vmthunder.privileged; only running a
+program inside a host is `ip netns exec`.
 
     python -m vmthunder.bench.topology --hosts 3 --hold   # build, wait, remove
     python -m vmthunder.bench.topology --cleanup          # remove leftovers
@@ -42,6 +44,8 @@ import subprocess
 import sys
 import threading
 from typing import ClassVar
+
+import psutil
 
 from vmthunder import privileged
 
@@ -82,7 +86,7 @@ _RATE_UNITS = {
 #   behind a bulk transfer). Beyond it tbf drops, and TCP backs off.
 TBF_MIN_BURST = 128 * 1024
 TBF_BURST_SECONDS = 0.002
-TBF_LATENCY = "50ms"
+TBF_LATENCY_S = 0.050
 
 
 def parse_rate(rate: str) -> int:
@@ -100,10 +104,11 @@ def parse_rate(rate: str) -> int:
     return bits
 
 
-def tbf_params(rate_bits: int) -> tuple[str, str, str]:
-    """(rate, burst, latency) tc arguments for a link of rate_bits/s."""
+def tbf_params(rate_bits: int) -> tuple[int, int, float]:
+    """(rate in bit/s, burst in bytes, latency in s) of the tbf of a link
+    of rate_bits/s (privileged.tc_tbf's arguments)."""
     burst = max(TBF_MIN_BURST, int(rate_bits / 8 * TBF_BURST_SECONDS))
-    return f"{rate_bits}bit", f"{burst}b", TBF_LATENCY
+    return rate_bits, burst, TBF_LATENCY_S
 
 
 @dataclasses.dataclass
@@ -356,17 +361,13 @@ def _remove_namespaces(names: list[str]) -> list[str]:
 
 def _pid_alive(pid: int) -> bool:
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        state = psutil.Process(pid).status()
+    except psutil.NoSuchProcess:
         return False
-    except PermissionError:
+    except psutil.AccessDenied:
         return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            state = f.read().rsplit(")", 1)[1].split()[0]
-    except (OSError, IndexError):
-        return False
-    return state not in ("Z", "X")  # a zombie's run is over
+    # A zombie's run is over.
+    return state not in (psutil.STATUS_ZOMBIE, psutil.STATUS_DEAD)
 
 
 def cleanup_stale(prefix: str = "vmt", *,
