@@ -32,6 +32,7 @@ import enum
 from collections.abc import Mapping
 
 from vmthunder.nbd import constants as c
+from vmthunder.nbd import wire
 from vmthunder.nbd.client_events import (BlockStatusDone, Done, Event,
                                          ExportEntry, ExportList,
                                          HandshakeDone, NbdError,
@@ -43,8 +44,7 @@ from vmthunder.nbd.client_events import (BlockStatusDone, Done, Event,
 from vmthunder.nbd.client_handshake import MAX_OPTION_REPLY, ClientHandshake
 from vmthunder.nbd.client_replies import (MAX_BLOCK_STATUS_CHUNK,
                                           MAX_ERROR_CHUNK, PendingRequest)
-from vmthunder.nbd.wire import (REQUEST, SIMPLE_REPLY, STRUCTURED_REPLY,
-                                U32, U32_MAX, U64, U64_MAX)
+from vmthunder.nbd.wire import U32_MAX, U64_MAX
 
 __all__ = [
     "BlockStatusDone", "Done", "Event", "ExportEntry", "ExportList",
@@ -57,6 +57,13 @@ __all__ = [
 
 # Receive buffer get_buffer() hands out outside read payloads.
 SCRATCH_SIZE = 256 * 1024
+
+# Used per request: bound here, not imported by name (see wire).
+REQUEST = wire.REQUEST
+SIMPLE_REPLY = wire.SIMPLE_REPLY
+STRUCTURED_REPLY = wire.STRUCTURED_REPLY
+U32 = wire.U32
+U64 = wire.U64
 
 
 class _State(enum.Enum):

@@ -16,14 +16,20 @@ from vmthunder.blockdev import Extent
 from vmthunder.nbd import constants as c
 from vmthunder.nbd.client_events import (NbdProtocolError, command_name,
                                          decode, errno_from_wire)
-from vmthunder.nbd.wire import (BLOCK_DESCRIPTOR, ERROR_HEAD, OFFSET_HOLE,
-                                U32, U64)
+from vmthunder.nbd import wire
 
 # Limits on what the server may make us buffer: an error chunk carries a
 # string of at most 4 KiB; a block status chunk one 8-byte descriptor per
 # extent.
 MAX_ERROR_CHUNK = 64 * 1024
 MAX_BLOCK_STATUS_CHUNK = 4 + 8 * (8 * 1024 * 1024)
+
+# Used per reply: bound here, not imported by name (see wire).
+OFFSET_HOLE = wire.OFFSET_HOLE
+BLOCK_DESCRIPTOR = wire.BLOCK_DESCRIPTOR
+ERROR_HEAD = wire.ERROR_HEAD
+U32 = wire.U32
+U64 = wire.U64
 
 _ZEROES = bytes(1 << 20)
 _ZERO_VIEW = memoryview(_ZEROES)

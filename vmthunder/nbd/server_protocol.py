@@ -18,11 +18,19 @@ import dataclasses
 import typing
 
 from vmthunder.nbd import constants as c
-from vmthunder.nbd.wire import (BLOCK_DESCRIPTOR, ERROR_HEAD,
-                                EXPORT_NAME_PADDING, EXPORT_NAME_REPLY,
+from vmthunder.nbd import wire
+from vmthunder.nbd.wire import (EXPORT_NAME_PADDING, EXPORT_NAME_REPLY,
                                 GREETING, INFO_BLOCK_SIZE, INFO_EXPORT,
-                                OPT_HEADER, OPT_REPLY, REQUEST, SIMPLE_REPLY,
-                                STRUCTURED_REPLY, U16, U32, U64)
+                                OPT_HEADER, OPT_REPLY, U16)
+
+# Used per request: bound here, not imported by name (see wire).
+REQUEST = wire.REQUEST
+SIMPLE_REPLY = wire.SIMPLE_REPLY
+STRUCTURED_REPLY = wire.STRUCTURED_REPLY
+ERROR_HEAD = wire.ERROR_HEAD
+BLOCK_DESCRIPTOR = wire.BLOCK_DESCRIPTOR
+U32 = wire.U32
+U64 = wire.U64
 
 _KNOWN_COMMANDS = frozenset({
     c.CMD_READ, c.CMD_WRITE, c.CMD_FLUSH, c.CMD_TRIM, c.CMD_WRITE_ZEROES,
