@@ -71,6 +71,16 @@ class BlockDevice(abc.ABC):
 
     size: int
     capabilities: Capabilities = Capabilities()
+    # The chunk manifest covering this device's bytes (an exported image
+    # read from its origin), or None: a cache above checks every chunk it
+    # fetches against it (vmthunder/stack.py).
+    manifest = None
+
+    def identity(self) -> str | None:
+        """A name of this device's content that changes whenever the
+        content does: caches are kept per identity. None: it has none,
+        and it cannot be cached."""
+        return None
 
     @abc.abstractmethod
     async def read(self, offset: int, length: int) -> bytes:

@@ -270,11 +270,8 @@ def _cmd_serve(args) -> int:
 def default_export_name(image: str) -> str:
     """The image file's name without extension; an export's or LUN's
     target name for export:NAME and iscsi:// images."""
-    if image.startswith("export:"):
-        return image.removeprefix("export:")
-    if image.startswith("iscsi://"):
-        return image.rstrip("/").split("/")[-2].rsplit(":", 1)[-1]
-    return os.path.splitext(os.path.basename(image))[0]
+    from vmthunder import stack
+    return stack.Origin.parse(image).default_name()
 
 
 def _cmd_boot(args) -> int:
@@ -283,12 +280,12 @@ def _cmd_boot(args) -> int:
 
 
 def _cmd_snapshot_delete(args) -> int:
-    from vmthunder import serve
+    from vmthunder import stack
     from vmthunder.cache import cache_layer, snapshot
 
     async def identity():
-        source = await serve.open_source(args.image, CONF.iscsi,
-                                         _export_config(None))
+        source = await stack.open_source(stack.Origin.parse(args.image),
+                                         CONF.iscsi, _export_config(None))
         try:
             return source.identity()
         finally:

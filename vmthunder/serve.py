@@ -17,12 +17,12 @@ import signal
 import sys
 import time
 
+from vmthunder import stack
 from vmthunder.blockdev import BlockError
 from vmthunder.cache.cache_layer import CacheLayer
 from vmthunder.cache.snapshot import SnapshotLayer
 from vmthunder.nbd.address import Address
 from vmthunder.nbd.server import NbdLimits, NbdServer
-from vmthunder.volume.file_source import FileSource
 
 LOG = logging.getLogger(__name__)
 
@@ -57,69 +57,6 @@ class ServeConfig:
     snapshot_size: int | None = None
 
 
-def describe_image_forms() -> str:
-    return ("a raw image file, iscsi://[USER@]HOST[:PORT]/IQN/LUN, or "
-            "export:NAME (an image `vmthunder export` published on the "
-            "configured portal)")
-
-
-async def open_source(image: str, iscsi=None, exports=None):
-    """The bottom layer for IMAGE: a file, an iSCSI LUN, or export:NAME."""
-    if image.startswith("export:"):
-        if exports is None:
-            raise ValueError(f"{image}: no [export] settings to resolve it")
-        name = image.removeprefix("export:")
-        from vmthunder.volume import export as export_mod
-        export_mod.check_name(name)
-        url = export_mod.iscsi_url(exports.portal, exports.iqn_of(name), 1)
-        password = None
-        try:
-            # On the origin host itself the export's CHAP secret is local.
-            user, password = export_mod.read_chap(exports, name)
-            url = url.replace("iscsi://", f"iscsi://{user}@", 1)
-        except (OSError, ValueError, export_mod.ExportError):
-            pass
-        return await _open_iscsi(url, iscsi, password)
-    if image.startswith("iscsi://"):
-        return await _open_iscsi(image, iscsi, None)
-    if "://" in image:
-        raise ValueError(f"image {image!r}: unknown scheme; give "
-                         f"{describe_image_forms()}")
-    return FileSource(image)
-
-
-async def _open_iscsi(url: str, iscsi, password):
-    from vmthunder.volume.iscsi_source import IscsiSource, parse_iscsi_url
-    kwargs = {}
-    if iscsi is not None:
-        if iscsi.chap_user and "@" not in url.split("/")[2]:
-            url = url.replace("iscsi://", f"iscsi://{iscsi.chap_user}@", 1)
-        if password is None and iscsi.chap_secret_file:
-            with open(iscsi.chap_secret_file) as f:
-                password = f.read().strip()
-        kwargs = dict(manifest_lun=iscsi.manifest_lun or None,
-                      portals=list(iscsi.portals),
-                      timeout=iscsi.login_timeout,
-                      reconnect_timeout=iscsi.reconnect_timeout)
-    else:
-        kwargs = dict(manifest_lun=2)
-    if kwargs["manifest_lun"] is None:
-        LOG.warning("%s: no manifest LUN configured; chunks from the "
-                    "origin are not verified", url.split("@")[-1])
-    parse_iscsi_url(url)        # a bad URL fails before any connection
-    from vmthunder.volume import osbrick_source
-    how, why = osbrick_source.choose_attach(
-        getattr(iscsi, "attach", None) or "auto")
-    LOG.info("%s: %s initiator (%s)", url.split("@")[-1], how, why)
-    if how == "kernel":
-        if kwargs.get("portals"):
-            LOG.warning("[iscsi] portals are not used by the kernel "
-                        "attach (os-brick, single path)")
-        return await osbrick_source.OsBrickSource.open(
-            url, password=password, manifest_lun=kwargs["manifest_lun"])
-    return await IscsiSource.open(url, password=password, **kwargs)
-
-
 class ServeJob:
     def __init__(self, config: ServeConfig):
         self.config = config
@@ -130,33 +67,22 @@ class ServeJob:
 
     async def start(self) -> list[Address]:
         cfg = self.config
-        source = await open_source(cfg.image, cfg.iscsi, cfg.exports)
-        manifest = getattr(source, "manifest", None)
-        try:
-            # With a manifest, the cache's chunks are the manifest's, so
-            # each fetched chunk is checked against exactly one digest.
-            self.cache = CacheLayer(
-                source, cfg.cache_dir,
-                chunk_size=(manifest.chunk_size if manifest
-                            else cfg.chunk_size),
-                max_pending_writes=cfg.max_pending_writes,
-                sync_interval=cfg.sync_interval,
-                verify=manifest.verify if manifest else None,
-                prepare_verify=manifest.load if manifest else None)
-        except BaseException:
-            await source.close()
-            raise
+        source = await stack.open_source(stack.Origin.parse(cfg.image),
+                                         cfg.iscsi, cfg.exports)
+        self.cache = await stack.open_cache(source, stack.CacheOptions(
+            cfg.cache_dir, chunk_size=cfg.chunk_size,
+            max_pending_writes=cfg.max_pending_writes,
+            sync_interval=cfg.sync_interval))
         self.server = NbdServer(cfg.nbd_limits)
         self.server.add_export(cfg.export, self.cache, read_only=True,
                                description=f"cache of {cfg.image}")
-        snap_dir = os.path.join(self.cache.directory, "snapshots")
         for name in cfg.snapshots:
             if name == cfg.export:
                 raise ValueError(f"snapshot name {name!r} is also the export "
                                  "name of the shared cache; pick another")
-            snap = SnapshotLayer(self.cache, snap_dir, name,
-                                 block_size=cfg.block_size,
-                                 size=cfg.snapshot_size)
+            snap = stack.open_snapshot(self.cache, name,
+                                       block_size=cfg.block_size,
+                                       size=cfg.snapshot_size)
             self.snapshots[name] = snap
             self.server.add_export(name, snap, read_only=cfg.read_only,
                                    description=f"VM {name} on {cfg.image}")
@@ -172,13 +98,13 @@ class ServeJob:
 
     def _start_traces(self) -> None:
         from vmthunder import trace
-        identity = getattr(self.cache.source, "identity", None)
+        identity = self.cache.source.identity()
         several = len(self.server.exports) > 1
         for name, export in self.server.exports.items():
             export.recorder = trace.TraceRecorder(
                 trace.export_trace_path(self.config.trace, name, several),
                 export.device.size, export=name, source=self.config.image,
-                image=identity() if identity else self.config.image,
+                image=identity or self.config.image,
                 recorder="vmthunder serve")
 
     def flush_traces(self) -> None:

@@ -63,6 +63,8 @@ from typing import Any, Iterable
 import tooz
 from tooz import coordination
 
+from vmthunder.redaction import redact_url
+
 LOG = logging.getLogger(__name__)
 
 DEFAULT_GROUP = "vmthunder-peers"
@@ -95,17 +97,6 @@ def _with_defaults(backend_url: str, heartbeat_s: float) -> tuple[str, dict]:
         if "membership_timeout" not in query:
             extra["membership_timeout"] = str(math.ceil(lease))
     return parsed.scheme, extra
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for logs."""
-    parsed = urllib.parse.urlsplit(url)
-    if parsed.password is None:
-        return url
-    netloc = parsed.netloc.rsplit("@", 1)
-    user = parsed.username or ""
-    return urllib.parse.urlunsplit(parsed._replace(
-        netloc=f"{user}:***@{netloc[-1]}"))
 
 
 def _fail_fast_redis(coord: Any) -> None:
@@ -366,12 +357,12 @@ class Membership:
         if not self._healthy:
             if self._outage_since is not None:
                 LOG.warning("membership: %s is back after %.1fs; member %s "
-                            "(re)joined %s", redact(self.backend_url),
+                            "(re)joined %s", redact_url(self.backend_url),
                             time.monotonic() - self._outage_since,
                             self.member_id, self.group)
             else:
                 LOG.info("membership: %s joined %s at %s", self.member_id,
-                         self.group, redact(self.backend_url))
+                         self.group, redact_url(self.backend_url))
         self._healthy = True
         self._last_error = None
         self._outage_since = None
@@ -383,7 +374,7 @@ class Membership:
             LOG.warning("membership: %s: coordination backend %s failed "
                         "(%s); keeping the last snapshot (%d members), "
                         "retrying with back-off", self.member_id,
-                        redact(self.backend_url), self._last_error,
+                        redact_url(self.backend_url), self._last_error,
                         len(self._members))
         else:
             LOG.debug("membership: still failing: %s", self._last_error)
@@ -564,7 +555,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         members = list_members(args.backend, args.group)
     except tooz.ToozError as exc:
-        print(f"error: {redact(args.backend)}: {exc}", file=sys.stderr)
+        print(f"error: {redact_url(args.backend)}: {exc}", file=sys.stderr)
         return 1
     if args.json:
         print(json.dumps(members, indent=2, sort_keys=True))

@@ -24,19 +24,22 @@ import dataclasses
 import errno
 import logging
 import os
-import re
 import socket
 import time
-from typing import NamedTuple
 
 from vmthunder import blockdev
+from vmthunder import stack
 from vmthunder.agent import state as state_mod
 from vmthunder.cache import snapshot as snapshot_mod
 from vmthunder.cache.cache_layer import HELD, CacheInUse, CacheLayer
 from vmthunder.cache.snapshot import SnapshotLayer
 from vmthunder.nbd.address import Address, parse_address
 from vmthunder.nbd.server import NbdLimits, NbdServer
-from vmthunder.peers.digest_table import image_of, table_name
+from vmthunder.peers.digest_table import (
+    PeerDigestTable, image_of, table_name)
+from vmthunder.peers.export import PeerExport
+from vmthunder.peers.volume import ImageVolume, StaticPeers
+from vmthunder.redaction import redact_url
 
 LOG = logging.getLogger(__name__)
 
@@ -259,28 +262,16 @@ class Precache:
         }
 
 
-class ImageSource(NamedTuple):
-    """What an image's cache reads from (see Agent.open_image_source)."""
-    source: blockdev.BlockDevice
-    # verify(index, data) raises BlockError for a wrong chunk; None trusts
-    # the source.
-    verify: object
-    # The cache's chunk size: the manifest's when there is one (each
-    # fetched chunk is then checked against exactly one digest).
-    chunk_size: int
-    # Awaited before verify checks chunks [first, last) (loads their
-    # digests from a lazily read manifest); None: nothing to wait for.
-    prepare_verify: object = None
-
-
 @dataclasses.dataclass
 class Image:
     name: str
     origin: str
     cache: CacheLayer | None = None
     source: blockdev.BlockDevice | None = None
+    # The origin and its peers behind one source, when peers are on.
+    volume: ImageVolume | None = None
     # Its cache as peers see it (PeerExport), with peer_listen set.
-    peer_export: blockdev.BlockDevice | None = None
+    peer_export: PeerExport | None = None
     # Why the image is not usable (restore failed); None when attached.
     error: str | None = None
     attached_at: float = 0.0
@@ -375,46 +366,12 @@ def check_name(kind: str, name) -> str:
                               f"{NAME_RULE}") from None
 
 
-def redact(origin: str) -> str:
-    """The origin without a password (iscsi://user%secret@host/...)."""
-    return re.sub(r"^(iscsi://[^/@%]*)%[^/@]*@", r"\1%***@", origin)
-
-
-def describe_origins() -> str:
-    return ("an absolute path of a raw image file, "
-            "iscsi://[USER@]HOST[:PORT]/IQN/LUN, or export:NAME (an image "
-            "`vmthunder export` published)")
-
-
-def check_origin(origin) -> str:
-    """Refuse an origin that cannot be one before touching anything."""
-    if not isinstance(origin, str) or not origin:
-        raise AgentError(400, "origin must be a non-empty string: "
-                              + describe_origins())
-    if any(ch in origin for ch in "\0\n\r"):
-        raise AgentError(400, "origin contains control characters; give "
-                              + describe_origins())
-    if origin.startswith("export:"):
-        from vmthunder.volume import export as export_mod
-        try:
-            export_mod.check_name(origin.removeprefix("export:"))
-        except export_mod.ExportError as exc:
-            raise AgentError(400, f"origin {origin!r}: {exc}") from None
-    elif origin.startswith("iscsi://"):
-        from vmthunder.volume.iscsi_source import parse_iscsi_url
-        try:
-            parse_iscsi_url(origin)
-        except ValueError as exc:
-            raise AgentError(400, f"origin {redact(origin)!r}: {exc}") \
-                from None
-    elif "://" in origin:
-        raise AgentError(400, f"origin {origin!r} has an unknown scheme; "
-                              f"give {describe_origins()}")
-    elif not os.path.isabs(origin):
-        raise AgentError(400, f"origin {origin!r} is a relative path; give "
-                              "an absolute path (the agent does not run in "
-                              "your working directory)")
-    return origin
+def check_origin(origin) -> stack.Origin:
+    """The origin parsed, or AgentError(400) saying what is accepted."""
+    try:
+        return stack.Origin.parse(origin, absolute=True)
+    except stack.OriginError as exc:
+        raise AgentError(400, str(exc)) from None
 
 
 def socket_in_use(path: str) -> bool:
@@ -528,10 +485,11 @@ class Agent:
             except Exception as exc:
                 image.error = _message(exc)
                 LOG.error("restore: image %s from %s not attached: %s",
-                          image.name, redact(image.origin), image.error)
+                          image.name, redact_url(image.origin), image.error)
             else:
                 LOG.info("restore: image %s attached from %s (%d of %d "
-                         "chunks cached)", image.name, redact(image.origin),
+                         "chunks cached)", image.name,
+                         redact_url(image.origin),
                          image.cache.map.count_present(), image.cache.chunks)
         for rec in state["vms"]:
             vm = Vm(rec["name"], rec["image"], size=rec.get("size"))
@@ -559,50 +517,39 @@ class Agent:
 
     # -- sources, caches, exports ------------------------------------------
 
-    async def open_image_source(self, name: str, origin: str) -> ImageSource:
-        """THE place an image's cache gets its source from.
-
-        Today: the origin itself (a file, an iSCSI LUN, export:NAME), with
-        its manifest's verify when it has one. Peer fetching wraps this:
-        ``src = await super().open_image_source(name, origin)`` then
-        ``src._replace(source=PeerSource(src.source, ...))``.
-        """
-        from vmthunder import serve
-        source = await serve.open_source(origin, self.config.iscsi,
+    async def open_image_source(self, name: str, origin: str
+                                ) -> blockdev.BlockDevice:
+        """What an image's cache reads: its origin (vmthunder/stack.py),
+        behind an ImageVolume that also reads peers when they are on and
+        the origin has a manifest (it checks every chunk itself, whoever
+        sent it)."""
+        source = await stack.open_source(check_origin(origin),
+                                         self.config.iscsi,
                                          self.config.exports)
-        manifest = getattr(source, "manifest", None)
-        if manifest is not None and self.peers_enabled:
-            # Origin and peers behind one source; it checks every chunk
-            # against the manifest itself, whoever sent it.
-            from vmthunder.peers.digest_table import PeerDigestTable
-            from vmthunder.peers.volume import ImageVolume
-            options = dict(peer_timeout=self.config.peer_timeout,
-                           avoid_s=self.config.peer_avoid_s,
-                           mode=self.config.peer_mode)
-            volume = ImageVolume(source, manifest, name,
-                                 self._peer_directory(), **options)
-            if manifest.lazy_loading:
-                # Its digests come through peers too (a lazily read
-                # manifest: see peers/digest_table.py).
-                try:
-                    volume.digest_table = PeerDigestTable(
-                        manifest, name, self._peer_directory(),
-                        self.config.cache_dir, **options)
-                except BaseException:
-                    await source.close()
-                    raise
-            return ImageSource(source=volume, verify=None,
-                               chunk_size=manifest.chunk_size)
-        if self.peers_enabled:
-            LOG.warning("image %s: origin %s has no manifest: it is read "
-                        "from the origin only (chunks from peers could not "
-                        "be checked)", name, redact(origin))
-        return ImageSource(
-            source=source,
-            verify=manifest.verify if manifest else None,
-            prepare_verify=manifest.load if manifest else None,
-            chunk_size=(manifest.chunk_size if manifest
-                        else self.config.chunk_size))
+        manifest = source.manifest
+        if manifest is None or not self.peers_enabled:
+            if self.peers_enabled:
+                LOG.warning("image %s: origin %s has no manifest: it is "
+                            "read from the origin only (chunks from peers "
+                            "could not be checked)", name,
+                            redact_url(origin))
+            return source
+        options = dict(peer_timeout=self.config.peer_timeout,
+                       avoid_s=self.config.peer_avoid_s,
+                       mode=self.config.peer_mode)
+        volume = ImageVolume(source, manifest, name,
+                             self._peer_directory(), **options)
+        if manifest.lazy_loading:
+            # Its digests come through peers too (a lazily read manifest:
+            # see p2p/digest_table.py).
+            try:
+                volume.digest_table = PeerDigestTable(
+                    manifest, name, self._peer_directory(),
+                    self.config.cache_dir, **options)
+            except BaseException:
+                await source.close()
+                raise
+        return volume
 
     # -- peers ------------------------------------------------------------
 
@@ -612,7 +559,6 @@ class Agent:
                 and self.config.peer_mode != "off")
 
     def _peer_directory(self):
-        from vmthunder.peers.volume import StaticPeers
         if self.config.peer_mode == "tree":
             parent = self.config.peer_parent
             return _ImageUris(StaticPeers([parent] if parent else []))
@@ -641,33 +587,29 @@ class Agent:
                 n for n, i in self.images.items() if i.cache is not None))
 
     async def _open_image(self, image: Image) -> None:
-        src = await self.open_image_source(image.name, image.origin)
-        try:
-            cache = CacheLayer(
-                src.source, self.config.cache_dir,
-                chunk_size=src.chunk_size,
+        source = await self.open_image_source(image.name, image.origin)
+        volume = source if isinstance(source, ImageVolume) else None
+        image.cache = await stack.open_cache(
+            source, stack.CacheOptions(
+                self.config.cache_dir, chunk_size=self.config.chunk_size,
                 max_pending_writes=self.config.max_pending_writes,
-                sync_interval=self.config.sync_interval,
-                verify=src.verify, prepare_verify=src.prepare_verify)
-        except BaseException:
-            await src.source.close()
-            raise
-        image.source = src.source
-        image.cache = cache
+                sync_interval=self.config.sync_interval),
+            checks_itself=volume is not None)
+        image.source = source
+        image.volume = volume
         image.error = None
         image.attached_at = time.time()
         if self.peer_server is not None:
             self._export_to_peers(image)
 
     def _snapshot_dir(self, image: Image) -> str:
-        # Where `vmthunder serve` keeps them too (snapshot-delete finds
-        # them there).
-        return os.path.join(image.cache.directory, "snapshots")
+        return stack.snapshot_dir(image.cache)
 
     def _open_snapshot(self, image: Image, name: str,
                        size: int | None = None) -> SnapshotLayer:
-        return SnapshotLayer(image.cache, self._snapshot_dir(image), name,
-                             block_size=self.config.block_size, size=size)
+        return stack.open_snapshot(image.cache, name,
+                                   block_size=self.config.block_size,
+                                   size=size)
 
     @property
     def max_vm_size(self) -> int:
@@ -723,15 +665,14 @@ class Agent:
         mesh mode (a peer's read never starts a fetch here), reading
         through in tree mode (children read everything from us)."""
         if image.peer_export is None or \
-                getattr(image.peer_export, "cache", None) is not image.cache:
-            from vmthunder.peers.export import PeerExport
+                image.peer_export.cache is not image.cache:
             mode = self._peer_export_mode
             # Mesh: the chunks this host owns are fetched for the peers
             # asking (the owner computation of the image's ImageVolume).
             image.peer_export = PeerExport(
                 image.cache, mode=mode,
-                owns=None if mode == "through"
-                else getattr(image.cache.source, "owns", None))
+                owns=image.volume.owns if image.volume is not None
+                and mode != "through" else None)
         return image.peer_export
 
     @property
@@ -745,7 +686,7 @@ class Agent:
         self.peer_server.add_export(
             image.name, self.peer_export_device(image), read_only=True,
             description=f"cache of image {image.name}")
-        table = getattr(image.cache.source, "digest_table", None)
+        table = image.volume.digest_table if image.volume else None
         if table is not None:
             self.peer_server.add_export(
                 table.name, table.peer_export(self._peer_export_mode),
@@ -778,17 +719,17 @@ class Agent:
             if image is not None and image.origin != origin:
                 raise AgentError(
                     409, f"image {name!r} is already attached from "
-                    f"{redact(image.origin)}, not {redact(origin)}; detach "
-                    "it first (DELETE /images/NAME, `vmthunder image detach "
-                    f"{name}`) or attach under another name")
+                    f"{redact_url(image.origin)}, not {redact_url(origin)}; "
+                    "detach it first (DELETE /images/NAME, `vmthunder image "
+                    f"detach {name}`) or attach under another name")
             if image is not None and image.cache is not None:
                 return self.image_info(image), False
             for other in self.images.values():
                 if other.origin == origin and other.name != name:
                     raise AgentError(
-                        409, f"origin {redact(origin)} is already attached "
-                        f"as image {other.name!r}; use that name (one "
-                        "cache per image per host)")
+                        409, f"origin {redact_url(origin)} is already "
+                        f"attached as image {other.name!r}; use that name "
+                        "(one cache per image per host)")
             retry = image is not None
             image = image or Image(name, origin)
             try:
@@ -804,7 +745,7 @@ class Agent:
                                             errno.EACCES, errno.EINVAL)
                 raise AgentError(
                     400 if bad_input else 502,
-                    f"cannot attach image {name!r} from {redact(origin)}: "
+                    f"cannot attach image {name!r} from {redact_url(origin)}: "
                     f"{_message(exc)}") from None
             self.images[name] = image
             try:
@@ -818,7 +759,7 @@ class Agent:
                 raise AgentError(500, f"cannot record image {name!r} in "
                                       f"{self.store.path}: {exc}") from None
             LOG.info("image %s attached from %s: %s, %d of %d chunks cached",
-                     name, redact(origin), image.cache.directory,
+                     name, redact_url(origin), image.cache.directory,
                      image.cache.map.count_present(), image.cache.chunks)
             if retry:
                 for vm in self.vms.values():
@@ -1052,7 +993,7 @@ class Agent:
         return self.hypervisor_address.nbd_uri(name)
 
     def image_info(self, image: Image) -> dict:
-        info = {"name": image.name, "origin": redact(image.origin),
+        info = {"name": image.name, "origin": redact_url(image.origin),
                 "state": "attached" if image.cache else "error",
                 "vms": sorted(v.name for v in self.vms.values()
                               if v.image == image.name)}
@@ -1115,7 +1056,7 @@ class Agent:
             fetch_errors=cache["fetch_errors"],
             precache=image.precache.progress() if image.precache
             else None)
-        table = getattr(image.cache.source, "digest_table", None)
+        table = image.volume.digest_table if image.volume else None
         if table is not None:
             # The manifest's digests, fetched through peers like the image.
             status["digest_table"] = table.stats()

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import typing
 
 from vmthunder import blockdev
 from vmthunder.cache import cache_layer
@@ -45,6 +46,24 @@ MODES = ("held", "through")
 # An owned chunk in flight, not yet in the volume: looked at again this
 # many times, this many seconds apart.
 _PATIENCE, _PATIENCE_STEP = 20, 0.005
+
+
+@typing.runtime_checkable
+class RootedFetches(typing.Protocol):
+    """A source whose fetches peers may wait for only while rooted."""
+
+    def fetch_is_rooted(self, index: int) -> bool:
+        """True while chunk ``index`` is read from the origin or from a
+        holder (never from another host's fetch): waits never chain."""
+
+
+@typing.runtime_checkable
+class LandingChunks(typing.Protocol):
+    """A source that hands out each chunk of a read in flight as soon as
+    it is checked."""
+
+    def landing(self, index: int) -> asyncio.Future | None:
+        """A future of chunk ``index``'s bytes while it is read here."""
 
 
 class PeerExport(blockdev.BlockDevice):
@@ -61,11 +80,14 @@ class PeerExport(blockdev.BlockDevice):
         self.mode = mode
         self.size = cache.size
         self.chunk_size = cache.chunk_size
-        # The cache's source tells which of its fetches may be waited for.
-        self._rooted = getattr(cache.source, "fetch_is_rooted", None)
-        # An ImageVolume source: what its reads in flight deliver, chunk
-        # by chunk (see _held_parts).
-        self._landing = getattr(cache.source, "landing", None)
+        # What the cache's source tells of its fetches (an ImageVolume
+        # tells both): which may be waited for, and what its reads in
+        # flight deliver, chunk by chunk (see _held_parts).
+        source = cache.source
+        self._rooted = source.fetch_is_rooted \
+            if isinstance(source, RootedFetches) else None
+        self._landing = source.landing \
+            if isinstance(source, LandingChunks) else None
         # owns(index): chunks fetched for peers in ``held`` mode (None:
         # none).
         self.owns = owns

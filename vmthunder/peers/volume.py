@@ -242,9 +242,7 @@ class ImageVolume(blockdev.BlockDevice):
     # -- identity and status ------------------------------------------
 
     def identity(self) -> str:
-        identity = getattr(self.origin, "identity", None)
-        return identity() if identity is not None \
-            else self.manifest.identity()
+        return self.origin.identity() or self.manifest.identity()
 
     def describe(self) -> str:
         return (f"image {self.image!r} ({self.mode}; origin "

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 import urllib.parse
 
+from vmthunder.redaction import redact_url
+
 DEFAULT_PORT = 3260
 
 
@@ -79,7 +81,7 @@ def parse_iscsi_url(url: str, *, password: str | None = None) -> IscsiUrl:
         raise TypeError(f"iSCSI URL must be a str, not {type(url).__name__}")
     scheme, sep, rest = url.partition("://")
     if not sep or scheme.lower() != "iscsi":
-        raise ValueError(f"not an iSCSI URL: {_redact(url)!r} (expected "
+        raise ValueError(f"not an iSCSI URL: {redact_url(url)!r} (expected "
                          f"iscsi://[USER[%PASSWORD]@]HOST[:PORT]/IQN/LUN)")
     authority, slash, path = rest.partition("/")
     userinfo, at, hostport = authority.rpartition("@")
@@ -87,39 +89,31 @@ def parse_iscsi_url(url: str, *, password: str | None = None) -> IscsiUrl:
     if at:
         username, pct, url_password = userinfo.partition("%")
         if not username:
-            raise ValueError(f"iSCSI URL {_redact(url)!r} has an empty user "
-                             f"name before '@'")
+            raise ValueError(f"iSCSI URL {redact_url(url)!r} has an empty "
+                             f"user name before '@'")
         if not pct:
             url_password = None
     portal = parse_portal(hostport) if hostport else None
     if portal is None:
-        raise ValueError(f"iSCSI URL {_redact(url)!r} has no host")
+        raise ValueError(f"iSCSI URL {redact_url(url)!r} has no host")
     path = path.rstrip("/") if slash else ""
     target, slash2, lun_text = path.rpartition("/")
     if not slash2 or not target:
-        raise ValueError(f"iSCSI URL {_redact(url)!r} needs a target and a "
+        raise ValueError(f"iSCSI URL {redact_url(url)!r} needs a target and a "
                          f"LUN: iscsi://HOST[:PORT]/IQN/LUN")
     target = urllib.parse.unquote(target)
     if "/" in target or not target.strip():
-        raise ValueError(f"iSCSI URL {_redact(url)!r}: bad target name "
+        raise ValueError(f"iSCSI URL {redact_url(url)!r}: bad target name "
                          f"{target!r}")
     if not lun_text.isdigit() or int(lun_text) > 16383:
-        raise ValueError(f"iSCSI URL {_redact(url)!r}: bad LUN "
+        raise ValueError(f"iSCSI URL {redact_url(url)!r}: bad LUN "
                          f"{lun_text!r} (a number from 0 to 16383)")
     if password is not None:
         url_password = password
     if url_password is not None and not username:
-        raise ValueError(f"iSCSI URL {_redact(url)!r}: a CHAP password "
+        raise ValueError(f"iSCSI URL {redact_url(url)!r}: a CHAP password "
                          f"needs a user name (iscsi://USER%PASSWORD@...)")
     return IscsiUrl(portal=portal, target=target, lun=int(lun_text),
                     username=username, password=url_password)
 
 
-def _redact(url: str) -> str:
-    """``url`` with any password replaced by ``***``."""
-    scheme, sep, rest = url.partition("://")
-    authority, slash, path = rest.partition("/")
-    userinfo, at, hostport = authority.rpartition("@")
-    if at and "%" in userinfo:
-        userinfo = userinfo.partition("%")[0] + "%***"
-    return f"{scheme}{sep}{userinfo}{at}{hostport}{slash}{path}"
