@@ -28,7 +28,7 @@ STATE_ZERO = 2
 # vmthunder:cache state: the range is held in the local cache.
 STATE_CACHED = 1
 # ...with STATE_CACHED: not held yet but being fetched; a read waits for it
-# (peer exports, vmthunder/peers/export.py).
+# (peer exports, vmthunder/p2p/export.py).
 STATE_FETCHING = 2
 
 

@@ -25,8 +25,8 @@ import pytest
 from tests.functional.iscsi_fixtures import tgtd  # noqa: F401
 from vmthunder.blockdev import BlockError
 from vmthunder.cache.cache_layer import CacheLayer
-from vmthunder.peers.digest_table import PeerDigestTable
-from vmthunder.peers.volume import ImageVolume, StaticPeers
+from vmthunder.p2p.digest_table import PeerDigestTable
+from vmthunder.p2p.volume import ImageVolume, StaticPeers
 from vmthunder.volume import manifest as mf
 from vmthunder.volume.iscsi_source import IscsiSource
 

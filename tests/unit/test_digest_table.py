@@ -1,5 +1,5 @@
 """A lazily read manifest's digest table fetched through peers
-(vmthunder/peers/digest_table.py): real NBD servers on loopback, real
+(vmthunder/p2p/digest_table.py): real NBD servers on loopback, real
 caches; the origin is the image file and the manifest's table bytes."""
 
 import asyncio
@@ -12,9 +12,9 @@ from tests.unit.test_peer_volume import CS, SIZE, FakePeer, Origin, drain
 from vmthunder.cache.cache_layer import CacheLayer
 from vmthunder.nbd.address import Address
 from vmthunder.nbd.server import NbdServer
-from vmthunder.peers.digest_table import PeerDigestTable, table_name
-from vmthunder.peers.export import PeerExport
-from vmthunder.peers.volume import ImageVolume
+from vmthunder.p2p.digest_table import PeerDigestTable, table_name
+from vmthunder.p2p.export import PeerExport
+from vmthunder.p2p.volume import ImageVolume
 from vmthunder.volume import manifest as mf
 
 

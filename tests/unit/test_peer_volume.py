@@ -1,4 +1,4 @@
-"""vmthunder.peers: ImageVolume and PeerExport over real NBD servers.
+"""vmthunder.p2p: ImageVolume and PeerExport over real NBD servers.
 
 Every "host" here is a real NbdServer on 127.0.0.1 (a random port)
 exporting PeerExport(CacheLayer(origin)); the host under test reads
@@ -18,9 +18,9 @@ from vmthunder.cache.cache_layer import CacheLayer
 from vmthunder.nbd.address import Address
 from vmthunder.nbd.client import open_nbd
 from vmthunder.nbd.server import NbdServer
-from vmthunder.peers.export import PeerExport
-from vmthunder.peers.owners import OwnerTable, owner_of
-from vmthunder.peers.volume import ImageVolume, StaticOwners, StaticPeers
+from vmthunder.p2p.export import PeerExport
+from vmthunder.p2p.owners import OwnerTable, owner_of
+from vmthunder.p2p.volume import ImageVolume, StaticOwners, StaticPeers
 from vmthunder.volume.file_source import FileSource
 from vmthunder.volume.manifest import build_manifest
 
@@ -551,7 +551,7 @@ import asyncio, sys
 from vmthunder.cache.cache_layer import CacheLayer
 from vmthunder.nbd.address import Address
 from vmthunder.nbd.server import NbdServer
-from vmthunder.peers.export import PeerExport
+from vmthunder.p2p.export import PeerExport
 from vmthunder.volume.file_source import FileSource
 from vmthunder.volume.manifest import build_manifest
 

@@ -35,10 +35,10 @@ from vmthunder.cache.cache_layer import HELD, CacheInUse, CacheLayer
 from vmthunder.cache.snapshot import SnapshotLayer
 from vmthunder.nbd.address import Address, parse_address
 from vmthunder.nbd.server import NbdLimits, NbdServer
-from vmthunder.peers.digest_table import (
+from vmthunder.p2p.digest_table import (
     PeerDigestTable, image_of, table_name)
-from vmthunder.peers.export import PeerExport
-from vmthunder.peers.volume import ImageVolume, StaticPeers
+from vmthunder.p2p.export import PeerExport
+from vmthunder.p2p.volume import ImageVolume, StaticPeers
 from vmthunder.redaction import redact_url
 
 LOG = logging.getLogger(__name__)
@@ -304,7 +304,7 @@ class _ImageUris:
     (peers export every image cache under the image's name).
 
     With a membership (``members()`` and ``member_id``) it also names the
-    image's owners (``owners_for``, see vmthunder/peers/owners.py): every
+    image's owners (``owners_for``, see vmthunder/p2p/owners.py): every
     live member that announced the image, keyed by member id, and this
     host (uri None) whether it announced the image yet or not.
     """

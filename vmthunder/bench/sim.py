@@ -96,7 +96,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Iterable, NamedTuple
 
-from vmthunder.peers.volume import OWNER_REGION
+from vmthunder.p2p.owners import OWNER_REGION
 from vmthunder.sizes import parse_size
 
 KiB, MiB = 1 << 10, 1 << 20
@@ -258,7 +258,7 @@ class Plan:
     boot_anchor: int = ROOT
     boot_offset: float = 0.0
     chunk_bytes: list[int] = field(default_factory=list)  # per dense id
-    # per dense id: its owner region (peers/volume.py OWNER_REGION)
+    # per dense id: its owner region (p2p/owners.py OWNER_REGION)
     chunk_region: list[int] = field(default_factory=list)
 
 
