@@ -24,11 +24,10 @@ import sys
 import tempfile
 import time
 
+from vmthunder import guest as guest_mod
 from vmthunder import serve
 from vmthunder.cache import snapshot
 
-REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-BUILD_SCRIPT = os.path.join(REPO_ROOT, "scripts", "build-guest.sh")
 MiB = 1024 * 1024
 ORIGIN_NAMES = {"iscsi": "iSCSI LUN on tgtd, each chunk verified",
                 "file": "image file"}
@@ -51,18 +50,20 @@ class Guest:
 
 
 def load_guest(guest_dir: str, build: bool = True) -> Guest:
-    """The test guest in ``guest_dir``, built first when missing."""
+    """The test guest in ``guest_dir``, built first when missing (with
+    the builder shipped in the package, vmthunder.guest)."""
     meta_path = os.path.join(guest_dir, "guest.json")
     if not os.path.exists(os.path.join(guest_dir, ".complete")):
+        try:
+            script = guest_mod.builder(guest_mod.SMALL)
+        except guest_mod.BuilderMissing as exc:
+            raise BootError(f"no guest in {guest_dir} and {exc}") from None
         if not build:
             raise BootError(f"no guest in {guest_dir}; run "
-                            f"{BUILD_SCRIPT} {guest_dir}")
-        if not os.path.exists(BUILD_SCRIPT):
-            raise BootError(f"no guest in {guest_dir} and no {BUILD_SCRIPT} "
-                            "to build one")
+                            f"bash {script} {guest_dir}")
         print(f"vmthunder boot: building the test guest in {guest_dir} "
               "(once)", file=sys.stderr, flush=True)
-        subprocess.run([BUILD_SCRIPT, guest_dir], check=True,
+        subprocess.run(["bash", script, guest_dir], check=True,
                        stdout=sys.stderr)
     with open(meta_path) as f:
         meta = json.load(f)

@@ -13,6 +13,8 @@ import socket
 
 from oslo_config import cfg
 
+from vmthunder import guest
+
 KiB = 1024
 MiB = 1024 * KiB
 
@@ -135,11 +137,14 @@ nbd_opts = [
 boot_opts = [
     cfg.StrOpt(
         "guest_dir",
-        default=os.path.join(os.path.dirname(os.path.dirname(
-            os.path.abspath(__file__))), ".cache", "guest"),
+        default=guest.default_dir("guest"),
         sample_default="<repo>/.cache/guest",
-        help="Where scripts/build-guest.sh puts the small test guest "
-             "(vmlinuz, initrd.img, root.img)."),
+        help="Where `vmthunder boot` keeps the small test guest (vmlinuz, "
+             "initrd.img, root.img), built there on first use by the "
+             "builder shipped in the package (vmthunder/guest/"
+             "build-guest.sh; scripts/build-guest.sh in a checkout). "
+             "Default: <repo>/.cache/guest in a source tree, "
+             "~/.cache/vmthunder/guest (XDG_CACHE_HOME) when installed."),
     cfg.StrOpt(
         "qemu_binary",
         default="qemu-system-x86_64",

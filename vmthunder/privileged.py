@@ -20,6 +20,7 @@ import os
 import shutil
 import signal
 import subprocess
+import threading
 
 # Debian puts tgtd/tgtadm in /usr/sbin, which a non-root PATH may lack.
 _SBIN = ("/usr/sbin", "/sbin", "/usr/local/sbin")
@@ -101,11 +102,16 @@ def start_tgtd(portal: str, control_port: int, log_path: str, *,
                netns: str | None = None) -> subprocess.Popen:
     """Start ``tgtd -f --iscsi portal=PORTAL -C N`` as a detached daemon.
 
-    It runs in its own session (a Ctrl-C of the caller does not reach it)
-    with its output appended to ``log_path``. Returns at once: the caller
-    waits until tgtadm answers (and watches the process for an early
-    exit). tgtd ignores SIGTERM; stop it with tgtadm (see
-    vmthunder.volume.tgt.Tgt.stop).
+    It runs in its own session (a Ctrl-C of the caller does not reach it,
+    and it outlives the caller, which is what a daemon does: then init
+    adopts it) with its output appended to ``log_path``. While the caller
+    lives, a daemon thread waits for it, so a tgtd that exits (stopped
+    through tgtadm, or failing at start) is reaped at once instead of
+    staying a zombie child of a long-lived caller (vmthunder boot, the
+    benchmarks, the agent). Returns at once: the caller waits until
+    tgtadm answers (and watches the process for an early exit: its
+    returncode is set when it is reaped). tgtd ignores SIGTERM; stop it
+    with tgtadm (see vmthunder.volume.tgt.Tgt.stop).
     """
     require_root("starting tgtd")
     argv = [find_binary("tgtd", "tgt"), "-f", "--iscsi",
@@ -114,9 +120,12 @@ def start_tgtd(portal: str, control_port: int, log_path: str, *,
         argv = [find_binary("ip", "iproute2"), "netns", "exec", netns,
                 *argv]
     with open(log_path, "ab") as log:
-        return subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
+        proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log,
                                 stderr=log, start_new_session=True,
                                 close_fds=True)
+    threading.Thread(target=proc.wait, name=f"reaper of tgtd {proc.pid}",
+                     daemon=True).start()
+    return proc
 
 
 # --- Network namespaces, veth links, bridges and tc qdiscs ---------------

@@ -31,6 +31,7 @@ import tempfile
 import threading
 import time
 
+from vmthunder import guest as guest_mod
 from vmthunder import opts as opts_mod
 from vmthunder import sizes
 from vmthunder.bench import strategies as strat_mod
@@ -42,11 +43,9 @@ REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 TRACES = os.path.join(REPO, "vmthunder", "bench", "traces")
 GUESTS = {
-    # name: (guest dir, build script, shipped trace)
-    "small": (".cache/guest", "scripts/build-guest.sh",
-              "busybox-small.trace.gz"),
-    "debian": (".cache/guest-debian", "scripts/build-guest-debian.sh",
-               "debian-systemd.trace.gz"),
+    # name: (guest dir name, builder in vmthunder.guest, shipped trace)
+    "small": ("guest", guest_mod.SMALL, "busybox-small.trace.gz"),
+    "debian": ("guest-debian", guest_mod.DEBIAN, "debian-systemd.trace.gz"),
 }
 STORE_PORT = 10809
 ISCSI_PORT = 3260
@@ -689,13 +688,13 @@ def main(argv=None) -> int:
         print(f"vmthunder bench: unknown strategy {', '.join(unknown)}; "
               f"known: {', '.join(strat_mod.STRATEGIES)}", file=sys.stderr)
         return 2
-    guest_rel, script, shipped = GUESTS[args.guest]
-    guest_dir = os.path.join(REPO, guest_rel)
+    guest_name, script, shipped = GUESTS[args.guest]
+    guest_dir = guest_mod.default_dir(guest_name)
     if not os.path.exists(os.path.join(guest_dir, ".complete")) and \
             not os.path.exists(os.path.join(guest_dir, "guest.json")):
         log(f"building the {args.guest} guest ({script}; once)")
-        subprocess.run([os.path.join(REPO, script)], check=True,
-                       stdout=sys.stderr)
+        subprocess.run(["bash", guest_mod.builder(script), guest_dir],
+                       check=True, stdout=sys.stderr)
     with open(os.path.join(guest_dir, "guest.json")) as f:
         guest_meta = json.load(f)
     image = os.path.join(guest_dir, guest_meta["root"])

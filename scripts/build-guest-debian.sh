@@ -1,0 +1,1 @@
+../vmthunder/guest/build-guest-debian.sh
