@@ -355,6 +355,21 @@ class Env:
                                                "disk"))
 
 
+class _Overrides:
+    """Undoes the nova.conf overrides (``stop()``, like a patch): options
+    keep overrides in their groups, which other ConfigOpts share
+    ([vmthunder]'s OptGroup in tests/nova/test_opts.py)."""
+
+    def __init__(self, conf, overrides):
+        self.conf, self.overrides = conf, overrides
+
+    def stop(self):
+        import nova.privsep
+        for name, _value, group in self.overrides:
+            self.conf.clear_override(name, group)
+        nova.privsep.sys_admin_pctxt.set_client_mode(True)
+
+
 def _configure_nova(base: str, agent: Agent, daemon) -> list:
     """nova.conf for this host, as nova-compute would parse it; the
     patches named in the module docstring (started; returned)."""
@@ -369,23 +384,24 @@ def _configure_nova(base: str, agent: Agent, daemon) -> list:
     nova.conf.neutron.register_dynamic_opts(CONF)
     objects.register_all()
     os_vif.initialize()
-    for name, value, group in (
-            ("compute_driver", "vmthunder.VMThunderLibvirtDriver", None),
-            ("host", "vmt-compute", None),
-            ("my_ip", "127.0.0.1", None),
-            ("state_path", os.path.join(base, "nova-state"), None),
-            ("instances_path", os.path.join(base, "instances"), None),
-            # Domain names libvirt_fixtures knows as test domains.
-            ("instance_name_template", "vmthunder-test-nova-%08x", None),
-            ("force_raw_images", True, None),
-            ("virt_type", "qemu", "libvirt"),
-            ("connection_uri", daemon.uri, "libvirt"),
-            ("cpu_mode", "none", "libvirt"),
-            ("snapshots_directory", os.path.join(base, "snapshots"),
-             "libvirt"),
-            ("lock_path", os.path.join(base, "locks"), "oslo_concurrency"),
-            ("agent_socket", agent.api_socket, "vmthunder"),
-            ("precache_timeout", 120, "vmthunder")):
+    overrides = (
+        ("compute_driver", "vmthunder.VMThunderLibvirtDriver", None),
+        ("host", "vmt-compute", None),
+        ("my_ip", "127.0.0.1", None),
+        ("state_path", os.path.join(base, "nova-state"), None),
+        ("instances_path", os.path.join(base, "instances"), None),
+        # Domain names libvirt_fixtures knows as test domains.
+        ("instance_name_template", "vmthunder-test-nova-%08x", None),
+        ("force_raw_images", True, None),
+        ("virt_type", "qemu", "libvirt"),
+        ("connection_uri", daemon.uri, "libvirt"),
+        ("cpu_mode", "none", "libvirt"),
+        ("snapshots_directory", os.path.join(base, "snapshots"),
+         "libvirt"),
+        ("lock_path", os.path.join(base, "locks"), "oslo_concurrency"),
+        ("agent_socket", agent.api_socket, "vmthunder"),
+        ("precache_timeout", 120, "vmthunder"))
+    for name, value, group in overrides:
         CONF.set_override(name, value, group)
     patches = [
         mock.patch("nova.objects.Instance.save"),
@@ -397,6 +413,7 @@ def _configure_nova(base: str, agent: Agent, daemon) -> list:
     ]
     for p in patches:
         p.start()
+    patches.insert(0, _Overrides(CONF, overrides))
     # Privileged helpers (nova.privsep) run in this process, which is
     # root already, instead of through `sudo privsep-helper`.
     import nova.privsep
