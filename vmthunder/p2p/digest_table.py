@@ -20,9 +20,9 @@ from __future__ import annotations
 import asyncio
 
 from vmthunder.cache.cache_layer import CacheLayer
-from vmthunder.peers.export import PeerExport
-from vmthunder.peers.owners import serving_peer
-from vmthunder.peers.volume import ImageVolume
+from vmthunder.p2p.export import PeerExport
+from vmthunder.p2p.owners import serving_peer
+from vmthunder.p2p.volume import ImageVolume
 from vmthunder.volume import manifest as manifest_mod
 
 # Export (and peer directory) name of an image's table: IMAGE + SUFFIX.

@@ -15,7 +15,7 @@ Modes:
     another, so misses do not cascade from host to host. One exception:
     with ``owns`` (``owns(index) -> bool``, from ImageVolume.owns), a
     read whose other chunks are all held or in flight may include chunks
-    this host *owns* (peers/owners.py): those are fetched through the
+    this host *owns* (p2p/owners.py): those are fetched through the
     cache, once for every peer asking, as in ``through`` mode. Reads of
     unowned, unheld chunks are still refused.
 ``through`` (tree)
@@ -40,7 +40,7 @@ import typing
 from vmthunder import blockdev
 from vmthunder.cache import cache_layer
 from vmthunder.cache.cache_layer import CacheLayer
-from vmthunder.peers.owners import serving_peer
+from vmthunder.p2p.owners import serving_peer
 
 MODES = ("held", "through")
 # An owned chunk in flight, not yet in the volume: looked at again this

@@ -29,6 +29,10 @@ import contextvars
 import hashlib
 from collections.abc import Iterable
 
+# Chunks are owned by regions of this many bytes: a guest's 128 KiB read
+# goes to one owner in one piece, however small the chunks.
+OWNER_REGION = 256 * 1024
+
 # True while a read is made on behalf of a peer (see the module doc).
 serving_peer: contextvars.ContextVar[bool] = contextvars.ContextVar(
     "vmthunder_serving_peer", default=False)

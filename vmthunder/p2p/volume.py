@@ -13,7 +13,7 @@ mesh mode (the default)
        such fetches are "rooted", and only those are offered, so waits
        never chain and two hosts never wait for each other);
     3. else, when the directory names the image's owners
-       (``owners_for``) and the chunk's owner (peers/owners.py:
+       (``owners_for``) and the chunk's owner (p2p/owners.py:
        rendezvous hashing over the hosts that announced the image) is
        another live peer, that owner: its export fetches the chunks it
        owns for whoever asks (once), so in a boot storm each chunk leaves
@@ -23,7 +23,7 @@ mesh mode (the default)
        chunks, nor while it reads on behalf of a peer (no loops, one hop);
     4. else the origin.
     Which peer holds what comes from NBD block status in the
-    ``vmthunder:cache`` context of the peer's export (peers/export.py),
+    ``vmthunder:cache`` context of the peer's export (p2p/export.py),
     asked for a window of chunks at a time and remembered for
     ``status_ttl`` seconds.
 tree mode
@@ -51,7 +51,7 @@ from typing import Protocol
 
 from vmthunder import blockdev
 from vmthunder.nbd.client import NbdClient, NbdError, open_nbd
-from vmthunder.peers.owners import OwnerTable, serving_peer
+from vmthunder.p2p.owners import OWNER_REGION, OwnerTable, serving_peer
 from vmthunder.volume.manifest import Manifest
 
 LOG = logging.getLogger(__name__)
@@ -67,8 +67,6 @@ _VERIFY_IN_THREAD = 64 * 1024
 OWNER = 3
 # A peer is asked about this much of the image at a time.
 STATUS_WINDOW_BYTES = 256 * 1024 * 1024
-# Chunks are owned by regions of this many bytes (peers/owners.py).
-OWNER_REGION = 256 * 1024
 ERROR_KINDS = ("timeout", "mismatch", "io", "not_held")
 # What a failing peer may raise (a bad URI in the directory included).
 _PEER_ERRORS = (blockdev.BlockError, NbdError, OSError, ValueError)
@@ -229,7 +227,7 @@ class ImageVolume(blockdev.BlockDevice):
         # host owns) from the start of any read of it: see landing().
         self._landing: dict[int, asyncio.Future] = {}
         # The manifest's digest table when it is fetched through peers too
-        # (peers/digest_table.py); closed with this volume.
+        # (p2p/digest_table.py); closed with this volume.
         self.digest_table = None
         self._closed = False
         self.counters = {"reads": 0, "chunks_from_origin": 0,
