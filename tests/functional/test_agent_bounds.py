@@ -20,7 +20,7 @@ import pytest
 
 from tests.functional.conftest import make_image
 from tests.functional.test_agent import start_agent
-from vmthunder.agent import service
+from vmthunder.agent import precache as precache_mod
 from vmthunder.agent.client import AgentError
 from vmthunder import trace as trace_mod
 
@@ -142,18 +142,18 @@ def test_trace_that_is_a_directory_is_refused(agent, tmp_path):
 
 
 def test_gzip_bomb_trace_is_cut_at_the_decompressed_limit(agent, tmp_path):
-    limit = service.PRECACHE_TRACE_MAX_TEXT_BYTES
+    limit = precache_mod.PRECACHE_TRACE_MAX_TEXT_BYTES
     # 1 GiB of one endless line: a few MiB on disk.
     bomb = write_gzip(tmp_path / "bomb.trace.gz", [
         HEADER.encode() + b"\n"] + [b"0" * (16 * MiB)] * 64)
-    assert os.path.getsize(bomb) < service.PRECACHE_TRACE_MAX_FILE_BYTES
+    assert os.path.getsize(bomb) < precache_mod.PRECACHE_TRACE_MAX_FILE_BYTES
     message = refused(agent, precache(agent, bomb))
     assert bomb in message and str(limit) in message, message
     assert "decompressed" in message, message
 
 
 def test_trace_file_above_the_size_limit_is_refused_unread(agent, tmp_path):
-    limit = service.PRECACHE_TRACE_MAX_FILE_BYTES
+    limit = precache_mod.PRECACHE_TRACE_MAX_FILE_BYTES
     big = tmp_path / "big.trace"
     with open(big, "wb") as f:
         f.write(HEADER.encode() + b"\n")
@@ -164,7 +164,7 @@ def test_trace_file_above_the_size_limit_is_refused_unread(agent, tmp_path):
 
 
 def test_trace_with_too_many_requests_is_refused(agent, tmp_path):
-    limit = service.PRECACHE_TRACE_MAX_REQUESTS
+    limit = precache_mod.PRECACHE_TRACE_MAX_REQUESTS
     line = b"0 0.001 R 0 512\n"
     path = write_gzip(tmp_path / "long.trace.gz", [
         HEADER.encode() + b"\n", line * (limit + 1)])

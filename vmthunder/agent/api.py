@@ -33,7 +33,9 @@ import re
 
 from aiohttp import web
 
-from vmthunder.agent.service import Agent, AgentError
+from vmthunder.agent import errors
+from vmthunder.agent.errors import AgentError, InvalidRequest
+from vmthunder.agent.service import Agent
 
 LOG = logging.getLogger(__name__)
 
@@ -58,6 +60,12 @@ def _json(status: int, body: dict) -> web.Response:
                              dumps=lambda o: json.dumps(o, indent=1))
 
 
+# The HTTP status of each kind of refusal (agent/errors.py).
+STATUS = {errors.InvalidRequest: 400, errors.NotFound: 404,
+          errors.Conflict: 409, errors.AgentFailure: 500,
+          errors.OriginUnavailable: 502}
+
+
 def error(status: int, message: str) -> web.Response:
     return _json(status, {"error": message})
 
@@ -67,9 +75,10 @@ async def _errors(request: web.Request, handler):
     try:
         return await handler(request)
     except AgentError as exc:
+        status = STATUS[type(exc)]
         LOG.info("%s %s refused (%d): %s", request.method, request.path,
-                 exc.status, exc.message)
-        return error(exc.status, exc.message)
+                 status, exc.message)
+        return error(status, exc.message)
     except web.HTTPNotFound:
         return error(404, f"no such API path {request.path!r}; the API "
                           f"has {PATHS}")
@@ -118,11 +127,11 @@ def _json_depth(raw: bytes) -> int:
 
 
 def _loads(raw: bytes, example: str):
-    """The JSON value of a request body; AgentError(400) saying what is
+    """The JSON value of a request body; InvalidRequest saying what is
     wrong (not JSON, or nested too deeply)."""
-    too_deep = AgentError(400, f"request body is JSON nested more than "
-                               f"{MAX_JSON_DEPTH} levels deep; send a flat "
-                               f"object like {example}")
+    too_deep = InvalidRequest(f"request body is JSON nested more than "
+                              f"{MAX_JSON_DEPTH} levels deep; send a flat "
+                              f"object like {example}")
     if _json_depth(raw) > MAX_JSON_DEPTH:
         raise too_deep
     try:
@@ -130,8 +139,8 @@ def _loads(raw: bytes, example: str):
     except RecursionError:
         raise too_deep from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise AgentError(400, f"request body is not valid JSON ({exc}); "
-                              f"send an object like {example}") from None
+        raise InvalidRequest(f"request body is not valid JSON ({exc}); "
+                             f"send an object like {example}") from None
 
 
 async def _body(request: web.Request, fields: tuple[str, ...],
@@ -142,22 +151,22 @@ async def _body(request: web.Request, fields: tuple[str, ...],
     raw = await request.read()
     body = _loads(raw, example)
     if not isinstance(body, dict):
-        raise AgentError(400, f"request body must be a JSON object like "
-                              f"{example}, not {type(body).__name__}")
+        raise InvalidRequest(f"request body must be a JSON object like "
+                             f"{example}, not {type(body).__name__}")
     unknown = sorted(set(body) - set(fields) - set(optional))
     if unknown:
         also = (f" (optional: {', '.join(optional)})" if optional else "")
-        raise AgentError(400, f"unknown field(s) {', '.join(unknown)}; "
-                              f"expected {', '.join(fields)}{also}, e.g. "
-                              f"{example}")
+        raise InvalidRequest(f"unknown field(s) {', '.join(unknown)}; "
+                             f"expected {', '.join(fields)}{also}, e.g. "
+                             f"{example}")
     for field in fields:
         if field not in body:
-            raise AgentError(400, f"missing field {field!r}; expected "
-                                  f"{', '.join(fields)}, e.g. {example}")
+            raise InvalidRequest(f"missing field {field!r}; expected "
+                                 f"{', '.join(fields)}, e.g. {example}")
         if not isinstance(body[field], str):
-            raise AgentError(400, f"field {field!r} must be a string, not "
-                                  f"{type(body[field]).__name__}; e.g. "
-                                  f"{example}")
+            raise InvalidRequest(f"field {field!r} must be a string, not "
+                                 f"{type(body[field]).__name__}; e.g. "
+                                 f"{example}")
     return body
 
 
@@ -183,18 +192,18 @@ def make_app(agent: Agent) -> web.Application:
         if raw.strip():
             body = _loads(raw, example)
             if not isinstance(body, dict):
-                raise AgentError(400, f"request body must be a JSON object "
-                                      f"like {example}, not "
-                                      f"{type(body).__name__}")
+                raise InvalidRequest(f"request body must be a JSON object "
+                                     f"like {example}, not "
+                                     f"{type(body).__name__}")
         unknown = sorted(set(body) - {"trace"})
         if unknown:
-            raise AgentError(400, f"unknown field(s) {', '.join(unknown)}; "
-                                  f"expected trace, e.g. {example}")
+            raise InvalidRequest(f"unknown field(s) {', '.join(unknown)}; "
+                                 f"expected trace, e.g. {example}")
         trace = body.get("trace")
         if trace is not None and not isinstance(trace, str):
-            raise AgentError(400, f"field 'trace' must be a string or null, "
-                                  f"not {type(trace).__name__}; e.g. "
-                                  f"{example}")
+            raise InvalidRequest(f"field 'trace' must be a string or null, "
+                                 f"not {type(trace).__name__}; e.g. "
+                                 f"{example}")
         progress, started = await agent.precache(request.match_info["name"],
                                                  trace)
         return _json(202 if started else 200,

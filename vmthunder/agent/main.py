@@ -137,7 +137,8 @@ async def run(config) -> int:
              agent.hypervisor_address)
     print(f"{READY_PREFIX} api=unix:{config.api_socket} "
           f"nbd={agent.hypervisor_address}"
-          + (f" peers={agent.peer_address}" if agent.peer_address else ""),
+          + (f" peers={agent.peering.address}" if agent.peering.address
+             else ""),
           flush=True)
     await stop.wait()
     LOG.info("stopping: closing the API and NBD servers, flushing "

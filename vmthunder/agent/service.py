@@ -12,9 +12,9 @@ snapshots recorded there. Their data is found again on disk: a CacheLayer
 reuses its directory for the same source identity, a SnapshotLayer reopens
 its overlay and map.
 
-Errors for the API are AgentError(status, message): the HTTP status and a
-message that says what was wrong and what to do. A refused request
-changes nothing.
+Refusals are the errors of agent/errors.py (api.py gives each kind its
+HTTP status), with a message that says what was wrong and what to do. A
+refused request changes nothing.
 """
 
 from __future__ import annotations
@@ -29,16 +29,21 @@ import time
 
 from vmthunder import blockdev
 from vmthunder import stack
+from vmthunder.agent import precache as precache_mod
+from vmthunder.agent.peering import Peering
 from vmthunder.agent import state as state_mod
+from vmthunder.agent.errors import (
+    AgentError, AgentFailure, Conflict, InvalidRequest, NotFound,
+    OriginUnavailable, message_of)
 from vmthunder.cache import snapshot as snapshot_mod
-from vmthunder.cache.cache_layer import HELD, CacheInUse, CacheLayer
+from vmthunder.cache.cache_layer import CacheInUse, CacheLayer
 from vmthunder.cache.snapshot import SnapshotLayer
-from vmthunder.nbd.address import Address, parse_address
+from vmthunder.nbd.address import Address
 from vmthunder.nbd.server import NbdLimits, NbdServer
 from vmthunder.p2p.digest_table import (
-    PeerDigestTable, image_of, table_name)
+    PeerDigestTable)
 from vmthunder.p2p.export import PeerExport
-from vmthunder.p2p.volume import ImageVolume, StaticPeers
+from vmthunder.p2p.volume import ImageVolume
 from vmthunder.redaction import redact_url
 
 LOG = logging.getLogger(__name__)
@@ -51,15 +56,6 @@ NAME_RULE = ("use 1-128 letters, digits, '.', '_' or '-', starting with a "
 # snapshot blocks: the snapshot keeps one byte of memory per block, so the
 # largest disk (1 TiB at the default 4 KiB blocks) costs 256 MiB.
 MAX_VM_BLOCKS = 1 << 28
-
-
-class AgentError(Exception):
-    """A request the agent refuses; ``status`` is its HTTP status."""
-
-    def __init__(self, status: int, message: str):
-        super().__init__(message)
-        self.status = status
-        self.message = message
 
 
 @dataclasses.dataclass
@@ -88,180 +84,6 @@ class AgentConfig:
     coordination: object = None         # [coordination] options
 
 
-# Precache: reads of up to PRECACHE_RUN_BYTES of consecutive chunks, at
-# most PRECACHE_PARALLEL of them in flight, so VMs' own fetches (and their
-# share of the cache's write slots) are not starved.
-PRECACHE_RUN_BYTES = 1024 * 1024
-PRECACHE_PARALLEL = 4
-# A boot trace named in a precache request is read only when it is a
-# regular file of at most PRECACHE_TRACE_MAX_FILE_BYTES, at most
-# PRECACHE_TRACE_MAX_TEXT_BYTES once decompressed, with at most
-# PRECACHE_TRACE_MAX_REQUESTS requests (a systemd boot is ~1000; each
-# costs ~200 bytes while loaded): bigger is refused (400), never read
-# whole. Whatever the file, the agent's memory and time stay bounded.
-PRECACHE_TRACE_MAX_FILE_BYTES = 16 * 1024 * 1024
-PRECACHE_TRACE_MAX_TEXT_BYTES = 32 * 1024 * 1024
-PRECACHE_TRACE_MAX_REQUESTS = 250_000
-
-
-class Precache:
-    """Warming one image's cache: the chunks of ``order`` not held yet,
-    read through the cache (so the normal fetch path applies: peers
-    first, the origin last, every chunk verified), in that order, a few
-    runs at a time.
-
-    ``from_peers``/``from_origin`` are what the image's source fetched
-    from each while this ran (VMs' fetches of the same time included).
-    """
-
-    def __init__(self, image: Image, order: list[int], trace: str | None):
-        cache = image.cache
-        self.image = image.name
-        self.cache = cache
-        self.trace = trace
-        self.chunks_selected = len(order)
-        self.todo = [i for i in order
-                     if cache.chunk_states(i, i + 1)[0] != HELD]
-        self.chunks_total = len(self.todo)
-        self.bytes_total = sum(self._chunk_bytes(i) for i in self.todo)
-        self.chunks_done = 0
-        self.bytes_fetched = 0
-        self.state = "running"
-        self.error: str | None = None
-        self.started_at = time.time()
-        self._t0 = time.monotonic()
-        self._t1: float | None = None
-        self._source0 = self._source_bytes()
-        self._source1: tuple[int, int] | None = None
-        self.task: asyncio.Task | None = None
-
-    def _chunk_bytes(self, index: int) -> int:
-        cs = self.cache.chunk_size
-        return min(cs, self.cache.size - index * cs)
-
-    def _source_bytes(self) -> tuple[int, int]:
-        """(bytes from peers, bytes from the origin) the source reports
-        so far; a plain origin reports all it read as from the origin."""
-        try:
-            stats = self.cache.source.stats()
-        except Exception:           # a closed or odd source: no numbers
-            return (0, 0)
-        return (stats.get("bytes_from_peers", 0),
-                stats.get("bytes_from_origin", stats.get("bytes_read", 0)))
-
-    @property
-    def running(self) -> bool:
-        return self.task is not None and not self.task.done()
-
-    def start(self) -> None:
-        self.task = asyncio.ensure_future(self._run())
-
-    def _runs(self):
-        """Consecutive chunks of ``todo`` grouped into runs of at most
-        PRECACHE_RUN_BYTES (one chunk at least), in order."""
-        most = max(1, PRECACHE_RUN_BYTES // self.cache.chunk_size)
-        run: list[int] = []
-        for i in self.todo:
-            if run and (i != run[-1] + 1 or len(run) >= most):
-                yield run
-                run = []
-            run.append(i)
-        if run:
-            yield run
-
-    async def _run(self) -> None:
-        runs = self._runs()
-        workers = [asyncio.ensure_future(self._worker(runs))
-                   for _ in range(PRECACHE_PARALLEL)]
-        try:
-            try:
-                await asyncio.wait(workers,
-                                   return_when=asyncio.FIRST_EXCEPTION)
-            finally:
-                # The first failure (or a cancel) stops the others.
-                for w in workers:
-                    w.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
-            for w in workers:
-                if w.done() and not w.cancelled() and w.exception():
-                    raise w.exception()
-        except asyncio.CancelledError:
-            self._end("cancelled")
-            LOG.info("image %s: precache cancelled after %d of %d chunks",
-                     self.image, self.chunks_done, self.chunks_total)
-            raise
-        except Exception as exc:
-            self.error = _message(exc)
-            self._end("failed")
-            LOG.error("image %s: precache failed after %d of %d chunks: %s",
-                      self.image, self.chunks_done, self.chunks_total,
-                      self.error)
-        else:
-            self._end("done")
-            LOG.info("image %s: precache done: %d chunks (%d bytes) "
-                     "fetched in %.1f s", self.image, self.chunks_total,
-                     self.bytes_fetched, self._t1 - self._t0)
-
-    async def _worker(self, runs) -> None:
-        # The runs generator is shared: each worker takes the next run in
-        # order (no await between next() calls of one worker and another).
-        cache = self.cache
-        cs = cache.chunk_size
-        for run in runs:
-            # A VM may have brought some of them meanwhile: read only the
-            # chunks still missing (or in flight: the read joins it).
-            states = cache.chunk_states(run[0], run[-1] + 1)
-            missing = [i for i, st in zip(run, states) if st != HELD]
-            self.chunks_done += len(run) - len(missing)
-            j = 0
-            while j < len(missing):
-                k = j + 1
-                while k < len(missing) and missing[k] == missing[k - 1] + 1:
-                    k += 1
-                first, last = missing[j], missing[k - 1]
-                offset = first * cs
-                length = min((last + 1) * cs, cache.size) - offset
-                try:
-                    await cache.read_parts(offset, length)
-                except blockdev.BlockError as exc:
-                    raise blockdev.BlockError(
-                        exc.errno, f"chunks {first}-{last}: "
-                        f"{_message(exc)}") from None
-                self.chunks_done += k - j
-                self.bytes_fetched += length
-                j = k
-
-    def _end(self, state: str) -> None:
-        self.state = state
-        self._t1 = time.monotonic()
-        self._source1 = self._source_bytes()
-
-    async def cancel(self) -> None:
-        if self.running:
-            self.task.cancel()
-            await asyncio.gather(self.task, return_exceptions=True)
-        if self.state == "running":     # cancelled before it began
-            self._end("cancelled")
-
-    def progress(self) -> dict:
-        now = self._source1 or self._source_bytes()
-        elapsed = (self._t1 or time.monotonic()) - self._t0
-        return {
-            "image": self.image, "trace": self.trace, "state": self.state,
-            "chunks_selected": self.chunks_selected,
-            "chunks_total": self.chunks_total,
-            "chunks_done": self.chunks_done,
-            "bytes_total": self.bytes_total,
-            "bytes_fetched": self.bytes_fetched,
-            "from_peers": max(0, now[0] - self._source0[0]),
-            "from_origin": max(0, now[1] - self._source0[1]),
-            "chunk_size": self.cache.chunk_size,
-            "started_at": self.started_at,
-            "elapsed_s": round(elapsed, 3),
-            "error": self.error,
-        }
-
-
 @dataclasses.dataclass
 class Image:
     name: str
@@ -276,7 +98,7 @@ class Image:
     error: str | None = None
     attached_at: float = 0.0
     # The last precache of this image (running or ended); not recorded.
-    precache: Precache | None = None
+    precache: precache_mod.Precache | None = None
 
     def record(self) -> dict:
         return {"name": self.name, "origin": self.origin}
@@ -299,79 +121,24 @@ class Vm:
         return rec
 
 
-class _ImageUris:
-    """A PeerDirectory giving NBD URIs of an image's export on each peer
-    (peers export every image cache under the image's name).
-
-    With a membership (``members()`` and ``member_id``) it also names the
-    image's owners (``owners_for``, see vmthunder/p2p/owners.py): every
-    live member that announced the image, keyed by member id, and this
-    host (uri None) whether it announced the image yet or not.
-    """
-
-    def __init__(self, endpoints):
-        self.endpoints = endpoints      # .peers_for(image) -> addresses
-
-    def peers_for(self, image: str) -> list[str]:
-        if self.endpoints is None:
-            return []
-        uris = []
-        # An image's digest table is exported by the hosts of the image.
-        for endpoint in self.endpoints.peers_for(image_of(image)):
-            try:
-                uris.append(parse_address(endpoint).nbd_uri(image))
-            except ValueError as exc:
-                LOG.warning("peer endpoint %r is not usable: %s", endpoint,
-                            exc)
-        return uris
-
-    def owners_for(self, image: str) -> list[tuple[str, str | None]]:
-        members = getattr(self.endpoints, "members", None)
-        me = getattr(self.endpoints, "member_id", None)
-        if members is None or me is None:
-            return []
-        owners: list[tuple[str, str | None]] = []
-        for member, info in members().items():
-            if member == me or image_of(image) not in info["images"] \
-                    or not info["endpoint"]:
-                continue
-            try:
-                owners.append((member, parse_address(info["endpoint"])
-                               .nbd_uri(image)))
-            except ValueError:
-                continue        # peers_for warns about it
-        owners.append((me, None))
-        return owners
-
-
-def _endpoint_of(address: Address) -> str:
-    """What other agents dial: tcp:HOST:PORT (unix:PATH reaches only the
-    agents of this host, e.g. in tests)."""
-    if address.kind == "tcp" and address.port == 0:
-        raise ValueError(f"peer_listen {address}: give a fixed port, or "
-                         "[agent] peer_advertise: peers must know where "
-                         "to dial")
-    return str(address)
-
-
 def check_name(kind: str, name) -> str:
     """A VM or image name (a file name and an NBD export name)."""
     if not isinstance(name, str):
-        raise AgentError(400, f"{kind} name must be a string, got "
-                              f"{type(name).__name__}; {NAME_RULE}")
+        raise InvalidRequest(f"{kind} name must be a string, got "
+                             f"{type(name).__name__}; {NAME_RULE}")
     try:
         return snapshot_mod.check_name(name)
     except ValueError:
-        raise AgentError(400, f"{kind} name {name!r} is not valid: "
-                              f"{NAME_RULE}") from None
+        raise InvalidRequest(f"{kind} name {name!r} is not valid: "
+                             f"{NAME_RULE}") from None
 
 
 def check_origin(origin) -> stack.Origin:
-    """The origin parsed, or AgentError(400) saying what is accepted."""
+    """The origin parsed, or InvalidRequest saying what is accepted."""
     try:
         return stack.Origin.parse(origin, absolute=True)
     except stack.OriginError as exc:
-        raise AgentError(400, str(exc)) from None
+        raise InvalidRequest(str(exc)) from None
 
 
 def socket_in_use(path: str) -> bool:
@@ -406,9 +173,7 @@ class Agent:
         self.vms: dict[str, Vm] = {}
         self.hypervisor_server = NbdServer(config.nbd_limits)
         self.hypervisor_address: Address = config.hypervisor_listen
-        self.peer_server: NbdServer | None = None
-        self.peer_address: Address | None = None
-        self.membership = None          # mesh peers: who holds what
+        self.peering = Peering(config, prepare_socket_path)
         # Changes (attach, detach, create, delete) happen one at a time:
         # each ends with the state file written.
         self._lock = asyncio.Lock()
@@ -423,7 +188,7 @@ class Agent:
         The API (api.py) is started by the caller once this returns.
         """
         self.store.lock()
-        await self.start_membership()
+        await self.peering.start_membership()
         await self.restore()
         listen = self.config.hypervisor_listen
         if listen.kind == "unix":
@@ -433,16 +198,14 @@ class Agent:
                         "start: VMs' NBD URIs will not survive a restart; "
                         "configure a fixed port", listen)
         self.hypervisor_address = await self.hypervisor_server.listen(listen)
-        await self.start_peer_server()
+        await self.peering.start_server(self.images.values())
+        await self._announce()
 
     async def stop(self) -> None:
         """Stop serving, flush and close every snapshot and cache, write
         the state (unchanged by a stop: the VMs come back at next start)."""
         await self.hypervisor_server.close()
-        if self.peer_server is not None:
-            await self.peer_server.close()
-        if self.membership is not None:
-            await self.membership.stop()
+        await self.peering.stop()
         for image in self.images.values():
             if image.precache is not None:
                 await image.precache.cancel()
@@ -483,7 +246,7 @@ class Agent:
             try:
                 await self._open_image(image)
             except Exception as exc:
-                image.error = _message(exc)
+                image.error = message_of(exc)
                 LOG.error("restore: image %s from %s not attached: %s",
                           image.name, redact_url(image.origin), image.error)
             else:
@@ -507,7 +270,7 @@ class Agent:
         try:
             vm.snapshot = self._open_snapshot(image, vm.name, vm.size)
         except Exception as exc:
-            vm.error = _message(exc)
+            vm.error = message_of(exc)
             LOG.error("restore: VM %s not restored: %s", vm.name, vm.error)
             return
         vm.error = None
@@ -527,8 +290,8 @@ class Agent:
                                          self.config.iscsi,
                                          self.config.exports)
         manifest = source.manifest
-        if manifest is None or not self.peers_enabled:
-            if self.peers_enabled:
+        if manifest is None or not self.peering.enabled:
+            if self.peering.enabled:
                 LOG.warning("image %s: origin %s has no manifest: it is "
                             "read from the origin only (chunks from peers "
                             "could not be checked)", name,
@@ -538,13 +301,13 @@ class Agent:
                        avoid_s=self.config.peer_avoid_s,
                        mode=self.config.peer_mode)
         volume = ImageVolume(source, manifest, name,
-                             self._peer_directory(), **options)
+                             self.peering.directory(), **options)
         if manifest.lazy_loading:
             # Its digests come through peers too (a lazily read manifest:
             # see p2p/digest_table.py).
             try:
                 volume.digest_table = PeerDigestTable(
-                    manifest, name, self._peer_directory(),
+                    manifest, name, self.peering.directory(),
                     self.config.cache_dir, **options)
             except BaseException:
                 await source.close()
@@ -553,38 +316,9 @@ class Agent:
 
     # -- peers ------------------------------------------------------------
 
-    @property
-    def peers_enabled(self) -> bool:
-        return (self.config.peer_listen is not None
-                and self.config.peer_mode != "off")
-
-    def _peer_directory(self):
-        if self.config.peer_mode == "tree":
-            parent = self.config.peer_parent
-            return _ImageUris(StaticPeers([parent] if parent else []))
-        return _ImageUris(self.membership)
-
-    async def start_membership(self) -> None:
-        """Join the peer group (mesh mode) to announce the images held
-        here and to learn who holds the others'."""
-        if not self.peers_enabled or self.config.peer_mode != "mesh":
-            return
-        from vmthunder.agent.membership import Membership
-        coord = self.config.coordination
-        endpoint = self.config.peer_advertise or _endpoint_of(
-            self.config.peer_listen)
-        self.membership = Membership(
-            coord.backend_url, coord.member_id, endpoint,
-            group=coord.group, heartbeat_s=coord.heartbeat_interval,
-            refresh_s=coord.heartbeat_interval)
-        await self.membership.start()
-        LOG.info("joined peer group %r as %s (%s) through %s", coord.group,
-                 coord.member_id, endpoint, coord.backend_url)
-
     async def _announce(self) -> None:
-        if self.membership is not None:
-            await self.membership.announce(sorted(
-                n for n, i in self.images.items() if i.cache is not None))
+        await self.peering.announce(
+            n for n, i in self.images.items() if i.cache is not None)
 
     async def _open_image(self, image: Image) -> None:
         source = await self.open_image_source(image.name, image.origin)
@@ -599,8 +333,7 @@ class Agent:
         image.volume = volume
         image.error = None
         image.attached_at = time.time()
-        if self.peer_server is not None:
-            self._export_to_peers(image)
+        self.peering.export(image)
 
     def _snapshot_dir(self, image: Image) -> str:
         return stack.snapshot_dir(image.cache)
@@ -617,22 +350,22 @@ class Agent:
 
     def _check_vm_size(self, size) -> int | None:
         """A VM's disk size as asked (bytes, an integer; None: the image's
-        size); AgentError(400) naming what is wrong."""
+        size); InvalidRequest naming what is wrong."""
         if size is None:
             return None
         if isinstance(size, bool) or not isinstance(size, int):
-            raise AgentError(400, f"VM size must be an integer number of "
-                                  f"bytes, not {type(size).__name__} "
-                                  f"{size!r}; e.g. 21474836480 for 20 GiB, "
+            raise InvalidRequest(f"VM size must be an integer number of "
+                                 f"bytes, not {type(size).__name__} "
+                                 f"{size!r}; e.g. 21474836480 for 20 GiB, "
                                   "or no size for a disk the size of the "
                                   "image")
         if size <= 0:
-            raise AgentError(400, f"VM size {size} is not positive; give "
+            raise InvalidRequest(f"VM size {size} is not positive; give "
                                   "the disk size in bytes (at least the "
                                   "image's), or no size")
         if size > self.max_vm_size:
-            raise AgentError(
-                400, f"VM size {size} bytes is above this agent's limit of "
+            raise InvalidRequest(
+                f"VM size {size} bytes is above this agent's limit of "
                 f"{self.max_vm_size} bytes ({MAX_VM_BLOCKS} snapshot blocks "
                 f"of {self.config.block_size} bytes: a snapshot keeps one "
                 "byte of memory per block; a larger [snapshot] block_size "
@@ -643,62 +376,6 @@ class Agent:
         self.hypervisor_server.add_export(
             vm.name, vm.snapshot, read_only=False,
             description=f"VM {vm.name} on image {vm.image}")
-
-    async def start_peer_server(self) -> None:
-        """Serve every image's cache read-only to peer hosts, when
-        [agent] peer_listen is set (export name = image name)."""
-        if self.config.peer_listen is None:
-            return
-        self.peer_server = NbdServer(self.config.nbd_limits)
-        for image in self.images.values():
-            if image.cache is not None:
-                self._export_to_peers(image)
-        listen = self.config.peer_listen
-        if listen.kind == "unix":
-            prepare_socket_path(listen.path, "peer NBD")
-        self.peer_address = await self.peer_server.listen(listen)
-        LOG.info("serving image caches to peers on %s", self.peer_address)
-        await self._announce()
-
-    def peer_export_device(self, image: Image) -> blockdev.BlockDevice:
-        """What peers read of ``image``: its cache, held chunks only in
-        mesh mode (a peer's read never starts a fetch here), reading
-        through in tree mode (children read everything from us)."""
-        if image.peer_export is None or \
-                image.peer_export.cache is not image.cache:
-            mode = self._peer_export_mode
-            # Mesh: the chunks this host owns are fetched for the peers
-            # asking (the owner computation of the image's ImageVolume).
-            image.peer_export = PeerExport(
-                image.cache, mode=mode,
-                owns=image.volume.owns if image.volume is not None
-                and mode != "through" else None)
-        return image.peer_export
-
-    @property
-    def _peer_export_mode(self) -> str:
-        """How peers read what this host exports: held chunks only
-        (mesh), or reading through (tree: children read everything from
-        their parent)."""
-        return "through" if self.config.peer_mode == "tree" else "held"
-
-    def _export_to_peers(self, image: Image) -> None:
-        self.peer_server.add_export(
-            image.name, self.peer_export_device(image), read_only=True,
-            description=f"cache of image {image.name}")
-        table = image.volume.digest_table if image.volume else None
-        if table is not None:
-            self.peer_server.add_export(
-                table.name, table.peer_export(self._peer_export_mode),
-                read_only=True,
-                description=f"manifest digests of image {image.name}")
-
-    def _unexport_from_peers(self, image: Image) -> None:
-        if self.peer_server is None:
-            return
-        for name in (image.name, table_name(image.name)):
-            if name in self.peer_server.exports:
-                self.peer_server.remove_export(name)
 
     def _save(self) -> None:
         self.store.save([i.record() for i in self.images.values()],
@@ -717,8 +394,8 @@ class Agent:
         async with self._lock:
             image = self.images.get(name)
             if image is not None and image.origin != origin:
-                raise AgentError(
-                    409, f"image {name!r} is already attached from "
+                raise Conflict(
+                    f"image {name!r} is already attached from "
                     f"{redact_url(image.origin)}, not {redact_url(origin)}; "
                     "detach it first (DELETE /images/NAME, `vmthunder image "
                     f"detach {name}`) or attach under another name")
@@ -726,8 +403,8 @@ class Agent:
                 return self.image_info(image), False
             for other in self.images.values():
                 if other.origin == origin and other.name != name:
-                    raise AgentError(
-                        409, f"origin {redact_url(origin)} is already "
+                    raise Conflict(
+                        f"origin {redact_url(origin)} is already "
                         f"attached as image {other.name!r}; use that name "
                         "(one cache per image per host)")
             retry = image is not None
@@ -737,27 +414,26 @@ class Agent:
             except AgentError:
                 raise
             except CacheInUse as exc:
-                raise AgentError(409, f"cannot attach image {name!r}: "
-                                      f"{exc}") from None
+                raise Conflict(f"cannot attach image {name!r}: "
+                               f"{exc}") from None
             except (ValueError, blockdev.BlockError, OSError) as exc:
                 bad_input = isinstance(exc, ValueError) or getattr(
                     exc, "errno", None) in (errno.ENOENT, errno.EISDIR,
                                             errno.EACCES, errno.EINVAL)
-                raise AgentError(
-                    400 if bad_input else 502,
+                raise (InvalidRequest if bad_input else OriginUnavailable)(
                     f"cannot attach image {name!r} from {redact_url(origin)}: "
-                    f"{_message(exc)}") from None
+                    f"{message_of(exc)}") from None
             self.images[name] = image
             try:
                 self._save()
             except OSError as exc:
                 if not retry:
                     del self.images[name]
-                    self._unexport_from_peers(image)
+                    self.peering.unexport(image)
                     await image.cache.close()
                     image.cache = None
-                raise AgentError(500, f"cannot record image {name!r} in "
-                                      f"{self.store.path}: {exc}") from None
+                raise AgentFailure(f"cannot record image {name!r} in "
+                                   f"{self.store.path}: {exc}") from None
             LOG.info("image %s attached from %s: %s, %d of %d chunks cached",
                      name, redact_url(origin), image.cache.directory,
                      image.cache.map.count_present(), image.cache.chunks)
@@ -775,8 +451,8 @@ class Agent:
             users = sorted(v.name for v in self.vms.values()
                            if v.image == name)
             if users:
-                raise AgentError(
-                    409, f"image {name!r} is in use by VM(s) "
+                raise Conflict(
+                    f"image {name!r} is in use by VM(s) "
                     f"{', '.join(users)}; delete them first (DELETE "
                     "/vms/NAME, `vmthunder vm delete NAME`)")
             del self.images[name]
@@ -784,9 +460,9 @@ class Agent:
                 self._save()
             except OSError as exc:
                 self.images[name] = image
-                raise AgentError(500, f"cannot record the detach in "
-                                      f"{self.store.path}: {exc}") from None
-            self._unexport_from_peers(image)
+                raise AgentFailure(f"cannot record the detach in "
+                                   f"{self.store.path}: {exc}") from None
+            self.peering.unexport(image)
             if image.precache is not None:
                 await image.precache.cancel()
             if image.cache is not None:
@@ -805,24 +481,24 @@ class Agent:
         size = self._check_vm_size(size)
         async with self._lock:
             if name in self.vms:
-                raise AgentError(
-                    409, f"VM {name!r} exists already (on image "
+                raise Conflict(
+                    f"VM {name!r} exists already (on image "
                     f"{self.vms[name].image!r}); pick another name, or "
                     "delete it first")
             image = self.images.get(image_name)
             if image is None:
-                raise AgentError(
-                    404, f"image {image_name!r} is not attached (404: no "
+                raise NotFound(
+                    f"image {image_name!r} is not attached (404: no "
                     "such image); attach it first with POST /images "
                     f"(`vmthunder image attach {image_name} ORIGIN`)")
             if image.cache is None:
-                raise AgentError(
-                    409, f"image {image_name!r} is recorded but not attached "
+                raise Conflict(
+                    f"image {image_name!r} is recorded but not attached "
                     f"(409: {image.error}); attach it again with the same "
                     "origin to retry")
             if size is not None and size < image.cache.size:
-                raise AgentError(
-                    400, f"VM size {size} bytes is smaller than image "
+                raise InvalidRequest(
+                    f"VM size {size} bytes is smaller than image "
                     f"{image_name!r} ({image.cache.size} bytes); give at "
                     "least the image's size, or no size for a disk the "
                     "size of the image")
@@ -836,8 +512,8 @@ class Agent:
             try:
                 snap = self._open_snapshot(image, name, size)
             except (ValueError, blockdev.BlockError, OSError) as exc:
-                raise AgentError(500, f"cannot create the snapshot of VM "
-                                      f"{name!r}: {_message(exc)}") from None
+                raise AgentFailure(f"cannot create the snapshot of VM "
+                                   f"{name!r}: {message_of(exc)}") from None
             vm = Vm(name, image_name, snap, size=size)
             self.vms[name] = vm
             try:
@@ -845,8 +521,8 @@ class Agent:
             except OSError as exc:
                 del self.vms[name]
                 await snap.delete()
-                raise AgentError(500, f"cannot record VM {name!r} in "
-                                      f"{self.store.path}: {exc}") from None
+                raise AgentFailure(f"cannot record VM {name!r} in "
+                                   f"{self.store.path}: {exc}") from None
             self._export_vm(vm)
             LOG.info("VM %s created on image %s: %s", name, image_name,
                      self.vm_uri(name))
@@ -857,15 +533,15 @@ class Agent:
         async with self._lock:
             vm = self.vms.get(name)
             if vm is None:
-                raise AgentError(404, f"no VM {name!r}; GET /vms (`vmthunder "
+                raise NotFound(f"no VM {name!r}; GET /vms (`vmthunder "
                                       "vm list`) lists the VMs")
             del self.vms[name]
             try:
                 self._save()
             except OSError as exc:
                 self.vms[name] = vm
-                raise AgentError(500, f"cannot record the delete in "
-                                      f"{self.store.path}: {exc}") from None
+                raise AgentFailure(f"cannot record the delete in "
+                                   f"{self.store.path}: {exc}") from None
             if name in self.hypervisor_server.exports:
                 self.hypervisor_server.remove_export(name)
             if vm.snapshot is not None:
@@ -910,8 +586,8 @@ class Agent:
                 beyond = [(max(first, cache.chunks), end)
                           for first, end in trace_runs if end > cache.chunks]
                 if beyond:
-                    raise AgentError(
-                        400, f"trace {trace_path} reads chunk(s) "
+                    raise InvalidRequest(
+                        f"trace {trace_path} reads chunk(s) "
                         f"{_run_list(beyond)} of {cache.chunk_size} bytes, "
                         f"beyond image {image_name!r} ({cache.size} bytes, "
                         f"{cache.chunks} chunks); is it a trace of this "
@@ -919,7 +595,8 @@ class Agent:
                 order = []
                 for first, end in trace_runs:
                     order.extend(range(first, end))
-            run = Precache(image, order, trace_path)
+            run = precache_mod.Precache(image.name, image.cache, order,
+                                       trace_path)
             image.precache = run
             run.start()
             LOG.info("image %s: precache started%s: %d chunk(s) to fetch "
@@ -930,36 +607,28 @@ class Agent:
 
     async def _trace_chunks(self, image: Image, path) -> list[tuple]:
         """The chunks (of ``image``'s cache) trace ``path`` reads, in
-        first-touch order, as runs (first, end); AgentError(400) naming
+        first-touch order, as runs (first, end); InvalidRequest naming
         what is wrong. The file is read and parsed in a thread, within
-        the PRECACHE_TRACE_MAX_* limits (a regular file only)."""
-        from vmthunder import trace as trace_mod
+        the limits of agent/precache.py (a regular file only)."""
         if not isinstance(path, str) or not path:
-            raise AgentError(400, "trace must be the absolute path of a "
+            raise InvalidRequest("trace must be the absolute path of a "
                                   "trace file (or null for the whole image)")
         if not os.path.isabs(path):
-            raise AgentError(400, f"trace {path!r} is a relative path; give "
+            raise InvalidRequest(f"trace {path!r} is a relative path; give "
                                   "an absolute path (the agent does not run "
                                   "in your working directory)")
-        chunk_size = image.cache.chunk_size
-
-        def load() -> list[tuple]:
-            return trace_mod.load(
-                path, max_file_bytes=PRECACHE_TRACE_MAX_FILE_BYTES,
-                max_text_bytes=PRECACHE_TRACE_MAX_TEXT_BYTES,
-                max_requests=PRECACHE_TRACE_MAX_REQUESTS,
-            ).chunk_runs(chunk_size)
         try:
-            return await asyncio.to_thread(load)
-        except trace_mod.TraceError as exc:
-            raise AgentError(400, f"cannot precache image {image.name!r} "
-                                  f"from trace: {exc}") from None
+            return await precache_mod.trace_chunk_runs(
+                path, image.cache.chunk_size)
+        except precache_mod.TraceError as exc:
+            raise InvalidRequest(f"cannot precache image {image.name!r} "
+                                 f"from trace: {exc}") from None
 
     def _attached(self, name: str) -> Image:
         image = self._image(name)
         if image.cache is None:
-            raise AgentError(
-                409, f"image {name!r} is recorded but not attached (409: "
+            raise Conflict(
+                f"image {name!r} is recorded but not attached (409: "
                 f"{image.error}); attach it again with the same origin to "
                 "retry")
         return image
@@ -973,10 +642,10 @@ class Agent:
         check_name("image", image_name)
         image = self._image(image_name)
         if image.precache is None:
-            raise AgentError(404, f"image {image_name!r} was never "
+            raise NotFound(f"image {image_name!r} was never "
                                   "precached since it was attached; start "
                                   "with POST /images/NAME/precache "
-                                  f"(`vmthunder precache {image_name}`)")
+                           f"(`vmthunder precache {image_name}`)")
         return image.precache.progress()
 
     # -- views -------------------------------------------------------------
@@ -984,7 +653,7 @@ class Agent:
     def _image(self, name: str) -> Image:
         image = self.images.get(name)
         if image is None:
-            raise AgentError(404, f"no image {name!r} is attached; GET "
+            raise NotFound(f"no image {name!r} is attached; GET "
                                   "/images (`vmthunder image list`) lists "
                                   "them")
         return image
@@ -1001,8 +670,8 @@ class Agent:
             info.update(size=image.cache.size,
                         chunk_size=image.cache.chunk_size,
                         cache_dir=image.cache.directory)
-            if self.peer_address is not None:
-                info["peer_nbd"] = self.peer_address.nbd_uri(image.name)
+            if self.peering.address is not None:
+                info["peer_nbd"] = self.peering.address.nbd_uri(image.name)
         else:
             info["error"] = image.error
         return info
@@ -1033,8 +702,8 @@ class Agent:
         cache = image.cache.stats()
         source = image.cache.source.stats()
         peer = {}
-        if self.peer_server is not None:
-            device = self.peer_export_device(image)
+        if self.peering.server is not None:
+            device = self.peering.export_device(image)
             if device is not image.cache:
                 peer = device.stats()
         status.update(
@@ -1078,16 +747,12 @@ class Agent:
             "uptime_s": round(time.monotonic() - self.started, 3),
             "state_file": self.store.path,
             "hypervisor_nbd": str(self.hypervisor_address),
-            "peer_nbd": str(self.peer_address) if self.peer_address
+            "peer_nbd": str(self.peering.address) if self.peering.address
             else None,
             "images": {i.name: self.image_status(i)
                        for i in self.images.values()},
             "vms": {v.name: self.vm_status(v) for v in self.vms.values()},
         }
-
-
-def _message(exc: BaseException) -> str:
-    return str(exc) or type(exc).__name__
 
 
 def _run_list(runs: list[tuple[int, int]], most: int = 5) -> str:
