@@ -61,5 +61,29 @@ def start_eager(coro) -> asyncio.Future | None:
         awaited = ctx.run(coro.send, None)
     except StopIteration:
         return None
-    return asyncio.get_running_loop().create_task(_finish(coro, awaited),
+    task = asyncio.get_running_loop().create_task(_finish(coro, awaited),
                                                   context=ctx)
+    task.add_done_callback(lambda t: _cancel_unstarted(t, coro, awaited,
+                                                       ctx))
+    return task
+
+
+def _cancel_unstarted(task, coro, awaited, ctx) -> None:
+    """A Task cancelled before its first step never runs _finish, so the
+    coroutine would never see the cancellation: its cleanup (giving back
+    a budget, leaving a lock's queue) would never run. Deliver it here."""
+    if not task.cancelled() or coro.cr_frame is None:
+        return                              # it ran (or finished) itself
+    if awaited is not None and not awaited.done():
+        awaited.cancel()
+    try:
+        ctx.run(coro.throw, asyncio.CancelledError())
+    except (asyncio.CancelledError, StopIteration):
+        pass
+    except BaseException:
+        # Its cleanup failed; the loop's handler logs it.
+        asyncio.get_running_loop().call_exception_handler({
+            "message": "cleanup of a cancelled request failed",
+            "exception": sys.exc_info()[1]})
+    finally:
+        coro.close()

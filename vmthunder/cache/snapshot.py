@@ -249,15 +249,19 @@ class SnapshotLayer(blockdev.BlockDevice):
         lo, hi = lo_block * bs, min(hi_block * bs, self.size)
         locks = [self._rmw_locks.setdefault(b, asyncio.Lock())
                  for b in sorted({lo_block, hi_block - 1})]
-        for lock in locks:
-            await lock.acquire()
+        held = []
         try:
+            # Taken inside the try: a write cancelled while it waits for
+            # its second lock gives back the first.
+            for lock in locks:
+                await lock.acquire()
+                held.append(lock)
             merged = bytearray(await self._read(lo, hi - lo))
             merged[offset - lo:end - lo] = data
             await self._pwrite(lo, merged)
             self.map.set(lo_block, hi_block)
         finally:
-            for lock in locks:
+            for lock in held:
                 lock.release()
             for b in (lo_block, hi_block - 1):
                 lock = self._rmw_locks.get(b)

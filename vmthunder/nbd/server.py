@@ -497,6 +497,8 @@ class NbdConnection(asyncio.Protocol):
     def _send(self, *parts) -> None:
         """Queue reply parts: bytes, or FileRanges when a writer runs."""
         if self._writer is not None:
+            if self._writer.closed:
+                return              # the connection is gone: nothing to send
             # Queued bytes are charged until they have left (the writer's
             # on_sent gives them back); file ranges cost no memory of ours.
             held = sum(len(p) for p in parts if not isinstance(p, FileRange))
