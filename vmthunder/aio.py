@@ -68,6 +68,11 @@ def start_eager(coro) -> asyncio.Future | None:
     return task
 
 
+def _read_outcome(future) -> None:
+    if not future.cancelled():
+        future.exception()
+
+
 def _cancel_unstarted(task, coro, awaited, ctx) -> None:
     """A Task cancelled before its first step never runs _finish, so the
     coroutine would never see the cancellation: its cleanup (giving back
@@ -75,7 +80,9 @@ def _cancel_unstarted(task, coro, awaited, ctx) -> None:
     if not task.cancelled() or coro.cr_frame is None:
         return                              # it ran (or finished) itself
     if awaited is not None and not awaited.done():
+        # As a Task would; what it ends with is nobody's to read now.
         awaited.cancel()
+        awaited.add_done_callback(_read_outcome)
     try:
         ctx.run(coro.throw, asyncio.CancelledError())
     except (asyncio.CancelledError, StopIteration):
