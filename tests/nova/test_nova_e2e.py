@@ -307,14 +307,21 @@ class Env:
         except FileNotFoundError:
             return ""
 
-    def wait_boot(self, inst, count: int) -> float:
+    def wait_boot(self, inst, count: int, since: str = "") -> float:
         """Until the guest's console shows boot number ``count`` done
-        (its write synced) and the guest has powered off; seconds."""
+        (its write synced) and the guest has powered off; seconds.
+        ``since``: the console before the boot (only what follows counts,
+        when the log was appended to)."""
         t0 = time.monotonic()
         want = re.compile(rf"vmthunder-guest: boot-count={count}\s*\r?\n"
                           r"VMTHUNDER-WRITE-OK")
-        while not want.search(self.console(inst)):
+
+        def new_text():
             text = self.console(inst)
+            return text[len(since):] if text.startswith(since) else text
+
+        while not want.search(new_text()):
+            text = new_text()
             assert "VMTHUNDER-BOOT-FAILED" not in text, text[-3000:]
             if time.monotonic() - t0 > BOOT_TIMEOUT:
                 raise AssertionError(
@@ -403,6 +410,7 @@ def _configure_nova(base: str, agent: Agent, daemon) -> list:
         ("precache_timeout", 120, "vmthunder"))
     for name, value, group in overrides:
         CONF.set_override(name, value, group)
+    os.makedirs(CONF.state_path, exist_ok=True)  # a packaged Nova has it
     patches = [
         mock.patch("nova.objects.Instance.save"),
         mock.patch("nova.virt.libvirt.host.Host._init_events"),
@@ -594,6 +602,43 @@ def test_two_instances_share_one_cache(env):
     fetched = status["images"][env.images["boot"]]["bytes_from_origin"]
     assert fetched - before < 256 * 1024, (before, fetched)
     env.second = inst
+    # nova-compute's periodic resource audit reads every domain's disks:
+    # the NBD disks are not local storage. (The database's list of this
+    # host's instances and their block device mappings are mocked: these
+    # two, none.)
+    from nova import objects
+    with mock.patch.object(objects.InstanceList, "get_by_filters",
+                           return_value=objects.InstanceList(
+                               objects=[env.first, inst])), \
+            mock.patch.object(objects.BlockDeviceMappingList,
+                              "bdms_by_instance_uuid", return_value={}):
+        resources = env.driver.get_available_resource("vmt-compute")
+    assert resources["local_gb"] > 0
+    assert resources["disk_available_least"] > 0
+
+
+def test_rescue_and_unrescue_keep_the_vmthunder_disk(env):
+    """Rescue boots Nova's own rescue disk (downloaded, first) with the
+    vmthunder disk beside it; unrescue boots the vmthunder disk again."""
+    from nova import objects
+    inst = env.second
+    image = env.glance.images[env.images["plain"]]
+    rescue_meta = objects.ImageMeta.from_dict({
+        k: image[k] for k in ("id", "name", "disk_format",
+                              "container_format", "size")})
+    before = env.console(inst)
+    env.driver.rescue(env.ctx, inst, [], rescue_meta, None, None,
+                      objects.ShareMappingList())
+    env.wait_boot(inst, 1, since=before)          # the rescue disk's first
+    xml = env.domain_xml(inst)
+    disks = re.findall(r"<disk type='(\w+)' device='disk'>.*?"
+                       r"<target dev='(\w+)'", xml, re.S)
+    assert disks == [("file", "vda"), ("network", "vdb")], xml
+    assert f"<source protocol='nbd' name='{inst.uuid}'>" in xml
+    before = env.console(inst)
+    env.driver.unrescue(env.ctx, inst)
+    env.wait_boot(inst, 2, since=before)          # its own disk again
+    assert inst.uuid in env.vms()
 
 
 def test_snapshot_uploads_the_vm_disk(env, tmp_path):
