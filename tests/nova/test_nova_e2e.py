@@ -42,6 +42,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -106,11 +107,15 @@ class Agent:
         self.proc = None
         self.log = os.path.join(workdir, "agent.log")
 
-    def start(self, timeout: float = 60) -> None:
+    def start(self, hypervisor_listen: str | None = None,
+              timeout: float = 60) -> None:
+        """Start it; VM disks on ``hypervisor_listen`` (default: the unix
+        socket ``nbd_socket``)."""
         argv = [MAIN_PYTHON, "-m", "vmthunder.agent", "--config-file",
                 self.conf, "--state-dir", os.path.join(self.workdir, "state"),
                 "--api-socket", self.api_socket,
-                "--hypervisor-listen", f"unix:{self.nbd_socket}",
+                "--hypervisor-listen",
+                hypervisor_listen or f"unix:{self.nbd_socket}",
                 "--cache-dir", self.cache_dir]
         with open(self.log, "a") as err:
             self.proc = subprocess.Popen(argv, stdout=subprocess.PIPE,
@@ -666,6 +671,28 @@ def test_snapshot_uploads_the_vm_disk(env, tmp_path):
     # Not the pristine image: the guest's writes are in it.
     with open(disk, "rb") as a, open(env.guest["path"], "rb") as b:
         assert a.read(env.guest["size_bytes"]) != b.read()
+
+
+def test_nbd_over_loopback_tcp(env):
+    """The agent restarted to serve VM disks on loopback TCP: the next
+    domain XML (a hard reboot) follows it, QEMU reads the same disk over
+    TCP."""
+    inst = env.second
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env.agent.stop()
+    env.agent.start(f"tcp:127.0.0.1:{port}")
+    try:
+        before = env.console(inst)
+        env.driver.reboot(env.ctx, inst, [], "HARD")
+        env.wait_boot(inst, 3, since=before)
+        xml = env.domain_xml(inst)
+        assert re.search(rf"<source protocol='nbd' name='{inst.uuid}'>\s*"
+                         rf"<host name='127.0.0.1' port='{port}'/>", xml), xml
+    finally:
+        env.agent.stop()
+        env.agent.start()
 
 
 def test_cache_image_warms_the_image(env):
