@@ -26,6 +26,7 @@ every raw figure, the method and the parameters. Progress goes to stderr.
 
     python -m vmthunder.bench.nbd_throughput            # 1 GiB, ~4 min
     python -m vmthunder.bench.nbd_throughput --smoke    # CI, < 20 s
+    python -m vmthunder.bench.nbd_throughput --smoke --agent  # a VM disk
 """
 
 from __future__ import annotations
@@ -195,36 +196,86 @@ def _wait_port(server: Server, timeout: float) -> None:
             time.sleep(0.05)
 
 
-def start_vmthunder(image: str, cache_dir: str, export: str, log_dir: str,
-                    *, host: str = "127.0.0.1", extra=(),
-                    timeout: float = 60) -> Server:
-    """`python -m vmthunder.cli serve`; waits for its ready line."""
-    log_path = os.path.join(log_dir, "vmthunder.log")
-    argv = [sys.executable, "-m", "vmthunder.cli", "serve", image,
-            "--listen", f"tcp:{host}:0", "--cache-dir", cache_dir,
-            "--export", export, *extra]
+def _start_python(server_name: str, argv: list, log_path: str, ready,
+                  port: int, export: str, host: str,
+                  timeout: float) -> Server:
+    """Start a vmthunder program; read its stdout until ``ready(line)``
+    answers (not None): the port it serves on, or True (``port``)."""
     env = dict(os.environ)
     env["PYTHONPATH"] = REPO + os.pathsep + env.get("PYTHONPATH", "")
     proc = _popen(argv, log_path, stdout=subprocess.PIPE, cwd=REPO, env=env)
-    server = Server("vmthunder", proc, host, 0, export, log_path)
+    server = Server("vmthunder", proc, host, port, export, log_path)
     deadline = time.monotonic() + timeout
     try:
         while True:
             if time.monotonic() > deadline:
-                raise RuntimeError("vmthunder serve did not get ready")
+                raise RuntimeError(f"{server_name} did not get ready")
             line = proc.stdout.readline()
             if not line:
                 proc.wait()
                 server.check_alive()
-            m = READY_RE.match(line.strip())
-            if m and m.group(1) == export:
-                uri = m.group(2)
-                hostport = uri.split("//", 1)[1].split("/", 1)[0]
-                server.port = int(hostport.rsplit(":", 1)[1])
+            got = ready(line)
+            if got is not None:
+                if got is not True:
+                    server.port = got
                 return server
     except BaseException:
         server.stop()
         raise
+
+
+def start_vmthunder(image: str, cache_dir: str, export: str, log_dir: str,
+                    *, host: str = "127.0.0.1", extra=(),
+                    timeout: float = 60) -> Server:
+    """`python -m vmthunder.cli serve`; waits for its ready line."""
+    argv = [sys.executable, "-m", "vmthunder.cli", "serve", image,
+            "--listen", f"tcp:{host}:0", "--cache-dir", cache_dir,
+            "--export", export, *extra]
+
+    def ready(line: str):
+        m = READY_RE.match(line.strip())
+        if m and m.group(1) == export:
+            hostport = m.group(2).split("//", 1)[1].split("/", 1)[0]
+            return int(hostport.rsplit(":", 1)[1])
+        return None
+    return _start_python("vmthunder serve", argv,
+                         os.path.join(log_dir, "vmthunder.log"), ready, 0,
+                         export, host, timeout)
+
+
+def start_vmthunder_agent(image: str, export: str, work_dir: str, *,
+                          host: str = "127.0.0.1",
+                          timeout: float = 60) -> Server:
+    """`python -m vmthunder.agent` (built-in defaults, no host config) with
+    IMAGE attached and one VM named EXPORT on it: what is measured is the
+    VM's disk, its copy-on-write snapshot over the image's cache, the
+    path a VM's reads take through the agent."""
+    from vmthunder.agent.client import AgentClient
+    from vmthunder.agent.main import READY_PREFIX
+    base = os.path.join(work_dir, "agent")
+    os.makedirs(base, exist_ok=True)
+    conf = os.path.join(base, "agent.conf")
+    with open(conf, "w"):
+        pass                        # empty: not /etc/vmthunder's
+    api = os.path.join(base, "api.sock")
+    port = free_port(host)
+    argv = [sys.executable, "-m", "vmthunder.agent", "--config-file", conf,
+            "--state-dir", os.path.join(base, "state"), "--api-socket", api,
+            "--hypervisor-listen", f"tcp:{host}:{port}",
+            "--cache-dir", os.path.join(base, "cache")]
+    server = _start_python(
+        "vmthunder-agent", argv,
+        os.path.join(work_dir, "vmthunder-agent.log"),
+        lambda line: True if line.startswith(READY_PREFIX) else None,
+        port, export, host, timeout)
+    try:
+        client = AgentClient(api, timeout=timeout)
+        client.attach_image(f"{export}-image", image)
+        client.create_vm(export, f"{export}-image")
+    except BaseException:
+        server.stop()
+        raise
+    return server
 
 
 def start_qemu_nbd(image: str, export: str, log_dir: str, *,
@@ -444,8 +495,14 @@ def run_benchmark(args) -> dict:
         report["code"] = code_state()
         export = args.export
         cache_dir = os.path.join(workdir, "cache")
-        servers.append(start_vmthunder(image, cache_dir, export, workdir))
-        log(f"vmthunder serve at {servers[0].uri}; warming its cache")
+        if args.agent:
+            servers.append(start_vmthunder_agent(image, export, workdir))
+            log(f"vmthunder-agent VM disk at {servers[0].uri}; warming "
+                "its image's cache")
+        else:
+            servers.append(start_vmthunder(image, cache_dir, export,
+                                           workdir))
+            log(f"vmthunder serve at {servers[0].uri}; warming its cache")
         warm = nbdcopy_to_null(servers[0].uri)
         report["warmup_s"] = round(warm, 3)
         report["warmup_mb_s"] = round(image_size / warm / 1e6, 1)
@@ -546,10 +603,14 @@ def build_report(args, tests, results, image_size, image_path) -> dict:
                           "primary": t.primary, "how": t.description}
                   for t in tests},
         "servers": {
-            "vmthunder": "python -m vmthunder.cli serve IMAGE --listen "
-                         "tcp:127.0.0.1:0 --cache-dir WORKDIR/cache "
-                         "--export NAME; cache warmed with nbdcopy "
-                         "--no-extents URI null: before measuring",
+            "vmthunder": ("python -m vmthunder.agent --hypervisor-listen "
+                          "tcp:127.0.0.1:PORT ...; IMAGE attached, VM NAME "
+                          "created on it; its disk (snapshot over the "
+                          "cache) warmed" if args.agent else
+                          "python -m vmthunder.cli serve IMAGE --listen "
+                          "tcp:127.0.0.1:0 --cache-dir WORKDIR/cache "
+                          "--export NAME; cache warmed")
+            + " with nbdcopy --no-extents URI null: before measuring",
             "qemu-nbd": "qemu-nbd -f raw -r -t -e 16 -x NAME -b 127.0.0.1 "
                         "-p PORT IMAGE (cache=writeback, aio=threads "
                         "defaults)",
@@ -565,7 +626,7 @@ def build_report(args, tests, results, image_size, image_path) -> dict:
         "image_bytes": image_size, "image": image_path or "generated",
         "depth": args.depth, "repeat": args.repeat,
         "runtime_s": args.runtime, "seq_passes": args.seq_passes,
-        "smoke": args.smoke, "cpus": os.cpu_count(),
+        "smoke": args.smoke, "agent": args.agent, "cpus": os.cpu_count(),
         "loadavg_at_end": [round(x, 2) for x in os.getloadavg()],
         "versions": tool_versions(),
     }
@@ -729,6 +790,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="exit with status 1 if a target is missed "
                         f"(seq_ratio >= {SEQ_TARGET}, rand_ratio >= "
                         f"{RAND_TARGET}); without it, only report")
+    p.add_argument("--agent", action="store_true",
+                   help="measure a VM disk of vmthunder-agent (the image "
+                        "attached, one VM created: its copy-on-write "
+                        "snapshot over the image's cache, the path VMs' "
+                        "reads take) instead of `vmthunder serve`'s cache "
+                        "export")
     p.add_argument("--smoke", action="store_true",
                    help="tiny run for CI (64 MiB image, 1 repeat, 1 s runs, "
                         "4 sequential passes; under 20 s): checks that the "
