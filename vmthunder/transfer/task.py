@@ -19,7 +19,7 @@ import asyncio
 import concurrent.futures
 import threading
 
-from vmthunder.transfer import base, engine
+from vmthunder.transfer import engine, registry
 from vmthunder.transfer.errors import TransferCancelled, TransferError
 
 # Options of the copy itself; the rest go to the drivers.
@@ -165,7 +165,7 @@ class Task:
 def copy(src: str, dst: str, **options) -> Task:
     """Copy ``src`` to ``dst`` in the background; returns the Task.
 
-    Sources and destinations by URI (see ``base.SOURCE_FORMS`` and
+    Sources and destinations by URI (see ``registry.SOURCE_FORMS`` and
     ``DESTINATION_FORMS``). Options:
 
     - ``max_in_flight`` (requests), ``request_size`` (bytes per request):
@@ -193,8 +193,8 @@ def copy(src: str, dst: str, **options) -> Task:
     if unknown:
         raise TypeError(f"copy() got unknown options: "
                         f"{', '.join(sorted(unknown))}")
-    source = base.make_source(src, options)
-    destination = base.make_destination(dst, options)
+    source = registry.make_source(src, options)
+    destination = registry.make_destination(dst, options)
     try:
         job = engine.Copy(source, destination, **{
             k: options[k] for k in ENGINE_OPTIONS if k in options})
