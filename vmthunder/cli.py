@@ -163,6 +163,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_export_parsers(sub)
     from vmthunder.agent import client as agent_client
     agent_client.add_parsers(sub)
+    from vmthunder.transfer import cli as transfer_cli
+    transfer_cli.add_parser(sub)
     return parser
 
 
@@ -387,6 +389,8 @@ def main(argv=None) -> int:
     from vmthunder.agent import client as agent_client
     for name in agent_client.COMMANDS:
         handlers[name] = lambda args: agent_client.run(args, CONF)
+    from vmthunder.transfer import cli as transfer_cli
+    handlers["copy"] = lambda args: transfer_cli.run(args, CONF)
     try:
         return handlers[args.command](args)
     except (blockdev.BlockError, ValueError) as exc:

@@ -132,6 +132,27 @@ class Destination(abc.ABC):
         """Release resources after commit or abort."""
 
 
+SOURCE_FORMS = (
+    "a file or block device (PATH or file:///PATH)",
+    "nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH",
+    "iscsi://[USER@]HOST[:PORT]/IQN/LUN (chunks checked against the "
+    "manifest LUN)",
+    "export:NAME (an image `vmthunder export` published)",
+    "http(s)://URL (range requests in parallel where the server offers "
+    "them, else one stream)",
+    "glance://IMAGE_ID (Glance v2 image data, its os_hash_value checked)",
+    "vmthunder://IMAGE (the local agent: precached through peers and the "
+    "origin, then read from its cache)",
+)
+DESTINATION_FORMS = (
+    "a file (PATH or file:///PATH; raw, or qcow2 with dst_format='qcow2'), "
+    "written under a temporary name and renamed when complete",
+    "a block device (written in place)",
+    "nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (a "
+    "writable export at least as large as the source; written in place)",
+)
+
+
 def scheme_of(uri: str) -> str:
     """``file`` for paths and file://, the URI scheme otherwise, and
     ``export`` for export:NAME."""
@@ -169,5 +190,5 @@ def strerror(exc: BaseException) -> str:
     return os.strerror(err) if err else type(exc).__name__
 
 
-__all__ = ["Destination", "Extent", "Source", "file_path", "scheme_of",
-           "strerror"]
+__all__ = ["DESTINATION_FORMS", "SOURCE_FORMS", "Destination", "Extent",
+           "Source", "file_path", "scheme_of", "strerror"]

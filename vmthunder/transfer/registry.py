@@ -4,30 +4,10 @@ from __future__ import annotations
 
 from vmthunder.redaction import redact_url
 from vmthunder.transfer import agent, destinations, http, sources
-from vmthunder.transfer.base import (Destination, Source, file_path,
+from vmthunder.transfer.base import (DESTINATION_FORMS, SOURCE_FORMS,
+                                     Destination, Source, file_path,
                                      scheme_of)
 from vmthunder.transfer.errors import DestinationError, SourceError
-
-SOURCE_FORMS = (
-    "a file or block device (PATH or file:///PATH)",
-    "nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH",
-    "iscsi://[USER@]HOST[:PORT]/IQN/LUN (chunks checked against the "
-    "manifest LUN)",
-    "export:NAME (an image `vmthunder export` published)",
-    "http(s)://URL (range requests in parallel where the server offers "
-    "them, else one stream)",
-    "glance://IMAGE_ID (Glance v2 image data, its os_hash_value checked)",
-    "vmthunder://IMAGE (the local agent: precached through peers and the "
-    "origin, then read from its cache)",
-)
-DESTINATION_FORMS = (
-    "a file (PATH or file:///PATH; raw, or qcow2 with dst_format='qcow2'), "
-    "written under a temporary name and renamed when complete",
-    "a block device (written in place)",
-    "nbd://HOST[:PORT]/EXPORT or nbd+unix:///EXPORT?socket=PATH (a "
-    "writable export at least as large as the source; written in place)",
-)
-
 
 def make_source(uri: str, options: dict) -> Source:
     """The driver for ``uri`` (not opened yet); SourceError for an
