@@ -397,6 +397,8 @@ class NbdServerProtocol:
             ctx_id = export.contexts.index(ctx) + 1
             if option == c.OPT_SET_META_CONTEXT:
                 self._meta[ctx_id] = ctx
+            else:
+                ctx_id = 0      # LIST: the id is reserved, SHOULD be zero
             out += self._opt_reply(option, c.REP_META_CONTEXT,
                                    U32.pack(ctx_id) + ctx.encode())
         out += self._opt_reply(option, c.REP_ACK)
