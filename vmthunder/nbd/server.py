@@ -252,6 +252,9 @@ class NbdConnection(asyncio.Protocol):
         # timer that drops a client that never sends it.
         self._payload_charged = 0
         self._payload_timer: asyncio.TimerHandle | None = None
+        # Bytes already read wait to be parsed (scheduled by
+        # start_deferred): the connection does not close before.
+        self._parse_pending = False
 
     # -- asyncio.Protocol ---------------------------------------------------
 
@@ -349,7 +352,11 @@ class NbdConnection(asyncio.Protocol):
         # Let requests already read finish and send their replies first
         # (NBD_CMD_DISC asks for exactly that).
         self._closing = True
-        if not self._tasks and not self._deferred:
+        self._close_if_done()
+
+    def _close_if_done(self) -> None:
+        if self._closing and not self._tasks and not self._deferred \
+                and not self._parse_pending:
             self._close_after_replies()
 
     # -- requests -----------------------------------------------------------
@@ -398,20 +405,23 @@ class NbdConnection(asyncio.Protocol):
             if req is None:
                 self._payload_arrives(cost)
                 # Its bytes already read are parsed from the loop, not
-                # from inside the budget's bookkeeping.
+                # from inside the budget's bookkeeping (and before the
+                # connection may close: they may end with NBD_CMD_DISC).
+                self._parse_pending = True
                 asyncio.get_running_loop().call_soon(self._parse_buffered)
             else:
                 self._run(req, cost)
-        if self._closing and not self._tasks:
-            self._close_after_replies()
+        self._close_if_done()
         return True
 
     def _waiting_payload(self) -> bool:
         return bool(self._deferred) and self._deferred[-1][0] is None
 
     def _parse_buffered(self) -> None:
+        self._parse_pending = False
         if self.transport is not None and not self.transport.is_closing():
             self.data_received(b"")
+            self._close_if_done()
 
     def _payload_arrives(self, length: int) -> None:
         # Charged: read the payload, if it comes in time.
@@ -439,8 +449,7 @@ class NbdConnection(asyncio.Protocol):
 
     def _done(self, task: asyncio.Task) -> None:
         self._tasks.discard(task)
-        if self._closing and not self._tasks and not self._deferred:
-            self._close_after_replies()
+        self._close_if_done()
 
     def _close_after_replies(self) -> None:
         if self.transport is None:
