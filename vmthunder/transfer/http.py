@@ -41,10 +41,11 @@ def _why(exc: BaseException) -> str:
         return (f"the connection ended after {len(exc.partial)} of "
                 f"{exc.expected} bytes")
     if isinstance(exc, aiohttp.ClientPayloadError):
-        cause = exc.__cause__ or (exc.args[1] if len(exc.args) > 1
-                                  else None)
-        return ("the body was cut short (connection reset or closed "
-                f"early): {exc}" + (f" ({cause})" if cause else ""))
+        if isinstance(exc.__cause__, ConnectionResetError) \
+                or "ConnectionResetError" in str(exc):
+            return "the connection was reset before the body was complete"
+        return ("the server closed the connection before the body was "
+                "complete")
     if isinstance(exc, aiohttp.ServerDisconnectedError):
         return "the server closed the connection"
     if isinstance(exc, (asyncio.TimeoutError, aiohttp.ServerTimeoutError)):
