@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -20,24 +19,23 @@ import time
 import pytest
 
 from tests.functional.conftest import REPO, need
-from tests.functional.test_nbd_client_interop import nbd_server  # noqa: F401
+from tests.functional import test_nbd_client_interop as _interop
+from tests.unit.test_transfer import make_sparse
 from tests.functional.transfer_servers import (HttpServer, file_app,
                                                glance_app, stream_app)
 from vmthunder import transfer
 
 MiB = 1 << 20
+# qemu-nbd and nbdkit servers, as the NBD client's interop tests start
+# them.
+nbd_server = _interop.nbd_server
 pytestmark = pytest.mark.timeout(120)
 
 
-def sparse_image(path, size=48 * MiB, runs=((0, 2 * MiB), (17 * MiB, 3 * MiB),
-                                           (47 * MiB, MiB)), seed=3):
-    rng = random.Random(seed)
-    with open(path, "wb") as f:
-        f.truncate(size)
-        for offset, length in runs:
-            f.seek(offset)
-            f.write(rng.randbytes(length))
-    return str(path)
+def sparse_image(path):
+    """48 MiB, 6 MiB of it random data in three runs, the rest holes."""
+    return make_sparse(path, size=48 * MiB, seed=3, runs=(
+        (0, 2 * MiB), (17 * MiB, 3 * MiB), (47 * MiB, MiB)))
 
 
 def data_bytes(path) -> int:
