@@ -353,6 +353,14 @@ agent_opts = [
         min=0,
         help="How long a peer that timed out, failed or sent a wrong "
              "chunk is left out of the choice."),
+    cfg.StrOpt(
+        "metrics_listen",
+        help="Where the agent serves Prometheus metrics (GET /metrics, "
+             "text format) and its health (GET /healthz) over plain "
+             "HTTP: tcp:HOST:PORT (e.g. tcp:127.0.0.1:9178; neither has "
+             "authentication: keep it on loopback or a management "
+             "network) or unix:PATH. Unset: not served (/healthz stays "
+             "on the API socket)."),
 ]
 
 coordination_opts = [

@@ -37,6 +37,15 @@ class AgentProc:
     nbd_socket: str
     state_file: str
     stderr_path: str
+    # What it printed when ready (its addresses).
+    ready_line: str = ""
+
+    @property
+    def metrics_url(self) -> str:
+        """http://HOST:PORT of its --metrics-listen tcp:... address."""
+        word = next(w for w in self.ready_line.split()
+                    if w.startswith("metrics=tcp:"))
+        return "http://" + word.removeprefix("metrics=tcp:")
 
     @property
     def client(self) -> AgentClient:
@@ -68,14 +77,16 @@ class AgentProc:
             capture_output=True, text=True, cwd=REPO, timeout=30)
 
 
-def start_agent(workdir: str, *extra: str, timeout: float = 30) -> AgentProc:
+def start_agent(workdir: str, *extra: str, timeout: float = 30,
+                config: str = "") -> AgentProc:
     """Start `python -m vmthunder.agent` on WORKDIR's state, caches and
-    sockets (the same each time: a restart finds its state)."""
+    sockets (the same each time: a restart finds its state); ``config``:
+    more of its config file."""
     os.makedirs(workdir, exist_ok=True)
     conf = os.path.join(workdir, "agent.conf")
     with open(conf, "w") as f:
         # Mark fetched chunks at once, so "chunks held" is exact in tests.
-        f.write("[cache]\nsync_interval = 0\n")
+        f.write("[cache]\nsync_interval = 0\n" + config)
     api = os.path.join(workdir, "api.sock")
     nbd = os.path.join(workdir, "nbd.sock")
     state_dir = os.path.join(workdir, "state")
@@ -100,6 +111,7 @@ def start_agent(workdir: str, *extra: str, timeout: float = 30) -> AgentProc:
                 raise RuntimeError(f"vmthunder-agent exited ({proc.wait()}):"
                                    f" {agent.stderr()[-3000:]}")
             if line.startswith(READY):
+                agent.ready_line = line.strip()
                 return agent
     except BaseException:
         agent.stop(signal.SIGKILL)
@@ -112,8 +124,9 @@ def agents(tmp_path):
     the end."""
     started: list[AgentProc] = []
 
-    def factory(workdir=None, *extra):
-        agent = start_agent(str(workdir or tmp_path / "agent"), *extra)
+    def factory(workdir=None, *extra, config=""):
+        agent = start_agent(str(workdir or tmp_path / "agent"), *extra,
+                            config=config)
         started.append(agent)
         return agent
 

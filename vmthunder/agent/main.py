@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="tree mode: the parent agent's peer endpoint "
                              "(default [agent] peer_parent; none: read the "
                              "origin)")
+    parser.add_argument("--metrics-listen", type=listen_address_arg,
+                        metavar="tcp:HOST:PORT|unix:PATH",
+                        help="serve Prometheus metrics (/metrics) and "
+                             "health (/healthz) over HTTP here ([agent] "
+                             "metrics_listen; default: not served, "
+                             "/healthz stays on the API socket)")
     parser.add_argument("--cache-dir", metavar="DIR",
                         help="image caches and VM overlays ([agent] "
                              "cache_dir, else [cache] cache_dir)")
@@ -93,6 +99,9 @@ def make_config(args, conf):
                       or parse_address(a.hypervisor_listen, listen=True))
         peer = args.peer_listen or (parse_address(a.peer_listen, listen=True)
                                     if a.peer_listen else None)
+        metrics = args.metrics_listen or (
+            parse_address(a.metrics_listen, listen=True)
+            if a.metrics_listen else None)
     except ValueError as exc:
         raise SystemExit(f"vmthunder-agent: error: [agent] option: {exc}")
     return AgentConfig(
@@ -113,14 +122,17 @@ def make_config(args, conf):
         peer_advertise=a.peer_advertise,
         peer_timeout=a.peer_timeout,
         peer_avoid_s=a.peer_avoid_seconds,
-        coordination=conf.coordination)
+        coordination=conf.coordination,
+        metrics_listen=metrics)
 
 
 async def run(config) -> int:
     from vmthunder.agent.api import ApiServer
+    from vmthunder.agent.metrics import MetricsServer
     from vmthunder.agent.service import Agent
     agent = Agent(config)
     api = ApiServer(agent, config.api_socket)
+    metrics = MetricsServer(agent, config.metrics_listen)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -128,7 +140,9 @@ async def run(config) -> int:
     try:
         await agent.start()
         await api.start()
+        await metrics.start()
     except BaseException:
+        await metrics.stop()
         await api.stop()
         await agent.stop()
         raise
@@ -138,11 +152,13 @@ async def run(config) -> int:
     print(f"{READY_PREFIX} api=unix:{config.api_socket} "
           f"nbd={agent.hypervisor_address}"
           + (f" peers={agent.peering.address}" if agent.peering.address
-             else ""),
+             else "")
+          + (f" metrics={metrics.address}" if metrics.address else ""),
           flush=True)
     await stop.wait()
     LOG.info("stopping: closing the API and NBD servers, flushing "
              "snapshots and caches")
+    await metrics.stop()
     await api.stop()
     await agent.stop()
     LOG.info("stopped; state in %s", agent.store.path)

@@ -37,6 +37,7 @@ from vmthunder.agent.errors import (
     OriginUnavailable, message_of)
 from vmthunder.cache import snapshot as snapshot_mod
 from vmthunder.cache.cache_layer import CacheInUse, CacheLayer
+from vmthunder.cache.read_watch import ImageReads, VmReads
 from vmthunder.cache.snapshot import SnapshotLayer
 from vmthunder.nbd.address import Address
 from vmthunder.nbd.server import NbdLimits, NbdServer
@@ -82,6 +83,8 @@ class AgentConfig:
     peer_timeout: float = 2.0
     peer_avoid_s: float = 30.0
     coordination: object = None         # [coordination] options
+    # Prometheus metrics over HTTP here (None: not served).
+    metrics_listen: Address | None = None
 
 
 @dataclasses.dataclass
@@ -99,6 +102,8 @@ class Image:
     attached_at: float = 0.0
     # The last precache of this image (running or ended); not recorded.
     precache: precache_mod.Precache | None = None
+    # Its VMs' reads: latency, hits and misses, reads in progress.
+    reads: ImageReads = dataclasses.field(default_factory=ImageReads)
 
     def record(self) -> dict:
         return {"name": self.name, "origin": self.origin}
@@ -340,9 +345,11 @@ class Agent:
 
     def _open_snapshot(self, image: Image, name: str,
                        size: int | None = None) -> SnapshotLayer:
-        return stack.open_snapshot(image.cache, name,
+        snap = stack.open_snapshot(image.cache, name,
                                    block_size=self.config.block_size,
                                    size=size)
+        snap.watch = VmReads(name, image.reads, snap)
+        return snap
 
     @property
     def max_vm_size(self) -> int:
@@ -723,8 +730,27 @@ class Agent:
             bytes_read=cache["bytes_read"],
             verify_errors=cache["verify_errors"],
             fetch_errors=cache["fetch_errors"],
+            # Chunks that did not match the manifest, by where they came
+            # from (the cache checks them over a plain origin, the image's
+            # volume when peers are on).
+            verify_failures={
+                "origin": cache["verify_errors"]
+                + source.get("origin_mismatches", 0),
+                "peer": source.get("peer_errors", {}).get("mismatch", 0)},
+            cache_bytes=_held_bytes(image.cache),
+            chunks_fetched=cache["chunks_fetched"],
+            store_errors=cache["store_errors"],
             precache=image.precache.progress() if image.precache
             else None)
+        in_flight, queued = cache_fetches(image.cache)
+        status.update(fetches_in_flight=in_flight, fetches_queued=queued,
+                      **image.reads.stats())
+        origin = image.volume.origin if image.volume else image.cache.source
+        try:
+            status["origin_io"] = {k: v for k, v in origin.stats().items()
+                                   if isinstance(v, (int, float))}
+        except Exception:             # a closed or odd source: no numbers
+            status["origin_io"] = {}
         table = image.volume.digest_table if image.volume else None
         if table is not None:
             # The manifest's digests, fetched through peers like the image.
@@ -743,16 +769,53 @@ class Agent:
         return status
 
     def status(self) -> dict:
+        membership = self.peering.membership
         return {
             "uptime_s": round(time.monotonic() - self.started, 3),
             "state_file": self.store.path,
             "hypervisor_nbd": str(self.hypervisor_address),
             "peer_nbd": str(self.peering.address) if self.peering.address
             else None,
+            "coordination": None if membership is None else {
+                "backend": redact_url(membership.backend_url),
+                "healthy": membership.healthy,
+                "last_error": membership.last_error,
+                "members": len(membership.members())},
             "images": {i.name: self.image_status(i)
                        for i in self.images.values()},
             "vms": {v.name: self.vm_status(v) for v in self.vms.values()},
         }
+
+
+def cache_fetches(cache) -> tuple[int, int]:
+    """(in flight, queued) fetches of a CacheLayer, read off its own state
+    when asked (nothing counted on the read path): a fetch is queued while
+    it waits for write slots (memory for the chunks it brings), in flight
+    from then until its chunks are checked and handed to the readers
+    (then written to the cache file). Reads private state of the cache
+    (the chunks in flight, its slot lock), defensively: a cache without
+    them shows none."""
+    inflight = getattr(cache, "_inflight", None) or {}
+    pending = {id(f) for f in inflight.values()
+               if not f.future.done()}
+    queued = 0
+    lock = getattr(cache, "_slot_lock", None)
+    if lock is not None and lock.locked():
+        # The holder waits for slots (taking them does not suspend
+        # otherwise), the others for the lock.
+        queued = 1 + len(getattr(lock, "_waiters", None) or ())
+    queued = min(queued, len(pending))
+    return len(pending) - queued, queued
+
+
+def _held_bytes(cache: CacheLayer) -> int:
+    """Bytes of the image its cache holds (marked chunks; the last chunk
+    may be short)."""
+    held = cache.map.count_present()
+    if held and cache.map.present(cache.chunks - 1):
+        return held * cache.chunk_size - (cache.chunks * cache.chunk_size
+                                          - cache.size)
+    return held * cache.chunk_size
 
 
 def _run_list(runs: list[tuple[int, int]], most: int = 5) -> str:

@@ -101,6 +101,9 @@ class SnapshotLayer(blockdev.BlockDevice):
         self.counters = {"bytes_read": 0, "bytes_written": 0,
                          "read_requests": 0, "write_requests": 0,
                          "flushes": 0}
+        # Who watches the VM's reads (a read_watch.VmReads: latency,
+        # hits, stalls), or None.
+        self.watch = None
 
     def _size_files(self, size: int | None, map_path: str) -> None:
         """Set size and blocks from ``size`` and the overlay's recorded
@@ -163,7 +166,14 @@ class SnapshotLayer(blockdev.BlockDevice):
         self.check_range(offset, length)
         self.counters["read_requests"] += 1
         self.counters["bytes_read"] += length
-        return await self._read_parts(offset, length)
+        watch = self.watch
+        if watch is None:
+            return await self._read_parts(offset, length)
+        token = watch.begin(offset, length)
+        try:
+            return await self._read_parts(offset, length)
+        finally:
+            watch.end(token)
 
     async def _read(self, offset: int, length: int) -> bytes:
         return blockdev.joined(await self._read_parts(offset, length))
@@ -212,6 +222,8 @@ class SnapshotLayer(blockdev.BlockDevice):
             # Served without read(): count it here.
             self.counters["read_requests"] += 1
             self.counters["bytes_read"] += length
+            if self.watch is not None:
+                self.watch.instant()
         return extent
 
     async def _read_overlay(self, offset: int, length: int) -> bytes:
