@@ -31,6 +31,8 @@ PACKAGES=(
     libnbd-bin nbdkit python3-libnbd
     busybox-static e2fsprogs cpio xz-utils
     fio
+    # curl: the HTTP peer of the transfer benchmark (vmthunder/bench/transfer.py)
+    curl
     libiscsi-bin libiscsi-dev
     iproute2
     redis-server debootstrap

@@ -77,6 +77,16 @@ class Source(abc.ABC):
     async def read(self, offset: int, length: int):
         """Exactly ``length`` bytes at ``offset`` (a bytes-like object)."""
 
+    # True: read_into() receives straight into the caller's buffer, and
+    # the engine reads into buffers it reuses (no allocation, no copy).
+    zero_copy = False
+
+    async def read_into(self, offset: int, view: memoryview) -> None:
+        """Fill ``view`` with the bytes at ``offset`` (raise on a short
+        read). After a failure the buffer may still be written to: the
+        caller drops it."""
+        view[:] = await self.read(offset, view.nbytes)
+
     def bytes_by_source(self) -> dict[str, int]:
         """Bytes read so far, by where they came from."""
         return {self.describe(): self.bytes_read}

@@ -39,6 +39,10 @@ try:
     import blake3
 except ImportError:                  # requirements.txt has it
     blake3 = None
+try:
+    import numpy as np               # with matplotlib; zero detection
+except ImportError:
+    np = None
 
 LOG = logging.getLogger(__name__)
 
@@ -84,20 +88,48 @@ def blame(error, where: str):
         raise error(where, reason) from exc
 
 
+_ZERO_BYTES: dict[int, bytes] = {}
+
+
+def _all_zero(data, n: int) -> bool:
+    """``data`` (bytes or bytearray of ``n`` bytes) is all zeros: one
+    memcmp against a cached zero buffer."""
+    zero = _ZERO_BYTES.get(n)
+    if zero is None:
+        if len(_ZERO_BYTES) > 8:
+            _ZERO_BYTES.clear()
+        zero = _ZERO_BYTES[n] = bytes(n)
+    return data == zero
+
+
 def data_runs(data, block: int = ZERO_BLOCK) -> list[tuple[int, int]]:
-    """``(start, end)`` runs of ``data`` holding non-zero bytes, at
-    ``block`` granularity (a block of zeros is left out)."""
-    view = memoryview(data).cast("B")
-    n = view.nbytes
-    if n <= _ZEROES.nbytes and view == _ZEROES[:n]:
+    """``(start, end)`` runs of ``data`` (bytes or bytearray) holding
+    non-zero bytes, at ``block`` granularity (blocks of zeros left out).
+    Vectorised with numpy when it is there (10 GB/s), else a loop."""
+    n = len(data)
+    if _all_zero(data, n):
         return []
+    full = n // block
+    if np is not None and block % 8 == 0:
+        arr = np.frombuffer(data, dtype=np.uint8)
+        nonzero = np.empty(full + (n % block > 0), dtype=bool)
+        nonzero[:full] = arr[:full * block].view(np.uint64).reshape(
+            full, block // 8).any(axis=1)
+        if n % block:
+            nonzero[full] = arr[full * block:].any()
+        if nonzero.all():
+            return [(0, n)]
+        edges = np.diff(np.concatenate(([False], nonzero, [False]))
+                        .astype(np.int8))
+        return [(int(a) * block, min(int(b) * block, n)) for a, b in zip(
+            np.flatnonzero(edges == 1), np.flatnonzero(edges == -1))]
+    view = memoryview(data)
     zero = _ZEROES[:block]
     runs = []
     start = None
     for pos in range(0, n, block):
         end = min(pos + block, n)
-        is_zero = view[pos:end] == zero[:end - pos]
-        if is_zero:
+        if view[pos:end] == zero[:end - pos]:
             if start is not None:
                 runs.append((start, pos))
                 start = None
@@ -186,6 +218,27 @@ class _Item:
     offset: int
     length: int
     data: bool
+    buffer: bytearray | None = None     # from the pool, given back after
+
+
+class _BufferPool:
+    """Read buffers reused from piece to piece (fresh memory costs a
+    page fault per 4 KiB, more than the copy into it)."""
+
+    def __init__(self, most: int):
+        self.free: dict[int, list[bytearray]] = {}
+        self.most = most
+
+    def get(self, size: int) -> bytearray:
+        free = self.free.get(size)
+        return free.pop() if free else bytearray(size)
+
+    def put(self, buffer: bytearray | None) -> None:
+        if buffer is None:
+            return
+        free = self.free.setdefault(len(buffer), [])
+        if len(free) < self.most:
+            free.append(buffer)
 
 
 class _OrderedHasher:
@@ -201,8 +254,10 @@ class _OrderedHasher:
         self.end: int | None = None       # number of pieces, once known
         self._wake = asyncio.Event()
 
-    def put(self, seq: int, data, length: int) -> None:
-        self.ready[seq] = (data, length)
+    def put(self, seq: int, data, length: int, done=None) -> None:
+        """Piece ``seq``: ``data`` (None: ``length`` zeros); ``done()``
+        is called once it is hashed."""
+        self.ready[seq] = (data, length, done)
         self._wake.set()
 
     def finish(self, count: int) -> None:
@@ -222,7 +277,7 @@ class _OrderedHasher:
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            data, length = self.ready.pop(self.next)
+            data, length, done = self.ready.pop(self.next)
             if data is None:
                 if length >= _THREAD_FROM:
                     await loop.run_in_executor(None, self._update_zeroes,
@@ -234,6 +289,8 @@ class _OrderedHasher:
             else:
                 self.hash.update(data)
             self.next += 1
+            if done is not None:
+                done()
             self.window.release()
 
     def hexdigest(self) -> str:
@@ -433,15 +490,20 @@ class Copy:
             for _ in range(in_flight):
                 await queue.put(None)
 
+        pool = _BufferPool(in_flight * 3)
+
         async def work():
             while True:
                 item = await queue.get()
                 if item is None:
                     return
-                data = await self._one(item)
+                data = await self._one(item, pool)
+                buffer = item.buffer
                 if hasher is not None:
-                    hasher.put(item.seq, data, item.length)
+                    hasher.put(item.seq, data, item.length,
+                               lambda b=buffer: pool.put(b))
                 else:
+                    pool.put(buffer)
                     window.release()
 
         tasks = [asyncio.ensure_future(produce())]
@@ -471,8 +533,10 @@ class Copy:
                 f"expected {whole[1]}; nothing was committed")
         return f"{algorithm}:{value}"
 
-    async def _one(self, item: _Item):
-        """Copy one piece; the bytes read (None for a hole)."""
+    async def _one(self, item: _Item, pool: _BufferPool):
+        """Copy one piece; the bytes read (None for a hole). A read into
+        a buffer of the pool sets ``item.buffer`` once it succeeded (a
+        failed read's buffer may still be written to: it is dropped)."""
         offset, length = item.offset, item.length
         if not item.data:
             if not self.dest.fresh:
@@ -484,7 +548,13 @@ class Copy:
         if self.limit is not None:
             await self.limit.acquire(length)
         with blame(SourceError, self.src_where):
-            data = await self.source.read(offset, length)
+            if self.source.zero_copy:
+                buffer = pool.get(length)
+                data = memoryview(buffer)
+                await self.source.read_into(offset, data)
+                item.buffer = buffer
+            else:
+                data = await self.source.read(offset, length)
         got = memoryview(data).nbytes
         if got != length:
             raise SourceError(self.src_where, f"short read: {got} of "
@@ -492,7 +562,11 @@ class Copy:
         self.copied += length
         if self.source.manifest is not None:
             await self._verify(offset, data)
-        runs = data_runs(data) if self.detect_zeroes else [(0, length)]
+        if not self.detect_zeroes:
+            runs = [(0, length)]
+        else:
+            runs = data_runs(item.buffer if item.buffer is not None
+                             else data)
         view = memoryview(data).cast("B")
         with blame(DestinationError, self.dst_where):
             pos = 0
