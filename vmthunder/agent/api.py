@@ -19,6 +19,11 @@
                                 "size": BYTES}
     DELETE /vms/V               removes the VM's snapshot files
     GET    /status              counters per image and per VM
+    GET    /healthz             200 {"status": "ok", "checks": ...} when
+                                healthy, 503 {"status": "unhealthy",
+                                "problems": [what is wrong...], ...}
+                                otherwise (agent/health.py); also on
+                                [agent] metrics_listen, beside /metrics
 
 Every refusal is a 4xx (5xx: the agent failed) with a body
 ``{"error": "what was wrong and what to do"}``, and changes nothing.
@@ -46,7 +51,7 @@ MAX_BODY = 64 * 1024
 MAX_JSON_DEPTH = 32
 _JSON_SPECIAL = re.compile(rb'[\[\]{}"\\]')
 PATHS = ("/images, /images/NAME, /images/NAME/precache, /vms, /vms/NAME, "
-         "/status")
+         "/status, /healthz")
 EXAMPLES = {
     "POST /images": '{"name": "debian", "origin": "export:debian"}',
     "POST /vms": '{"name": "vm1", "image": "debian"}',
@@ -170,6 +175,13 @@ async def _body(request: web.Request, fields: tuple[str, ...],
     return body
 
 
+async def healthz(agent: Agent) -> web.Response:
+    """GET /healthz: 200 when every check passes, else 503 with the
+    problems named."""
+    healthy, body = await agent.health.report()
+    return _json(200 if healthy else 503, body)
+
+
 def make_app(agent: Agent) -> web.Application:
     app = web.Application(middlewares=[_errors], client_max_size=MAX_BODY)
 
@@ -231,6 +243,9 @@ def make_app(agent: Agent) -> web.Application:
     async def status(request):
         return _json(200, agent.status())
 
+    async def health(request):
+        return await healthz(agent)
+
     app.router.add_get("/images", list_images)
     app.router.add_post("/images", attach_image)
     app.router.add_get("/images/{name}", image_status)
@@ -241,6 +256,7 @@ def make_app(agent: Agent) -> web.Application:
     app.router.add_post("/vms", create_vm)
     app.router.add_delete("/vms/{name}", delete_vm)
     app.router.add_get("/status", status)
+    app.router.add_get("/healthz", health)
     return app
 
 

@@ -22,11 +22,13 @@ DEFAULT_TIMEOUT = 120.0     # an iSCSI attach may wait for a login
 
 
 class AgentError(Exception):
-    """The agent refused a request; the message says why."""
+    """The agent refused a request; the message says why (``reply``: the
+    body it answered, when it did)."""
 
-    def __init__(self, status: int, message: str):
+    def __init__(self, status: int, message: str, reply=None):
         super().__init__(message)
         self.status = status
+        self.reply = reply
 
 
 class AgentUnavailable(AgentError):
@@ -99,7 +101,7 @@ class AgentClient:
         if response.status >= 400:
             message = (reply.get("error") if isinstance(reply, dict)
                        else None) or f"HTTP {response.status}"
-            raise AgentError(response.status, message)
+            raise AgentError(response.status, message, reply)
         return reply
 
     @staticmethod
@@ -144,10 +146,19 @@ class AgentClient:
     def precache_progress(self, name: str) -> dict:
         return self.request("GET", f"/images/{self._quote(name)}/precache")
 
+    def health(self) -> tuple[bool, dict]:
+        """(healthy, the body of GET /healthz: its problems and checks)."""
+        try:
+            return True, self.request("GET", "/healthz")
+        except AgentError as exc:
+            if exc.status == 503 and isinstance(exc.reply, dict):
+                return False, exc.reply
+            raise
+
 
 # -- the `vmthunder` subcommands ----------------------------------------
 
-COMMANDS = ("image", "vm", "status", "precache")
+COMMANDS = ("image", "vm", "status", "precache", "health")
 
 
 def add_parsers(sub) -> None:
@@ -213,6 +224,16 @@ def add_parsers(sub) -> None:
                     "written.")
     status.add_argument("--json", action="store_true", help="print JSON")
     socket_arg(status)
+
+    p = sub.add_parser(
+        "health", help="is the local agent healthy? (exit 0 yes, 1 no)",
+        description="Ask the local agent's /healthz: every attached "
+                    "image's origin reachable, the coordination backend "
+                    "reachable (mesh peers), enough free space for caches "
+                    "and state. Prints what is wrong; exit 0 when healthy, "
+                    "1 otherwise (or when the agent does not answer).")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    socket_arg(p)
 
     p = sub.add_parser(
         "precache", help="warm an image's cache on one or more agents",
@@ -313,6 +334,16 @@ def run(args, conf) -> int:
                                ["NAME", "IMAGE", "STATE", "SIZE", "NBD"]))
                 else:
                     out("no VMs")
+        elif args.command == "health":
+            healthy, body = client.health()
+            if args.json:
+                out(json.dumps(body, indent=1))
+            elif healthy:
+                out("healthy")
+            else:
+                out("unhealthy:\n" + "\n".join(
+                    f"  {problem}" for problem in body.get("problems", [])))
+            return 0 if healthy else 1
         else:
             status = client.status()
             if args.json:
@@ -329,7 +360,10 @@ def format_status(status: dict) -> str:
     lines = [f"agent up {status['uptime_s']:.0f} s; VM disks on "
              f"{status['hypervisor_nbd']}"
              + (f"; peers on {status['peer_nbd']}" if status.get("peer_nbd")
-                else "")]
+                else "")
+             + (f"; {status['stalled_reads_now']} guest read(s) stalled "
+                f"now (over {status['stalled_read_seconds']:g} s)"
+                if status.get("stalled_reads_now") else "")]
     images = status["images"].values()
     if images:
         lines.append("")
@@ -338,9 +372,10 @@ def format_status(status: dict) -> str:
               f"{i.get('chunks_held', '-')}/{i.get('chunks_total', '-')}",
               _size(i.get("bytes_from_origin", 0)),
               _size(i.get("bytes_from_peers", 0)),
-              _size(i.get("bytes_served_to_peers", 0))] for i in images],
+              _size(i.get("bytes_served_to_peers", 0)),
+              i.get("stalled_reads", "-")] for i in images],
             ["IMAGE", "STATE", "CHUNKS", "FROM ORIGIN", "FROM PEERS",
-             "TO PEERS"]))
+             "TO PEERS", "STALLED"]))
     vms = status["vms"].values()
     if vms:
         lines.append("")

@@ -123,7 +123,9 @@ def make_config(args, conf):
         peer_timeout=a.peer_timeout,
         peer_avoid_s=a.peer_avoid_seconds,
         coordination=conf.coordination,
-        metrics_listen=metrics)
+        metrics_listen=metrics,
+        stalled_read_seconds=a.stalled_read_seconds,
+        health_min_free_bytes=a.health_min_free_mib * 1024 * 1024)
 
 
 async def run(config) -> int:

@@ -119,6 +119,11 @@ VM_METRICS = {
 # Agent status key -> (metric name, help).
 AGENT_GAUGES = {
     "uptime_s": ("agent_uptime_seconds", "Seconds since the agent started."),
+    "stalled_reads_now": ("guest_reads_stalled",
+                          "Guest reads waiting stalled_read_seconds or "
+                          "longer now."),
+    "stalled_read_seconds": ("stalled_read_threshold_seconds",
+                             "[agent] stalled_read_seconds (0: off)."),
 }
 
 
@@ -278,6 +283,7 @@ class MetricsServer:
         self._runner: web.AppRunner | None = None
 
     def app(self) -> web.Application:
+        from vmthunder.agent.api import healthz
         app = web.Application()
 
         async def metrics(request):
@@ -288,9 +294,13 @@ class MetricsServer:
 
         async def index(request):
             return web.Response(text="vmthunder-agent: /metrics "
-                                     "(Prometheus)\n")
+                                     "(Prometheus), /healthz\n")
 
         app.router.add_get("/metrics", metrics)
+        async def health(request):
+            return await healthz(self.agent)
+
+        app.router.add_get("/healthz", health)
         app.router.add_get("/", index)
         return app
 

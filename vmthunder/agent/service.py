@@ -29,6 +29,7 @@ import time
 
 from vmthunder import blockdev
 from vmthunder import stack
+from vmthunder.agent import health as health_mod
 from vmthunder.agent import precache as precache_mod
 from vmthunder.agent.peering import Peering
 from vmthunder.agent import state as state_mod
@@ -83,8 +84,13 @@ class AgentConfig:
     peer_timeout: float = 2.0
     peer_avoid_s: float = 30.0
     coordination: object = None         # [coordination] options
-    # Prometheus metrics over HTTP here (None: not served).
+    # Prometheus metrics and /healthz over HTTP here (None: not served;
+    # /healthz is on the API socket too).
     metrics_listen: Address | None = None
+    # A guest read waiting this long is logged and counted (0: never).
+    stalled_read_seconds: float = 10.0
+    # /healthz fails below this much free space for caches and state.
+    health_min_free_bytes: int = 0
 
 
 @dataclasses.dataclass
@@ -183,6 +189,10 @@ class Agent:
         # each ends with the state file written.
         self._lock = asyncio.Lock()
         self.started = time.monotonic()
+        self.stall_watch = health_mod.StallWatch(
+            self.images, config.stalled_read_seconds)
+        self.health = health_mod.Health(
+            self, min_free_bytes=config.health_min_free_bytes)
 
     # -- start and stop ---------------------------------------------------
 
@@ -205,11 +215,13 @@ class Agent:
         self.hypervisor_address = await self.hypervisor_server.listen(listen)
         await self.peering.start_server(self.images.values())
         await self._announce()
+        self.stall_watch.start()
 
     async def stop(self) -> None:
         """Stop serving, flush and close every snapshot and cache, write
         the state (unchanged by a stop: the VMs come back at next start)."""
         await self.hypervisor_server.close()
+        await self.stall_watch.stop()
         await self.peering.stop()
         for image in self.images.values():
             if image.precache is not None:
@@ -776,6 +788,8 @@ class Agent:
             "hypervisor_nbd": str(self.hypervisor_address),
             "peer_nbd": str(self.peering.address) if self.peering.address
             else None,
+            "stalled_read_seconds": self.config.stalled_read_seconds,
+            "stalled_reads_now": self.stall_watch.stalled_now(),
             "coordination": None if membership is None else {
                 "backend": redact_url(membership.backend_url),
                 "healthy": membership.healthy,

@@ -236,6 +236,10 @@ class ImageVolume(blockdev.BlockDevice):
                          "status_queries": 0, "chunks_from_owners": 0,
                          "owner_fallbacks": 0}
         self.peer_errors = {k: 0 for k in ERROR_KINDS}
+        # What is being read now, for reports of stalled reads
+        # (reading_from): token -> (first chunk, end chunk, from where).
+        self._reads_now: dict[int, tuple[int, int, str]] = {}
+        self._read_token = 0
 
     # -- identity and status ------------------------------------------
 
@@ -267,6 +271,21 @@ class ImageVolume(blockdev.BlockDevice):
         owners = self._owners()
         return owners is not None and owners[0] is not None \
             and self._owner_table.owner(owners[1], index) == owners[0]
+
+    def reading_from(self, first: int, last: int
+                     ) -> list[tuple[int, int, str]]:
+        """The reads in progress here that bring chunks of [first, last):
+        (first, end, where) each, where is "the origin", "peer URI",
+        "owner URI" or "parent URI" (the wait includes the chunks'
+        digests when the manifest is read lazily)."""
+        return sorted((max(a, first), min(b, last), where)
+                      for a, b, where in self._reads_now.values()
+                      if a < last and first < b)
+
+    def _reading(self, a: int, b: int, where: str) -> int:
+        self._read_token += 1
+        self._reads_now[self._read_token] = (a, b, where)
+        return self._read_token
 
     def stats(self) -> dict:
         now = time.monotonic()
@@ -355,7 +374,8 @@ class ImageVolume(blockdev.BlockDevice):
             self._root(first, last, 1)
             self._expect(range(first, last))
             try:
-                missing = await self._from_peer(parent, first, last, view)
+                missing = await self._from_peer(parent, first, last, view,
+                                                what="parent")
             finally:
                 self._root(first, last, -1)
             for a, b in _runs(missing):
@@ -519,7 +539,8 @@ class ImageVolume(blockdev.BlockDevice):
         try:
             missing = await self._from_peer(
                 peer, a, b, part,
-                self.owner_timeout if kind == OWNER else self.peer_timeout)
+                self.owner_timeout if kind == OWNER else self.peer_timeout,
+                what="owner" if kind == OWNER else "peer")
         finally:
             if rooted:
                 self._root(a, b, -1)
@@ -647,9 +668,20 @@ class ImageVolume(blockdev.BlockDevice):
 
     async def _from_peer(self, peer: _Peer, a: int, b: int,
                          part: memoryview,
+                         timeout: float | None = None,
+                         what: str = "peer") -> list[int]:
+        """Read chunks [a, b) from ``peer`` (a ``what``: peer, owner or
+        parent) into ``part``; the chunks still missing (all if the read
+        failed, the wrong ones otherwise)."""
+        token = self._reading(a, b, f"{what} {peer.uri}")
+        try:
+            return await self._read_peer(peer, a, b, part, timeout)
+        finally:
+            del self._reads_now[token]
+
+    async def _read_peer(self, peer: _Peer, a: int, b: int,
+                         part: memoryview,
                          timeout: float | None = None) -> list[int]:
-        """Read chunks [a, b) from ``peer`` into ``part``; the chunks still
-        missing (all if the read failed, the wrong ones otherwise)."""
         cs = self.chunk_size
         nbytes = part.nbytes
         timeout = self.peer_timeout if timeout is None else timeout
@@ -722,6 +754,13 @@ class ImageVolume(blockdev.BlockDevice):
     # -- origin ------------------------------------------------------------
 
     async def _from_origin(self, a: int, b: int, part: memoryview) -> None:
+        token = self._reading(a, b, "the origin")
+        try:
+            await self._read_origin(a, b, part)
+        finally:
+            del self._reads_now[token]
+
+    async def _read_origin(self, a: int, b: int, part: memoryview) -> None:
         cs = self.chunk_size
         self._root(a, b, 1)
         self._expect(range(a, b))
