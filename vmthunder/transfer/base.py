@@ -11,6 +11,7 @@ same properties whichever drivers it joins.
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
 import os
 import urllib.parse
@@ -29,6 +30,27 @@ class Extent:
     offset: int
     length: int
     data: bool = True
+
+
+class ThreadJobs:
+    """Blocking calls on a descriptor, run in the loop's worker threads
+    and tracked: a cancelled caller does not stop a call that started,
+    so :meth:`drain` waits for them all before the descriptor is closed
+    (a late pread or pwrite must never meet a reused descriptor)."""
+
+    def __init__(self):
+        self.pending: set[asyncio.Future] = set()
+
+    async def run(self, fn, *args):
+        fut = asyncio.get_running_loop().run_in_executor(None, fn, *args)
+        self.pending.add(fut)
+        fut.add_done_callback(self.pending.discard)
+        return await asyncio.shield(fut)
+
+    async def drain(self) -> None:
+        while self.pending:
+            await asyncio.gather(*list(self.pending),
+                                 return_exceptions=True)
 
 
 class Source(abc.ABC):
@@ -201,4 +223,4 @@ def strerror(exc: BaseException) -> str:
 
 
 __all__ = ["DESTINATION_FORMS", "SOURCE_FORMS", "Destination", "Extent",
-           "Source", "file_path", "scheme_of", "strerror"]
+           "Source", "ThreadJobs", "file_path", "scheme_of", "strerror"]

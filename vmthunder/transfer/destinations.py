@@ -22,9 +22,8 @@ import secrets
 import signal
 import stat
 
-from vmthunder import fileio
 from vmthunder.nbd import client as nbd_client
-from vmthunder.transfer.base import MiB, Destination
+from vmthunder.transfer.base import MiB, Destination, ThreadJobs
 from vmthunder.transfer.errors import DestinationError
 
 LOG = logging.getLogger(__name__)
@@ -67,6 +66,14 @@ def remove_stale_temps(path: str) -> list[str]:
     return removed
 
 
+def _pwrite_full(fd: int, data, offset: int) -> None:
+    view = memoryview(data)
+    while view:
+        n = os.pwrite(fd, view, offset)
+        view = view[n:]
+        offset += n
+
+
 def _fsync_dir(path: str) -> None:
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     try:
@@ -85,6 +92,7 @@ class FileDestination(Destination):
         self.path = os.path.abspath(path)
         self.fd: int | None = None
         self.temp: str | None = None       # None: written in place
+        self._jobs = ThreadJobs()
         self.token = f"{os.getpid()}-{secrets.token_hex(4)}"
 
     def describe(self) -> str:
@@ -132,17 +140,17 @@ class FileDestination(Destination):
                                    f"({size} bytes)")
 
     async def write(self, offset: int, data) -> None:
-        await fileio.pwrite(self.fd, data, offset)
+        await self._jobs.run(_pwrite_full, self.fd, data, offset)
 
     async def zero(self, offset: int, length: int) -> None:
         while length:
             n = min(length, _ZEROES.nbytes)
-            await fileio.pwrite(self.fd, _ZEROES[:n], offset)
+            await self._jobs.run(_pwrite_full, self.fd, _ZEROES[:n], offset)
             offset += n
             length -= n
 
     async def flush(self) -> None:
-        await fileio.fdatasync(self.fd)
+        await self._jobs.run(os.fdatasync, self.fd)
 
     async def commit(self) -> None:
         await self.flush()
@@ -155,6 +163,7 @@ class FileDestination(Destination):
         await asyncio.to_thread(_fsync_dir, os.path.dirname(self.path))
 
     async def abort(self) -> None:
+        await self._jobs.drain()
         self._close_fd()
         if self.temp is not None:
             with contextlib.suppress(FileNotFoundError):
@@ -167,6 +176,7 @@ class FileDestination(Destination):
             os.close(fd)
 
     async def close(self) -> None:
+        await self._jobs.drain()
         self._close_fd()
 
 
@@ -211,7 +221,7 @@ class Qcow2FileDestination(FileDestination):
         self.proc = None
         fd = os.open(self.qcow2_temp, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            await fileio.fdatasync(fd)
+            await asyncio.to_thread(os.fdatasync, fd)
         finally:
             os.close(fd)
         with contextlib.suppress(FileNotFoundError):

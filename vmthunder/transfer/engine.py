@@ -341,9 +341,9 @@ class Copy:
     # -- progress ------------------------------------------------------
 
     def _stage_report(self, stage: str, done: int, total: int) -> None:
-        self.stage = stage
         self.stage_done = max(self.stage_done, done) \
             if stage == self.stage else done
+        self.stage = stage
         self.stage_total = total
 
     def progress(self) -> Progress:

@@ -10,7 +10,7 @@ import os
 from vmthunder import blockdev
 from vmthunder import stack
 from vmthunder.nbd import client as nbd_client
-from vmthunder.transfer.base import Extent, Source, file_path
+from vmthunder.transfer.base import Extent, Source, ThreadJobs, file_path
 from vmthunder.transfer.errors import SourceError
 
 _ZERO = blockdev.STATE_ZERO
@@ -83,6 +83,10 @@ class FileSource(BlockSource):
     zero_copy = True
     _fd: int | None = None
 
+    def __init__(self, uri: str, options: dict):
+        super().__init__(uri, options)
+        self._jobs = ThreadJobs()
+
     async def open_device(self):
         try:
             path = file_path(self.uri)
@@ -98,8 +102,7 @@ class FileSource(BlockSource):
         return device
 
     async def read_into(self, offset: int, view: memoryview) -> None:
-        got = await asyncio.get_running_loop().run_in_executor(
-            None, _preadv_full, self._fd, view, offset)
+        got = await self._jobs.run(_preadv_full, self._fd, view, offset)
         if got != view.nbytes:
             raise SourceError(self.describe(), f"the file is shorter than "
                               f"its size when the copy began ({self.size} "
@@ -108,6 +111,7 @@ class FileSource(BlockSource):
         self.bytes_read += got
 
     async def close(self) -> None:
+        await self._jobs.drain()
         if self._fd is not None:
             fd, self._fd = self._fd, None
             os.close(fd)
@@ -175,7 +179,8 @@ class StackSource(BlockSource):
         if origin.kind == "export":
             from vmthunder.volume import export as export_mod
             exports = export_mod.ExportConfig.from_conf(conf.export)
-        return await stack.open_source(origin, conf.iscsi, exports)
+        return await stack.open_source(origin, conf.iscsi, exports,
+                                       getattr(conf, "cinder", None))
 
 
 def load_config(options: dict):
