@@ -23,7 +23,7 @@ import pytest
 from oslo_config import cfg
 
 from tests.functional.iscsi_fixtures import tgtd  # noqa: F401
-from vmthunder import opts, serve
+from vmthunder import opts, stack
 from vmthunder.blockdev import BlockError
 from vmthunder.volume import osbrick_source
 from vmthunder.volume.iscsi_source import IscsiSource
@@ -370,29 +370,30 @@ def test_serve_selects_by_attach_option(monkeypatch, caplog):
     monkeypatch.setattr(IscsiSource, "open", fake_userspace)
     monkeypatch.setattr(OsBrickSource, "open", fake_kernel)
     url = f"iscsi://{PORTAL}/{IQN}/1"
+    origin = stack.Origin.parse(url)
     available, why = kernel_initiator_available()
     brick, _ = osbrick_source.os_brick_available()
 
-    caplog.set_level("INFO", logger="vmthunder.serve")
-    got = run(serve._open_iscsi(url, iscsi_conf("auto"), None))
+    caplog.set_level("INFO", logger="vmthunder.stack")
+    got = run(stack.open_source(origin, iscsi_conf("auto")))
     expected = "kernel" if available and brick else "userspace"
     assert got == f"{expected}-source"
     assert f"{expected} initiator" in caplog.text
     if not available:                      # this machine: say why
         assert why in caplog.text
-    assert run(serve._open_iscsi(url, iscsi_conf("userspace"), None)) \
+    assert run(stack.open_source(origin, iscsi_conf("userspace"))) \
         == "userspace-source"
     assert chosen[-1][2]["manifest_lun"] == 2
 
     with pytest.raises(ValueError):
         iscsi_conf("magic")
     if available and brick:
-        assert run(serve._open_iscsi(url, iscsi_conf("kernel"), None)) \
+        assert run(stack.open_source(origin, iscsi_conf("kernel"))) \
             == "kernel-source"
         return
     n = len(chosen)
     with pytest.raises(BlockError) as info:
-        run(serve._open_iscsi(url, iscsi_conf("kernel"), None))
+        run(stack.open_source(origin, iscsi_conf("kernel")))
     assert info.value.errno == errno.ENODEV
     assert "[iscsi] attach = kernel" in str(info.value)
     assert "kernel initiator" in str(info.value)
