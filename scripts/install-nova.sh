@@ -53,55 +53,12 @@ if [[ "${VMTHUNDER_SKIP_NOVA:-0}" == 1 ]]; then
 fi
 cd "$REPO"
 
-# --- Debian packages -------------------------------------------------------
-missing_packages() {
-    local installed p
-    installed="$(dpkg-query -W -f='${Package} ${Status}\n' "${PACKAGES[@]}" \
-        2>/dev/null | awk '$NF == "installed" && $(NF-1) == "ok" {print $1}' \
-        || true)"
-    for p in "${PACKAGES[@]}"; do
-        grep -qxF "$p" <<<"$installed" || printf '%s\n' "$p"
-    done
-}
-if [[ "${VMTHUNDER_SKIP_APT:-0}" != 1 ]] && command -v dpkg-query >/dev/null
-then
-    mapfile -t MISSING < <(missing_packages)
-    if ((${#MISSING[@]} > 0)); then
-        log "Debian packages missing: ${MISSING[*]}"
-        if [[ "$(id -u)" -eq 0 ]]; then
-            SUDO=()
-        elif command -v sudo >/dev/null; then
-            SUDO=(sudo)
-        else
-            die "installing ${MISSING[*]} needs root (no sudo found)"
-        fi
-        "${SUDO[@]}" apt-get update || die "apt-get update failed"
-        "${SUDO[@]}" env DEBIAN_FRONTEND=noninteractive \
-            apt-get install -y --no-install-recommends "${MISSING[@]}" \
-            || die "apt-get install ${MISSING[*]} failed"
-    fi
-fi
-
-# --- the venv --------------------------------------------------------------
-command -v "$PYTHON" >/dev/null || die "$PYTHON not found on PATH"
-if [[ -x "$VENV/bin/python" ]] && "$VENV/bin/python" -c '' 2>/dev/null; then
-    :
-else
-    [[ -e "$VENV" ]] && { log "venv $VENV is broken: recreating it"; \
-                          rm -rf "$VENV"; }
-    log "creating venv $VENV ($("$PYTHON" -V 2>&1))"
-    "$PYTHON" -m venv "$VENV" || die "python3 -m venv failed"
-fi
-
+# shellcheck source=scripts/venv-lib.sh
+source "$REPO/scripts/venv-lib.sh"
+ensure_debian_packages
+ensure_venv
 STAMP="$VENV/.vmthunder-nova-install"
-stamp_value() {
-    {
-        "$VENV/bin/python" -V 2>&1
-        printf '%s\n' "${PINS[@]}"
-        cat "$CONSTRAINTS" setup.cfg setup.py requirements.txt \
-            2>/dev/null
-    } | sha256sum | cut -d' ' -f1
-}
+STAMP_FILES=("$CONSTRAINTS" setup.cfg setup.py requirements.txt)
 WANT="$(stamp_value)"
 if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] \
     && "$VENV/bin/python" -I -c 'import nova, libvirt, nova_driver, stestr' \

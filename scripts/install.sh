@@ -42,6 +42,10 @@ PACKAGES=(
     # libvirt-dev and pkg-config build libvirt-python
     libvirt-daemon libvirt-daemon-driver-qemu libvirt-clients
     libvirt-dev pkg-config
+    # the OpenStack services the Cinder tests start (tests/openstack/):
+    # RabbitMQ for oslo.messaging; Cinder's tgtadm target helper runs
+    # tgt-admin (package tgt, above)
+    rabbitmq-server
 )
 
 missing_packages() {
@@ -177,5 +181,12 @@ fi
 # A venv of its own (.venv-nova: pinned nova, libvirt-python, Nova's test
 # libraries) for nova_driver/ and tests/nova/; VMTHUNDER_SKIP_NOVA=1 skips.
 bash "$REPO/scripts/install-nova.sh" || die "scripts/install-nova.sh failed"
+
+# --- 5. the OpenStack services -------------------------------------------------
+# A venv of its own (.venv-openstack: pinned Cinder, Glance, gunicorn and the
+# clients) for the Cinder volume driver (vmthunder/cinder/file_driver.py) and
+# tests/openstack/; VMTHUNDER_SKIP_OPENSTACK=1 skips.
+bash "$REPO/scripts/install-openstack.sh" \
+    || die "scripts/install-openstack.sh failed"
 
 log "done: .venv/bin/vmthunder boot | .venv/bin/python -m pytest -q tests"

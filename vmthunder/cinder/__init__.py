@@ -1,0 +1,1 @@
+"""Cinder-side pieces of vmthunder (loaded by cinder-volume)."""
