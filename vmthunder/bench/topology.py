@@ -118,6 +118,10 @@ class Host:
     name: str          # "origin", "host0", "host1", ...
     netns: str         # its network namespace
     address: str       # its IPv4 address ("10.201.0.2")
+    # What popen started here: destroy stops these too (one just started
+    # may not have entered the namespace yet, where netns_kill looks).
+    started: list = dataclasses.field(default_factory=list, repr=False,
+                                      compare=False)
 
     interface: ClassVar[str] = UPLINK
 
@@ -127,7 +131,24 @@ class Host:
 
     def popen(self, argv: list[str], **kw) -> subprocess.Popen:
         """Start ``argv`` in this host (subprocess.Popen keywords)."""
-        return subprocess.Popen(self.argv(argv), **kw)
+        proc = subprocess.Popen(self.argv(argv), **kw)
+        self.started = [p for p in self.started if p.poll() is None]
+        self.started.append(proc)
+        return proc
+
+    def stop_started(self, timeout: float = 2.0) -> None:
+        """SIGTERM what popen started and still runs, SIGKILL after
+        ``timeout`` seconds."""
+        running = [p for p in self.started if p.poll() is None]
+        for proc in running:
+            proc.terminate()
+        for proc in running:
+            try:
+                proc.wait(timeout)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+        self.started = []
 
     def run(self, argv: list[str], **kw) -> subprocess.CompletedProcess:
         """Run ``argv`` in this host (subprocess.run keywords)."""
@@ -290,6 +311,9 @@ class Topology:
         Raises only if something could not be removed, after trying all.
         """
         self._destroyed = True
+        for host in [self.origin, *self.hosts]:
+            if host is not None:
+                host.stop_started()
         _remove_namespaces(self.namespaces())
 
     def __enter__(self) -> Topology:
