@@ -298,7 +298,17 @@ class _OrderedHasher:
 
 
 def _check_chunks(manifest, first: int, data) -> None:
+    """Raise ChunkMismatch (the first chunk that fails) unless the whole
+    chunks of ``data`` from chunk ``first`` on match the manifest: in
+    one run where the manifest checks runs (verify_run), else chunk by
+    chunk."""
     view = memoryview(data).cast("B")
+    run = getattr(manifest, "verify_run", None)
+    if run is not None:
+        failed = run(first, view)
+        if failed:
+            raise failed[min(failed)]
+        return
     cs = manifest.chunk_size
     for i, pos in enumerate(range(0, view.nbytes, cs)):
         manifest.verify(first + i, view[pos:pos + cs])
