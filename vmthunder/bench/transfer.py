@@ -18,8 +18,10 @@ http   aiohttp web server (ranges) -> file    curl
 Every copy ends durable: ours fdatasyncs before its rename, so each
 peer's time includes ``sync FILE`` of its output (nbdcopy: ``--flush``).
 Ours is timed in this process (what a library caller waits), the peers
-as processes. Runs are interleaved (ours, peer, peer, ours, ...) and the
-best of ``--repeat`` is kept; every output is compared with the image
+as processes; ours is also timed without the digest of what was written
+(``digest=None``, the peers compute none), beside, not in the ratio.
+Runs are interleaved (ours, peer, peer, ours, ...) and the best of
+``--repeat`` is kept; every output is compared with the image
 once. The table goes to stdout, its last line one JSON object: per
 driver our seconds, each peer's, and ``DRIVER_ratio`` (ours over the
 faster peer; the target is at most 1.1). iscsi needs root and tgtd, and
@@ -49,6 +51,9 @@ from vmthunder.sizes import parse_size
 MiB = 1 << 20
 GiB = 1 << 30
 TARGET = 1.1
+# Ours again without the digest of what was written (digest=None): what
+# the digest costs (the peers compute none). The ratio is the default's.
+NO_DIGEST = "vmthunder, no digest"
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(
     os.path.abspath(__file__))))
 IQN_PREFIX = "iqn.2026-12.org.vmthunder.bench"
@@ -172,17 +177,20 @@ class Driver:
 def measure(driver: Driver, image: str, workdir: str, repeat: int
             ) -> dict:
     dst = os.path.join(workdir, f"out-{driver.name}.raw")
-    times = {"vmthunder": []}
+    times = {"vmthunder": [], NO_DIGEST: []}
     for label in driver.peers:
         times[label] = []
     checked = set()
     for r in range(repeat):
-        order = ["vmthunder", *driver.peers]
+        order = ["vmthunder", *driver.peers, NO_DIGEST]
         if r % 2:
             order.reverse()
         for who in order:
             if who == "vmthunder":
                 seconds = ours(driver.src_uri, dst, driver.options)
+            elif who == NO_DIGEST:
+                seconds = ours(driver.src_uri, dst,
+                               dict(driver.options, digest=None))
             else:
                 argv, sync = driver.peers[who]
                 seconds = peer([a.replace("{dst}", dst) for a in argv],
@@ -197,6 +205,8 @@ def measure(driver: Driver, image: str, workdir: str, repeat: int
     best = {who: min(ts) for who, ts in times.items()}
     fastest = min(driver.peers, key=lambda p: best[p])
     return {"vmthunder_s": round(best["vmthunder"], 4),
+            "vmthunder_no_digest_s": round(best[NO_DIGEST], 4),
+            "ratio_no_digest": round(best[NO_DIGEST] / best[fastest], 3),
             "peers_s": {p: round(best[p], 4) for p in driver.peers},
             "faster_peer": fastest,
             "ratio": round(best["vmthunder"] / best[fastest], 3),
@@ -345,7 +355,7 @@ def run(args) -> dict:
 def print_table(report: dict) -> None:
     size = report["size"]
     print(f"{'driver':7} {'vmthunder':>10} {'peer':>18} {'peer s':>8} "
-          f"{'ratio':>6}  MiB/s (ours)")
+          f"{'ratio':>6}  MiB/s (ours)  no digest (ratio)")
     for name in ("file", "nbd", "iscsi", "http"):
         if name not in report:
             if name in report["skipped"]:
@@ -355,7 +365,9 @@ def print_table(report: dict) -> None:
         peer = f["faster_peer"]
         print(f"{name:7} {f['vmthunder_s']:>9.3f}s {peer:>18} "
               f"{f['peers_s'][peer]:>7.3f}s {f['ratio']:>6.2f}  "
-              f"{size / MiB / f['vmthunder_s']:.0f}")
+              f"{size / MiB / f['vmthunder_s']:>12.0f}  "
+              f"{f['vmthunder_no_digest_s']:.3f}s "
+              f"({f['ratio_no_digest']:.2f})")
         for other, seconds in f["peers_s"].items():
             if other != peer:
                 print(f"{'':7} {'':>10} {other:>18} {seconds:>7.3f}s")
