@@ -179,11 +179,22 @@ def _add_export_parsers(sub) -> None:
                     "none answers on [export] tgtd_control_port, and "
                     "re-creates the targets of all recorded exports that "
                     "tgtd lost. Exporting the same content under the same "
-                    "name again changes nothing. Needs root.")
-    export.add_argument("image", help="image file to export")
-    export.add_argument("--name", required=True,
+                    "name again changes nothing. Needs root. With "
+                    "--cinder, IMAGE is glance://IMAGE_ID and the image "
+                    "becomes a read-only, multi-attached Cinder volume "
+                    "with its manifest in a second small volume (origin "
+                    "cinder://VOLUME_ID; [cinder] options).")
+    export.add_argument("image", help="image file to export (with "
+                                      "--cinder: glance://IMAGE_ID)")
+    export.add_argument("--name",
                         help="export name: lower-case letters, digits, "
-                             "'.', '-' (part of the target IQN)")
+                             "'.', '-' (part of the target IQN); needed "
+                             "without --cinder")
+    export.add_argument("--cinder", action="store_true",
+                        help="export Glance image IMAGE (glance://ID) as a "
+                             "Cinder volume: create or find its volume, "
+                             "wait for it, publish its manifest (see "
+                             "[cinder] options)")
     export.add_argument("--chunk-size", type=parse_size, default=None,
                         metavar="BYTES",
                         help="manifest chunk size, a power of two (default "
@@ -265,6 +276,7 @@ def _cmd_serve(args) -> int:
         stats_file=args.stats_file,
         iscsi=CONF.iscsi,
         exports=_export_config(None),
+        cinder=CONF.cinder,
         trace=args.trace or CONF.nbd.trace_file)
     return aio.run(serve.run(config))
 
@@ -287,7 +299,8 @@ def _cmd_snapshot_delete(args) -> int:
 
     async def identity():
         source = await stack.open_source(stack.Origin.parse(args.image),
-                                         CONF.iscsi, _export_config(None))
+                                         CONF.iscsi, _export_config(None),
+                                         CONF.cinder)
         try:
             return source.identity()
         finally:
@@ -323,11 +336,36 @@ def _export_errors():
 
 def _cmd_export(args) -> int:
     from vmthunder.volume import export
+    if args.cinder:
+        return _cmd_export_cinder(args)
+    if not args.name:
+        print("vmthunder export: error: --name is required (or --cinder "
+              "with glance://IMAGE_ID)", file=sys.stderr)
+        return 2
     try:
         export.export_image(_export_config(args), args.image, args.name,
                             chunk_size=args.chunk_size, chap=args.chap,
                             portal=args.portal)
     except _export_errors() as exc:
+        print(f"vmthunder export: error: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def _cmd_export_cinder(args) -> int:
+    from vmthunder.cinder import client, export
+    image = args.image
+    if not image.startswith("glance://") or \
+            not image.removeprefix("glance://").strip("/"):
+        print(f"vmthunder export: error: with --cinder, give the image as "
+              f"glance://IMAGE_ID, not {image!r}", file=sys.stderr)
+        return 2
+    try:
+        export.export_glance_image(
+            client.CinderSettings.from_conf(CONF.cinder),
+            image.removeprefix("glance://").strip("/"),
+            chunk_size=args.chunk_size or CONF.export.chunk_size)
+    except client.CinderError as exc:
         print(f"vmthunder export: error: {exc}", file=sys.stderr)
         return 1
     return 0

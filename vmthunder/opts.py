@@ -414,6 +414,63 @@ coordination_opts = [
              "not share images."),
 ]
 
+cinder_opts = [
+    cfg.StrOpt(
+        "endpoint",
+        help="Cinder's volume API v3 endpoint (http://HOST:8776/v3). "
+             "Needed with auth_strategy = noauth; with keystone, unset "
+             "takes it from the catalog."),
+    cfg.StrOpt(
+        "glance_endpoint",
+        help="Glance's endpoint (http://HOST:9292), for `vmthunder export "
+             "glance://ID --cinder`. Needed with auth_strategy = noauth; "
+             "with keystone, unset takes it from the catalog."),
+    cfg.StrOpt(
+        "auth_strategy",
+        default="keystone",
+        choices=[("keystone", "a Keystone password login (auth_url, "
+                              "username, password, project_name)"),
+                 ("noauth", "Cinder's noauth mode (user_id, project_id; "
+                            "test and lab clouds)")],
+        help="How vmthunder authenticates to Cinder and Glance."),
+    cfg.StrOpt("user_id", default="vmthunder",
+               help="User id sent with auth_strategy = noauth."),
+    cfg.StrOpt("project_id", default="vmthunder",
+               help="Project id sent with auth_strategy = noauth."),
+    cfg.StrOpt("auth_url", help="Keystone's URL (auth_strategy = keystone)."),
+    cfg.StrOpt("username", help="Keystone user name."),
+    cfg.StrOpt("password", secret=True, help="Keystone password."),
+    cfg.StrOpt("project_name", help="Keystone project of the volumes."),
+    cfg.StrOpt("user_domain_name", default="Default",
+               help="Keystone domain of the user."),
+    cfg.StrOpt("project_domain_name", default="Default",
+               help="Keystone domain of the project."),
+    cfg.StrOpt("region_name", help="Region of the endpoints (catalog)."),
+    cfg.StrOpt(
+        "volume_type",
+        default="vmthunder-multiattach",
+        help="Volume type of image volumes, with the extra spec "
+             "multiattach='<is> True' (made by `vmthunder export "
+             "--cinder` when missing; needs a backend that reports "
+             "multiattach)."),
+    cfg.FloatOpt(
+        "create_timeout",
+        default=1800.0,
+        min=1,
+        help="Seconds `vmthunder export --cinder` waits for Cinder to make "
+             "a volume from an image."),
+    cfg.StrOpt(
+        "initiator_name",
+        help="iSCSI initiator name this host gives Cinder in its "
+             "connector. Unset: /etc/iscsi/initiatorname.iscsi, else one "
+             "made of the host name."),
+    cfg.FloatOpt(
+        "timeout",
+        default=60.0,
+        min=1,
+        help="Seconds one HTTP request to Cinder or Glance may take."),
+]
+
 DEFAULT_CONFIG = "/etc/vmthunder/vmthunder.conf"
 
 
@@ -436,6 +493,7 @@ GROUPS = {
     "iscsi": iscsi_opts,
     "agent": agent_opts,
     "coordination": coordination_opts,
+    "cinder": cinder_opts,
 }
 
 

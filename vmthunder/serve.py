@@ -55,6 +55,8 @@ class ServeConfig:
     # Virtual size of the snapshots (at least the image's); None: the
     # size each has on disk, the image's for a new one.
     snapshot_size: int | None = None
+    # [cinder] options, for cinder://VOLUME_ID.
+    cinder: object = None
 
 
 class ServeJob:
@@ -68,7 +70,7 @@ class ServeJob:
     async def start(self) -> list[Address]:
         cfg = self.config
         source = await stack.open_source(stack.Origin.parse(cfg.image),
-                                         cfg.iscsi, cfg.exports)
+                                         cfg.iscsi, cfg.exports, cfg.cinder)
         self.cache = await stack.open_cache(source, stack.CacheOptions(
             cfg.cache_dir, chunk_size=cfg.chunk_size,
             max_pending_writes=cfg.max_pending_writes,

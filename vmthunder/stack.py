@@ -15,6 +15,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import os
+import re
 
 from vmthunder import blockdev
 from vmthunder.cache.cache_layer import CacheLayer
@@ -25,8 +26,12 @@ from vmthunder.volume.file_source import FileSource
 LOG = logging.getLogger(__name__)
 
 ORIGIN_FORMS = ("a raw image file or block device (an absolute path for "
-                "the agent), iscsi://[USER@]HOST[:PORT]/IQN/LUN, or "
-                "export:NAME (an image `vmthunder export` published)")
+                "the agent), iscsi://[USER@]HOST[:PORT]/IQN/LUN, "
+                "export:NAME (an image `vmthunder export` published), or "
+                "cinder://VOLUME_ID (an image volume `vmthunder export "
+                "glance://ID --cinder` made)")
+# A Cinder volume id (a UUID; any id of letters, digits and '-').
+CINDER_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]{0,63}$")
 
 
 class OriginError(ValueError):
@@ -38,8 +43,9 @@ class Origin:
     """Where an image's bytes come from, parsed once.
 
     ``kind`` is "file" (``target`` a path), "iscsi" (``target`` the
-    iscsi:// URL, maybe with credentials) or "export" (``target`` the
-    name of an export of this host's [export] settings)."""
+    iscsi:// URL, maybe with credentials), "export" (``target`` the
+    name of an export of this host's [export] settings) or "cinder"
+    (``target`` a Cinder volume id, reached through [cinder])."""
 
     kind: str
     target: str
@@ -70,6 +76,12 @@ class Origin:
                 raise OriginError(f"origin {redact_url(text)!r}: {exc}") \
                     from None
             return cls("iscsi", text)
+        if text.startswith("cinder://"):
+            volume_id = text.removeprefix("cinder://").rstrip("/")
+            if not CINDER_ID_RE.match(volume_id):
+                raise OriginError(f"origin {text!r}: {volume_id!r} is not "
+                                  "a Cinder volume id (cinder://UUID)")
+            return cls("cinder", volume_id)
         if "://" in text:
             raise OriginError(f"origin {text!r} has an unknown scheme; give "
                               f"{ORIGIN_FORMS}")
@@ -80,6 +92,8 @@ class Origin:
         return cls("file", text)
 
     def __str__(self) -> str:
+        if self.kind == "cinder":
+            return f"cinder://{self.target}"
         return f"export:{self.target}" if self.kind == "export" \
             else self.target
 
@@ -89,23 +103,27 @@ class Origin:
 
     def default_name(self) -> str:
         """A name for the image: the file's name without extension, the
-        export's name, or the iSCSI target's last name part."""
-        if self.kind == "export":
+        export's name, the iSCSI target's last name part, or the Cinder
+        volume's id."""
+        if self.kind in ("export", "cinder"):
             return self.target
         if self.kind == "iscsi":
             return self.target.rstrip("/").split("/")[-2].rsplit(":", 1)[-1]
         return os.path.splitext(os.path.basename(self.target))[0]
 
 
-async def open_source(origin: Origin, iscsi=None, exports=None
-                      ) -> blockdev.BlockDevice:
+async def open_source(origin: Origin, iscsi=None, exports=None,
+                      cinder=None) -> blockdev.BlockDevice:
     """The bottom layer of ``origin``. ``iscsi``: the [iscsi] options
     (None: defaults); ``exports``: the [export] settings that resolve
-    export:NAME. Raises BlockError, OriginError or OSError."""
+    export:NAME; ``cinder``: the [cinder] options (or a CinderSettings)
+    that reach cinder://ID. Raises BlockError, OriginError or OSError."""
     if origin.kind == "file":
         return FileSource(origin.target)
     if origin.kind == "iscsi":
         return await _open_iscsi(origin.target, iscsi, None)
+    if origin.kind == "cinder":
+        return await _open_cinder(origin.target, iscsi, cinder)
     if exports is None:
         raise OriginError(f"{origin}: no [export] settings to resolve it")
     from vmthunder.volume import export as export_mod
@@ -119,6 +137,21 @@ async def open_source(origin: Origin, iscsi=None, exports=None
     except (OSError, ValueError, export_mod.ExportError):
         pass
     return await _open_iscsi(url, iscsi, password)
+
+
+async def _open_cinder(volume_id: str, iscsi, cinder):
+    from vmthunder.cinder.client import CinderSettings
+    from vmthunder.volume.cinder_source import CinderSource
+    if cinder is None:
+        raise OriginError(f"cinder://{volume_id}: no [cinder] settings to "
+                          "reach Cinder")
+    settings = cinder if isinstance(cinder, CinderSettings) \
+        else CinderSettings.from_conf(cinder)
+    kwargs = {}
+    if iscsi is not None:
+        kwargs = dict(timeout=iscsi.login_timeout,
+                      reconnect_timeout=iscsi.reconnect_timeout)
+    return await CinderSource.open(volume_id, settings, **kwargs)
 
 
 async def _open_iscsi(url: str, iscsi, password):

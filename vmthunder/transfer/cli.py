@@ -145,15 +145,25 @@ def run(args, conf) -> int:
         return 1
     tty = err.isatty()
     shown = ""
+    logged = None
     try:
         while not task.done():
             if args.progress:
-                line = format_progress(task.progress())
-                if line != shown:
+                p = task.progress()
+                line = format_progress(p)
+                if tty and line != shown:
                     pad = " " * max(0, len(shown) - len(line))
-                    err.write(f"\r{line}{pad}" if tty else line + "\n")
+                    err.write(f"\r{line}{pad}")
                     err.flush()
                     shown = line
+                elif not tty:
+                    # A log gets a line per stage and whole percent.
+                    key = (p.stage, int(100 * p.fraction), p.stage_total
+                           and int(100 * p.stage_done / p.stage_total))
+                    if key != logged:
+                        err.write(line + "\n")
+                        err.flush()
+                        logged = key
             try:
                 task.wait(REDRAW_S if args.progress else 1.0)
             except TimeoutError:

@@ -177,7 +177,8 @@ def copy(src: str, dst: str, **options) -> Task:
     - ``detect_zeroes`` (True): blocks of zeros are not written;
     - ``dst_format``: ``raw`` or ``qcow2`` (file destinations);
       ``overwrite`` (True): replace an existing file at commit;
-    - ``timeout``: seconds to connect / for a reply;
+    - ``timeout``: seconds to connect and for a reply (NBD, HTTP;
+      iSCSI logins follow [iscsi] login_timeout);
     - ``config`` (a loaded ConfigOpts) or ``config_file``: vmthunder's
       options for iscsi://, export:NAME and vmthunder:// ([iscsi],
       [export], [agent]);

@@ -1,0 +1,1 @@
+"""Tests against real OpenStack services (tests/openstack/services.py)."""

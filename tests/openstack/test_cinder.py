@@ -1,0 +1,229 @@
+"""Images as Cinder volumes, against real services started by the test.
+
+The test guest's root file system goes to Glance, `vmthunder export
+glance://ID --cinder` makes it a read-only multiattach Cinder volume (on
+vmthunder's file driver, exported by Cinder's tgtadm target helper) with
+its manifest volume, and `vmthunder serve cinder://ID` attaches both with
+the attachments API and CHAP, serves the guest's disk over NBD and QEMU
+boots it. The origin volume is never written, no attachment is left
+after serve stops, wrong CHAP credentials and each export failure give a
+clear error.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import errno
+import glob
+import os
+import re
+import shutil
+import subprocess
+import sys
+import time
+
+import pytest
+
+from tests.functional.conftest import REPO, need
+from tests.functional.test_boot import qemu_boot, sha256
+from tests.openstack import services
+from tests.openstack.conftest import (config_file, settings_of,
+                                      upload_image, volume_file)
+
+pytestmark = pytest.mark.timeout(600)
+
+
+def vmthunder(*args: str, timeout: float = 300
+              ) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "vmthunder.cli", *args],
+                          cwd=REPO, capture_output=True, text=True,
+                          timeout=timeout, stdin=subprocess.DEVNULL)
+
+
+def head_sha256(path: str, size: int) -> str:
+    import hashlib
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        left = size
+        while left:
+            block = f.read(min(1 << 20, left))
+            assert block, f"{path} is shorter than {size}"
+            h.update(block)
+            left -= len(block)
+    return h.hexdigest()
+
+
+def chap_secrets(s: services.Services) -> list[str]:
+    """The CHAP secrets in the target configs Cinder wrote."""
+    found = []
+    for path in glob.glob(os.path.join(s.base, "cinder", "volumes", "*")):
+        with open(path) as f:
+            found += re.findall(r"incominguser \S+ (\S+)", f.read())
+    return found
+
+
+def attachments_of(s: services.Services, *volume_ids: str) -> list:
+    from vmthunder.cinder import client as cc
+    client = cc.volume_client(settings_of(s))
+    return [a for a in client.attachments.list()
+            if a.volume_id in volume_ids]
+
+
+@pytest.fixture(scope="module")
+def exported(openstack, guest_dir, tmp_path_factory):
+    """The guest's root in Glance, exported with the CLI."""
+    work = tmp_path_factory.mktemp("cinder-export")
+    image = str(work / "root.img")
+    shutil.copyfile(os.path.join(guest_dir, "root.img"), image)
+    image_id = upload_image(openstack, image, name="guest-root")
+    conf = config_file(openstack, str(work / "vmthunder.conf"))
+    proc = vmthunder("--config-file", conf, "export",
+                     f"glance://{image_id}", "--cinder")
+    assert proc.returncode == 0, proc.stdout + proc.stderr + \
+        openstack.logs()
+    m = re.search(r"origin cinder://(\S+)", proc.stdout)
+    assert m, proc.stdout
+    return dict(image_id=image_id, volume_id=m.group(1), conf=conf,
+                image=image, size=os.path.getsize(image),
+                digest=sha256(image), output=proc.stdout)
+
+
+def test_export_through_cinder_is_recorded_and_idempotent(openstack,
+                                                          exported):
+    from vmthunder.cinder import client as cc
+    from vmthunder.cinder import export as cinder_export
+    out = exported["output"]
+    assert "creating volume" in out and "manifest:" in out, out
+    settings = settings_of(openstack)
+    client = cc.volume_client(settings)
+    volume = client.volumes.get(exported["volume_id"])
+    assert volume.status == "available" and volume.multiattach
+    assert volume.metadata[cinder_export.META_IMAGE] == \
+        exported["image_id"]
+    identity = volume.metadata[cinder_export.META_IDENTITY]
+    manifest_id = volume.metadata[cinder_export.META_MANIFEST_VOLUME]
+    manifest_volume = client.volumes.get(manifest_id)
+    assert manifest_volume.status == "available"
+    image = cc.image_api(settings).get(
+        f"/v2/images/{exported['image_id']}").json()
+    assert image[cinder_export.PROP_VOLUME] == exported["volume_id"]
+    assert image[cinder_export.PROP_IDENTITY] == identity
+    # Cinder filled the volume with the image (the driver's
+    # copy_image_to_volume), the rest of its GiB is zeros.
+    assert head_sha256(volume_file(openstack, exported["volume_id"]),
+                       exported["size"]) == exported["digest"]
+
+    again = vmthunder("--config-file", exported["conf"], "export",
+                      f"glance://{exported['image_id']}", "--cinder")
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "(unchanged)" in again.stdout, again.stdout
+    assert f"cinder://{exported['volume_id']}" in again.stdout
+    assert client.volumes.get(exported["volume_id"]).metadata[
+        cinder_export.META_IDENTITY] == identity
+
+
+def test_serve_cinder_origin_boots_and_detaches(openstack, exported, serve,
+                                                guest_dir, tmp_path):
+    """serve cinder://ID: both volumes attached read-only with CHAP, the
+    guest boots through the cache, the origin volume is never written,
+    and no attachment (nor target) is left once serve stops."""
+    need("qemu-system-x86_64")
+    from vmthunder.cinder import export as cinder_export
+    from vmthunder.cinder import client as cc
+    vol = exported["volume_id"]
+    path = volume_file(openstack, vol)
+    before = sha256(path)
+    manifest_id = cc.volume_client(settings_of(openstack)).volumes.get(
+        vol).metadata[cinder_export.META_MANIFEST_VOLUME]
+    srv = serve(f"cinder://{vol}", "--snapshot", "vm1",
+                listen=f"unix:{tmp_path}/nbd.sock",
+                config_file=exported["conf"])
+    held = attachments_of(openstack, vol, manifest_id)
+    assert sorted(a.volume_id for a in held) == sorted([vol, manifest_id])
+    assert all(a.status == "attached" for a in held), held
+    console = qemu_boot(guest_dir, srv.uri("vm1"))
+    why = console[-3000:] + "\nserver:\n" + srv.stderr()[-3000:]
+    assert "VMTHUNDER-BOOT-OK" in console, why
+    assert "VMTHUNDER-WRITE-OK" in console, why
+    assert "I/O error" not in console, why
+    assert srv.stop() == 0, srv.stderr()[-3000:]
+    stats = srv.stats()
+    assert stats["cache"]["bytes_fetched"] > 0 if "bytes_fetched" in \
+        stats["cache"] else True
+    log = srv.stderr()
+    assert "attachment" in log and "deleted" in log, log[-3000:]
+    secrets = chap_secrets(openstack)
+    assert not any(secret in log for secret in secrets)
+    assert attachments_of(openstack, vol, manifest_id) == []
+    assert not any(vol in iqn or manifest_id in iqn
+                   for iqn in openstack.targets().values())
+    assert sha256(path) == before, "the origin volume was written"
+
+
+def test_wrong_chap_credentials_are_a_clear_error(openstack, exported):
+    from vmthunder.blockdev import BlockError
+    from vmthunder.cinder import client as cc
+    from vmthunder.volume.cinder_source import open_manifest
+    settings = settings_of(openstack)
+    client = cc.volume_client(settings)
+    att = cc.attach(client, exported["volume_id"], cc.connector(settings))
+    try:
+        bad = dataclasses.replace(att, password="not-the-secret-4711")
+        with pytest.raises(BlockError) as info:
+            asyncio.run(open_manifest(bad, None, timeout=10,
+                                      reconnect_timeout=1))
+        assert info.value.errno == errno.EACCES, info.value
+        text = str(info.value)
+        assert "authentication refused" in text, text
+        assert att.username in text
+        assert "not-the-secret-4711" not in text
+        assert att.password not in text and att.password not in repr(att)
+    finally:
+        cc.detach(client, att.id, att.volume_id)
+    assert attachments_of(openstack, exported["volume_id"]) == []
+
+
+def test_export_errors_say_what_is_wrong(openstack, tmp_path):
+    from vmthunder.cinder import export as cinder_export
+    from vmthunder.cinder.client import CinderError
+    settings = settings_of(openstack, create_timeout=120)
+
+    queued = upload_image(openstack, None, name="never-uploaded")
+    with pytest.raises(CinderError, match="'queued', not 'active'"):
+        cinder_export.export_glance_image(settings, queued, out=print)
+
+    with pytest.raises(CinderError, match="does not exist"):
+        cinder_export.export_glance_image(
+            settings, "00000000-0000-0000-0000-000000000000", out=print)
+
+    port = services.free_port()
+    down = dataclasses.replace(
+        settings, endpoint=f"http://127.0.0.1:{port}/v3",
+        glance_endpoint=f"http://127.0.0.1:{port}")
+    with pytest.raises(CinderError, match="unreachable"):
+        cinder_export.export_glance_image(down, queued, out=print)
+
+    # A volume of the image that Cinder could not make (as when its
+    # backend failed): the export says so and what to do.
+    small = tmp_path / "small.raw"
+    small.write_bytes(os.urandom(1 << 20))
+    broken = upload_image(openstack, str(small), name="broken")
+    from vmthunder.cinder import client as cc
+    client = cc.volume_client(settings)
+    failed = client.volumes.create(
+        1, name=cinder_export.IMAGE_VOLUME.format(broken),
+        metadata={cinder_export.META_IMAGE: broken})
+    for _ in range(300):
+        if client.volumes.get(failed.id).status != "creating":
+            break
+        time.sleep(0.2)
+    client.volumes.reset_state(failed, "error")
+    with pytest.raises(CinderError, match="is in error"):
+        cinder_export.export_glance_image(settings, broken, out=print)
+    # The CLI says the same, on stderr, with exit status 1.
+    proc = vmthunder("--config-file",
+                     config_file(openstack, str(tmp_path / "v.conf")),
+                     "export", f"glance://{broken}", "--cinder")
+    assert proc.returncode == 1
+    assert "is in error" in proc.stderr and "cinder delete" in proc.stderr

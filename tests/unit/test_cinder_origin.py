@@ -1,0 +1,65 @@
+"""cinder://VOLUME_ID origins and what an attachment's connection_info
+gives (no services: tests/openstack/ has those)."""
+
+import asyncio
+
+import pytest
+
+from vmthunder import stack
+from vmthunder.cinder import client as cc
+
+VOL = "0e310d05-66fc-405b-99a1-34aa21dfee22"
+
+
+def test_cinder_origin_parses_and_prints_back():
+    origin = stack.Origin.parse(f"cinder://{VOL}")
+    assert (origin.kind, origin.target) == ("cinder", VOL)
+    assert str(origin) == f"cinder://{VOL}" == origin.redacted()
+    assert origin.default_name() == VOL
+    assert stack.Origin.parse(f"cinder://{VOL}/", absolute=True) == origin
+
+
+@pytest.mark.parametrize("text", ["cinder://", "cinder://a/b",
+                                  "cinder://-x", "cinder://x y",
+                                  "cinder://" + "a" * 65])
+def test_bad_cinder_origins_are_refused(text):
+    with pytest.raises(stack.OriginError, match="Cinder volume id"):
+        stack.Origin.parse(text)
+
+
+def test_cinder_origin_needs_cinder_settings():
+    with pytest.raises(stack.OriginError, match=r"no \[cinder\] settings"):
+        asyncio.run(stack.open_source(stack.Origin.parse(f"cinder://{VOL}")))
+
+
+def test_connection_info_to_attachment_keeps_the_secret_out():
+    info = {"driver_volume_type": "iscsi", "target_portal": "10.0.0.5:3260",
+            "target_iqn": f"iqn.2010-10.org.openstack:volume-{VOL}",
+            "target_lun": 1, "auth_method": "CHAP",
+            "auth_username": "user1", "auth_password": "s3cret-XYZ"}
+    att = cc.Attachment.from_connection_info("att-1", VOL, info)
+    assert (att.portal, att.lun, att.username, att.password) == \
+        ("10.0.0.5:3260", 1, "user1", "s3cret-XYZ")
+    assert "s3cret" not in repr(att) and "s3cret" not in att.url()
+    assert att.url() == ("iscsi://user1@10.0.0.5:3260/iqn.2010-10.org."
+                         f"openstack:volume-{VOL}/1")
+
+
+def test_connection_info_without_iscsi_target_is_refused():
+    with pytest.raises(cc.CinderError, match="no iSCSI portal"):
+        cc.Attachment.from_connection_info("a", VOL,
+                                           {"driver_volume_type": "iscsi"})
+    with pytest.raises(cc.CinderError, match="iSCSI volumes only"):
+        cc.Attachment.from_connection_info(
+            "a", VOL, {"driver_volume_type": "rbd"})
+
+
+def test_noauth_settings_need_endpoints():
+    with pytest.raises(cc.CinderError, match="endpoint"):
+        cc.session(cc.CinderSettings(auth_strategy="noauth"))
+    settings = cc.CinderSettings(auth_strategy="noauth",
+                                 endpoint="http://127.0.0.1:1/v3")
+    with pytest.raises(cc.CinderError, match="glance_endpoint"):
+        cc.image_api(settings)
+    conn = cc.connector(cc.CinderSettings(initiator_name="iqn.x:y"))
+    assert conn["initiator"] == "iqn.x:y" and conn["multipath"] is False
