@@ -281,7 +281,8 @@ class Libvirtd:
             f.write('# Written by tests/functional/libvirt_fixtures.py\n'
                     'auth_unix_rw = "none"\nauth_unix_ro = "none"\n'
                     'unix_sock_rw_perms = "0700"\n'
-                    f'log_outputs = "{_log_level()}:file:{base}/libvirtd.log"\n'
+                    f'log_outputs = "{_log_level()}:file:'
+                    f'{base}/libvirtd.log"\n'
                     + (f'log_filters = "{LOG_FILTERS}"\n'
                        if LOG_FILTERS else ""))
         with open(os.path.join(etc, "virtlogd.conf"), "w") as f:
