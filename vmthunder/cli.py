@@ -309,12 +309,7 @@ def _cmd_snapshot_delete(args) -> int:
     directory = os.path.join(args.cache_dir or CONF.cache.cache_dir,
                              cache_layer.cache_key(aio.run(identity())),
                              "snapshots")
-    removed = 0
-    for path in snapshot.snapshot_paths(directory, args.name):
-        if os.path.exists(path):
-            os.unlink(path)
-            removed += 1
-    if not removed:
+    if not snapshot.remove_files(directory, args.name):
         print(f"vmthunder: no snapshot {args.name!r} of {args.image} in "
               f"{directory}", file=sys.stderr)
         return 1

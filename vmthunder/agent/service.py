@@ -523,11 +523,9 @@ class Agent:
                     "size of the image")
             # A new VM starts from the image: leftovers of an earlier VM of
             # that name (deleted while the agent was down) go.
-            for path in snapshot_mod.snapshot_paths(
-                    self._snapshot_dir(image), name):
-                if os.path.exists(path):
-                    LOG.warning("VM %s: removing stale %s", name, path)
-                    os.unlink(path)
+            for path in snapshot_mod.remove_files(self._snapshot_dir(image),
+                                                  name):
+                LOG.warning("VM %s: removed stale %s", name, path)
             try:
                 snap = self._open_snapshot(image, name, size)
             except (ValueError, blockdev.BlockError, OSError) as exc:
@@ -568,10 +566,8 @@ class Agent:
             else:
                 image = self.images.get(vm.image)
                 if image is not None and image.cache is not None:
-                    for path in snapshot_mod.snapshot_paths(
-                            self._snapshot_dir(image), name):
-                        if os.path.exists(path):
-                            os.unlink(path)
+                    snapshot_mod.remove_files(self._snapshot_dir(image),
+                                              name)
             LOG.info("VM %s deleted (its snapshot files removed)", name)
             return {"name": name, "deleted": True}
 

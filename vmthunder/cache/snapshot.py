@@ -56,6 +56,19 @@ def snapshot_paths(directory: str, name: str) -> tuple[str, str]:
     return base + ".overlay", base + ".map"
 
 
+def remove_files(directory: str, name: str) -> list[str]:
+    """Delete VM ``name``'s snapshot files in ``directory`` (its overlay
+    and its map, when there); the paths removed."""
+    removed = []
+    for path in snapshot_paths(directory, name):
+        try:
+            os.unlink(path)
+        except FileNotFoundError:
+            continue
+        removed.append(path)
+    return removed
+
+
 class SnapshotLayer(blockdev.BlockDevice):
     capabilities = blockdev.Capabilities(writable=True, block_status=True)
 
@@ -401,8 +414,4 @@ class SnapshotLayer(blockdev.BlockDevice):
             self._resident.close()
             os.close(self._fd)
             self._fd = None
-        for path in (self.overlay_path, self.map.path):
-            try:
-                os.unlink(path)
-            except FileNotFoundError:
-                pass
+        remove_files(os.path.dirname(self.overlay_path), self.name)

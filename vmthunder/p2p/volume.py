@@ -50,6 +50,8 @@ import time
 from typing import Protocol
 
 from vmthunder import blockdev
+# Chunk states, the cache's own, also as a peer reports them.
+from vmthunder.cache.cache_layer import FETCHING, HELD, MISSING
 from vmthunder.nbd.client import NbdClient, NbdError, open_nbd
 from vmthunder.p2p.owners import OWNER_REGION, OwnerTable, serving_peer
 from vmthunder.volume.manifest import Manifest
@@ -57,8 +59,6 @@ from vmthunder.volume.manifest import Manifest
 LOG = logging.getLogger(__name__)
 
 MODES = ("mesh", "tree")
-# Chunk states as a peer reports them.
-MISSING, HELD, FETCHING = 0, 1, 2
 # One read from a peer carries at most this much.
 PEER_READ_MAX = 4 * 1024 * 1024
 # Chunks digested in a worker thread from this many bytes on.
