@@ -36,6 +36,8 @@ PACKAGES=(
     libiscsi-bin libiscsi-dev
     iproute2
     redis-server debootstrap
+    # etcd, the other coordination backend the membership tests start
+    etcd-server
     # the whole-disk test guest (scripts/build-guest-disk.sh)
     fdisk dosfstools mtools syslinux syslinux-common
     # libvirtd for the tests (tests/functional/libvirt_fixtures.py);

@@ -1,14 +1,18 @@
-"""vmthunder.agent.membership against a real redis-server, and the embedded
-file backend.
+"""vmthunder.agent.membership against real coordination servers, Redis
+and etcd (tooz's redis and etcd3gw drivers), and the embedded file
+backend.
 
-Each Redis test starts its own redis-server on a free loopback port (no
-persistence) and kills it at the end, pass or fail. Leases are short (2 s)
-so that crashes are noticed quickly.
+The tests taking ``backend`` run once per server: each starts its own
+redis-server (no persistence) or etcd (its own data directory) on free
+loopback ports and stops it at the end, pass or fail, the etcd data
+directory removed. Leases are short (2 s) so that crashes are noticed
+quickly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 import os
 import shutil
@@ -17,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 
 import pytest
 
@@ -38,7 +43,23 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-class RedisServer:
+class _Server:
+    proc: subprocess.Popen | None = None
+
+    def kill(self):
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait(10)
+        self.proc = None
+
+    def clean(self):
+        self.kill()
+
+
+class RedisServer(_Server):
+    binary = "redis-server"
+    package = "redis-server"
+
     def __init__(self, tmp_path):
         self.port = _free_port()
         self.log = tmp_path / "redis.log"
@@ -73,24 +94,84 @@ class RedisServer:
             time.sleep(0.05)
         raise RuntimeError("redis-server did not answer PING")
 
-    def kill(self):
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
-        self.proc = None
+
+class EtcdServer(_Server):
+    """etcd (Debian's etcd-server), one member, on free loopback ports
+    with a data directory of its own; kill() keeps the data (a restart
+    finds the group), clean() removes it."""
+
+    binary = "etcd"
+    package = "etcd-server"
+
+    def __init__(self, tmp_path):
+        self.port = _free_port()
+        self.peer_port = _free_port()
+        self.log = tmp_path / "etcd.log"
+        self.data_dir = tmp_path / "etcd-data"
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        # tooz's etcd3gw driver: leases in whole seconds.
+        return (f"etcd3+http://127.0.0.1:{self.port}?timeout=2"
+                f"&membership_timeout={int(LEASE)}")
+
+    def start(self):
+        client = f"http://127.0.0.1:{self.port}"
+        peer = f"http://127.0.0.1:{self.peer_port}"
+        with open(self.log, "ab") as log:
+            self.proc = subprocess.Popen(
+                ["etcd", "--name", "test", "--data-dir", str(self.data_dir),
+                 "--listen-client-urls", client,
+                 "--advertise-client-urls", client,
+                 "--listen-peer-urls", peer,
+                 "--initial-advertise-peer-urls", peer,
+                 "--initial-cluster", f"test={peer}"],
+                stdout=log, stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL)
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError("etcd exited: "
+                                   + self.log.read_text()[-2000:])
+            try:
+                with urllib.request.urlopen(client + "/health",
+                                            timeout=1) as resp:
+                    if json.loads(resp.read()).get("health") == "true":
+                        return
+            except (OSError, ValueError):
+                pass
+            time.sleep(0.1)
+        raise RuntimeError("etcd did not report healthy: "
+                           + self.log.read_text()[-2000:])
+
+    def clean(self):
+        self.kill()
+        shutil.rmtree(self.data_dir, ignore_errors=True)
 
 
-@pytest.fixture
-def redis_server(tmp_path):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server not installed (Debian: apt-get install "
-                    "redis-server); needed for the Redis membership tests")
-    server = RedisServer(tmp_path)
+SERVERS = {"redis": RedisServer, "etcd": EtcdServer}
+
+
+def make_server(kind: str, tmp_path):
+    """A coordination server of ``kind``, not started; skips when its
+    binary is not installed."""
+    cls = SERVERS[kind]
+    if shutil.which(cls.binary) is None:
+        pytest.skip(f"{cls.binary} not installed (Debian: apt-get install "
+                    f"{cls.package}; scripts/install.sh does)")
+    return cls(tmp_path)
+
+
+@pytest.fixture(params=sorted(SERVERS))
+def backend(request, tmp_path):
+    """A running Redis or etcd (each test runs with both)."""
+    server = make_server(request.param, tmp_path)
     try:
         server.start()
         yield server
     finally:
-        server.kill()
+        server.clean()
 
 
 class Member:
@@ -156,10 +237,10 @@ EP_B = "nbd://10.201.0.2:10810"
 EP_C = "nbd://10.201.0.3:10810"
 
 
-def test_two_members_see_each_other_and_leave(redis_server):
+def test_two_members_see_each_other_and_leave(backend):
     async def main():
-        a = member(redis_server.url, "host-a", EP_A)
-        b = member(redis_server.url, "host-b", EP_B)
+        a = member(backend.url, "host-a", EP_A)
+        b = member(backend.url, "host-b", EP_B)
         await a.announce(["cirros", "ubuntu"])  # before start: kept
         await a.start()
         await b.start()
@@ -179,7 +260,7 @@ def test_two_members_see_each_other_and_leave(redis_server):
             "host-a": {"endpoint": EP_A, "images": ["cirros", "ubuntu"]},
             "host-b": {"endpoint": EP_B, "images": ["debian", "ubuntu"]}}
         # the CLI sees both
-        listed = await asyncio.to_thread(ms.list_members, redis_server.url)
+        listed = await asyncio.to_thread(ms.list_members, backend.url)
         assert sorted(listed) == ["host-a", "host-b"]
 
         # announce a change
@@ -197,18 +278,18 @@ def test_two_members_see_each_other_and_leave(redis_server):
         assert b.peers_for("cirros") == [] and b.members() == {}
         logging.getLogger(__name__).info("leave noticed in %.2fs", took)
         await a.stop()
-        listed = await asyncio.to_thread(ms.list_members, redis_server.url)
+        listed = await asyncio.to_thread(ms.list_members, backend.url)
         assert listed == {}
 
     run(main())
 
 
-def test_crash_expires_and_rejoin_same_id(redis_server, members, capsys):
+def test_crash_expires_and_rejoin_same_id(backend, members, capsys):
     async def main():
-        a = member(redis_server.url, "host-a", EP_A, images=["cirros"])
+        a = member(backend.url, "host-a", EP_A, images=["cirros"])
         await a.start()
         try:
-            c = members(redis_server.url, "host-c", EP_C, ["cirros", "win"])
+            c = members(backend.url, "host-c", EP_C, ["cirros", "win"])
             await wait_for(lambda: a.peers_for("win") == [EP_C], 5,
                            "a to see the subprocess member")
             # (3) crash: SIGKILL, no leave; gone once its lease expires
@@ -222,11 +303,11 @@ def test_crash_expires_and_rejoin_same_id(redis_server, members, capsys):
 
             # (4) rejoin with the same id, with a stale entry still there:
             # crash again and restart at once, with other images
-            c = members(redis_server.url, "host-c", EP_C, ["cirros"])
+            c = members(backend.url, "host-c", EP_C, ["cirros"])
             await wait_for(lambda: a.peers_for("cirros") == [EP_C], 5,
                            "a to see host-c back")
             c.kill(signal.SIGKILL)
-            c = members(redis_server.url, "host-c", EP_C, ["arch"])
+            c = members(backend.url, "host-c", EP_C, ["arch"])
             await wait_for(lambda: a.peers_for("arch") == [EP_C], 5,
                            "a to see host-c rejoined with new images")
             assert a.peers_for("cirros") == []
@@ -238,7 +319,7 @@ def test_crash_expires_and_rejoin_same_id(redis_server, members, capsys):
             await wait_for(lambda: a.peers_for("arch") == [], 2 * BEAT + 0.5,
                            "a SIGTERMed member to leave")
             # and the same id rejoins in-process after a clean stop too
-            a2 = member(redis_server.url, "host-a", EP_A, images=["x"])
+            a2 = member(backend.url, "host-a", EP_A, images=["x"])
             await a.stop()
             await a2.start()
             assert a2.healthy
@@ -254,19 +335,19 @@ def test_crash_expires_and_rejoin_same_id(redis_server, members, capsys):
               f"(lease {LEASE}s, refresh {BEAT}s)")
 
 
-def test_redis_restart_recovers(redis_server, members, capsys):
+def test_backend_restart_recovers(backend, members, capsys):
     async def main():
         # default back-off (cap 5 s), like the subprocess member b
-        a = member(redis_server.url, "host-a", EP_A, images=["cirros"],
+        a = member(backend.url, "host-a", EP_A, images=["cirros"],
                    max_backoff_s=5.0)
         await a.start()
-        b = members(redis_server.url, "host-b", EP_B, ["cirros"])
+        b = members(backend.url, "host-b", EP_B, ["cirros"])
         try:
             await wait_for(lambda: a.peers_for("cirros") == [EP_B], 5,
                            "a to see b")
-            redis_server.kill()
+            backend.kill()
             await wait_for(lambda: not a.healthy, 5,
-                           "a to notice that Redis is gone")
+                           "a to notice that the backend is gone")
             assert a.last_error
             # the last snapshot keeps serving the data path
             assert a.peers_for("cirros") == [EP_B]
@@ -274,7 +355,9 @@ def test_redis_restart_recovers(redis_server, members, capsys):
             assert a.peers_for("cirros") == [EP_B]
             assert not a.healthy
             await a.announce(["cirros", "new-while-down"])  # no exception
-            redis_server.start()  # empty: the group is gone
+            # Redis comes back empty (the group is gone), etcd with its
+            # data (the leases of the members may have expired)
+            backend.start()
             t0 = time.monotonic()
             await wait_for(lambda: a.healthy, 10, "a to recover")
             listed = {}
@@ -287,10 +370,10 @@ def test_redis_restart_recovers(redis_server, members, capsys):
             while not both_back():
                 assert time.monotonic() < deadline, (listed, a.members())
                 listed = await asyncio.to_thread(ms.list_members,
-                                                 redis_server.url)
+                                                 backend.url)
                 await asyncio.sleep(0.1)
             recover_s = time.monotonic() - t0
-            # a's announce made while Redis was down got published
+            # a's announce made while the backend was down got published
             assert listed["host-a"]["images"] == ["cirros", "new-while-down"]
             assert b.proc.poll() is None, "b must not have been restarted"
             return recover_s
@@ -300,13 +383,13 @@ def test_redis_restart_recovers(redis_server, members, capsys):
     recover_s = run(main())
     with capsys.disabled():
         print(f"\n[membership] both members back {recover_s:.2f}s after "
-              "Redis restarted (Redis down ~1.5s, back-off cap 5s)")
+              f"{type(backend).__name__} restarted (down ~1.5s, back-off "
+              "cap 5s)")
 
 
-def test_start_while_backend_down(tmp_path):
-    if shutil.which("redis-server") is None:
-        pytest.skip("redis-server not installed")
-    server = RedisServer(tmp_path)
+@pytest.mark.parametrize("kind", sorted(SERVERS))
+def test_start_while_backend_down(kind, tmp_path):
+    server = make_server(kind, tmp_path)
 
     async def main():
         a = member(server.url, "host-a", EP_A, images=["cirros"])
@@ -316,7 +399,8 @@ def test_start_while_backend_down(tmp_path):
         assert not a.healthy and a.last_error
         try:
             server.start()
-            await wait_for(lambda: a.healthy, 5, "a to join once Redis is up")
+            await wait_for(lambda: a.healthy, 5,
+                           "a to join once the backend is up")
             assert a.members() == {"host-a": {"endpoint": EP_A,
                                               "images": ["cirros"]}}
         finally:
@@ -325,7 +409,7 @@ def test_start_while_backend_down(tmp_path):
     try:
         run(main())
     finally:
-        server.kill()
+        server.clean()
 
 
 def test_unknown_backend_raises():
@@ -375,15 +459,15 @@ def test_embedded_file_backend(tmp_path):
     run(main())
 
 
-def test_cli_list(redis_server):
+def test_cli_list(backend):
     async def main():
-        a = member(redis_server.url, "host-a", EP_A, images=["cirros", "u"])
+        a = member(backend.url, "host-a", EP_A, images=["cirros", "u"])
         await a.start()
         try:
             out = await asyncio.to_thread(
                 subprocess.run,
                 [sys.executable, "-m", "vmthunder.agent.membership",
-                 "--backend", redis_server.url, "list"],
+                 "--backend", backend.url, "list"],
                 cwd=REPO, capture_output=True, text=True, timeout=20)
         finally:
             await a.stop()

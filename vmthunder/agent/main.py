@@ -7,6 +7,7 @@ import asyncio
 import logging
 import os
 import signal
+import socket
 import sys
 
 from oslo_config import cfg
@@ -21,6 +22,26 @@ LOG = logging.getLogger("vmthunder.agent")
 
 # Printed on stdout once the API and the NBD servers accept connections.
 READY_PREFIX = "vmthunder-agent: ready"
+
+
+def sd_notify(state: str) -> bool:
+    """Tell systemd (Type=notify units: etc/systemd/vmthunder-agent.service)
+    ``state`` (READY=1, STOPPING=1) on $NOTIFY_SOCKET; False when not run
+    by systemd or it cannot be told (never fatal)."""
+    path = os.environ.get("NOTIFY_SOCKET")
+    if not path:
+        return False
+    if path.startswith("@"):
+        path = "\0" + path[1:]             # an abstract socket
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM) as sock:
+            sock.connect(path)
+            sock.sendall(state.encode())
+        return True
+    except OSError as exc:
+        LOG.warning("cannot notify systemd (%s) of %s: %s",
+                    os.environ["NOTIFY_SOCKET"], state, exc)
+        return False
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -157,7 +178,9 @@ async def run(config) -> int:
              else "")
           + (f" metrics={metrics.address}" if metrics.address else ""),
           flush=True)
+    sd_notify("READY=1")
     await stop.wait()
+    sd_notify("STOPPING=1")
     LOG.info("stopping: closing the API and NBD servers, flushing "
              "snapshots and caches")
     await metrics.stop()

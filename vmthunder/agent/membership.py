@@ -20,9 +20,10 @@ tooz does the membership (no home-made consensus):
   neither, :class:`Membership` fills in ``timeout=5`` and
   ``membership_timeout=max(2, 5 * heartbeat_s)`` (tooz would use 30 s for
   both). Example: ``redis://10.0.0.5:6379?timeout=5&membership_timeout=5``.
-* ``etcd3+http://HOST:2379`` should work the same way (``membership_timeout``
-  in whole seconds, same default), through tooz's etcd3gw driver; it needs
-  the ``etcd3gw`` package, which is not installed here: untested.
+* ``etcd3+http://HOST:2379`` works the same way (``membership_timeout``
+  in whole seconds, same default), through tooz's etcd3gw driver (the
+  ``etcd3gw`` package, in requirements.txt); tested against Debian's
+  etcd-server 3.4 like Redis (tests/functional/test_membership.py).
 
 tooz is synchronous: all its calls run in one dedicated worker thread of the
 :class:`Membership` (one at a time, so the driver never sees two calls at
