@@ -4,9 +4,10 @@ An origin made unreachable (its file moved away; its tgtd killed), a
 coordination backend that does not answer, a cache disk below the free
 space threshold: /healthz answers 503 naming each, on the API socket and
 on the metrics listener, and 200 again once it is back. A guest read that
-waits for an origin stopped mid-read is logged once with what it waits
-for, counted in the metrics and the status, and its end is logged when
-the origin is back.
+waits for an origin stopped mid-read (and a real guest's boot whose
+origin is stopped mid-boot) is logged once with what it waits for,
+counted in the metrics and the status, and its end is logged when the
+origin is back.
 
 Every agent and tgtd started here is stopped when its test ends, pass or
 fail.
@@ -22,10 +23,11 @@ import time
 
 import pytest
 
-from tests.functional.conftest import make_image
+from tests.functional.conftest import make_image, need
 from tests.functional.iscsi_fixtures import free_port, tgtd  # noqa: F401
 from tests.functional.test_agent import agents, nbd  # noqa: F401
-from tests.functional.test_agent_metrics import fetch, scrape, value
+from tests.functional.test_agent_metrics import (
+    fetch, scrape, start_qemu, value)
 from vmthunder.agent.client import _UnixConnection
 from vmthunder.volume import manifest as mf
 
@@ -196,4 +198,64 @@ def test_stalled_read_when_the_origin_stops(agents, tgtd, tmp_path):  # noqa
     samples = scrape(agent)
     assert value(samples, "vmthunder_guest_reads_stalled") == 0
     assert value(samples, "vmthunder_stalled_reads_total", image="img") == 1
+    assert agent.stop() == 0
+
+
+def test_stalled_read_when_the_origin_stops_mid_boot(agents, tgtd,  # noqa
+                                                     guest_dir, tmp_path):
+    """The issue's case: a guest booting from an iSCSI origin whose tgtd
+    dies once the boot has started reading; its stalled reads are logged
+    and counted, and the boot completes once tgtd is back."""
+    need("qemu-system-x86_64")
+    from vmthunder.boot import load_guest
+    guest = load_guest(guest_dir, build=False)
+    manifest = mf.build_manifest(guest.root, "guest", CS)
+    raw = manifest.to_bytes()
+    lun2 = tmp_path / "manifest.lun"
+    lun2.write_bytes(raw + bytes(-len(raw) % 512))
+    daemon = tgtd()
+    target = daemon.add_target(f"{IQN}:boot")
+    daemon.add_lun(target, 1, guest.root)
+    daemon.add_lun(target, 2, str(lun2))
+    agent = agents(None, *METRICS, config=(
+        "[agent]\nstalled_read_seconds = 1\n"
+        "[iscsi]\nreconnect_timeout = 60\n"))
+    agent.client.attach_image("guest", daemon.url(target, 1))
+    vm = agent.client.create_vm("vm1", "guest")
+    console_path = tmp_path / "console.log"
+    qemu = start_qemu(guest, vm["nbd"], console_path)
+    try:
+        # Stop the origin as soon as the guest reads its disk.
+        deadline = time.monotonic() + 60
+        while value(scrape(agent), "vmthunder_vm_read_bytes_total",
+                    vm="vm1", image="guest") == 0:
+            assert time.monotonic() < deadline and qemu.poll() is None
+            time.sleep(0.02)
+        daemon.kill()
+        stalled = re.compile(r"stalled read: VM vm1 \(image guest\) has "
+                             r"waited \d+\.\d s for \d+ bytes at offset "
+                             r"\d+: chunks? \d+(-\d+)? from the origin")
+        deadline = time.monotonic() + 20
+        while not stalled.search(agent.stderr()):
+            assert time.monotonic() < deadline, agent.stderr()[-3000:]
+            time.sleep(0.1)
+        assert value(scrape(agent), "vmthunder_stalled_reads_total",
+                     image="guest") >= 1
+        daemon.start()
+        deadline = time.monotonic() + 90
+        while guest.marker not in console_path.read_text(errors="replace"):
+            assert time.monotonic() < deadline and qemu.poll() is None, \
+                console_path.read_text(errors="replace")[-3000:]
+            time.sleep(0.2)
+    finally:
+        if qemu.poll() is None:
+            qemu.kill()
+        qemu.wait()
+    console = console_path.read_text(errors="replace")
+    assert "I/O error" not in console, console[-3000:]
+    assert re.search(r"the stalled read of \d+ bytes at offset \d+ ended "
+                     r"after", agent.stderr())
+    samples = scrape(agent)
+    assert value(samples, "vmthunder_guest_reads_stalled") == 0
+    assert agent.client.status()["images"]["guest"]["stalled_reads"] >= 1
     assert agent.stop() == 0

@@ -52,6 +52,20 @@ def value(samples: dict, name: str, **labels) -> float:
     return samples[(name, tuple(sorted(labels.items())))]
 
 
+def start_qemu(guest, uri: str, console_path) -> subprocess.Popen:
+    """QEMU (TCG) booting ``guest`` from NBD ``uri``, its console written
+    to ``console_path``; the caller kills it."""
+    argv = ["qemu-system-x86_64", "-accel", "tcg", "-m",
+            str(guest.memory_mb or 512), "-smp", "1", "-nographic",
+            "-nodefaults", "-serial", f"file:{console_path}", "-no-reboot",
+            "-kernel", guest.kernel, "-initrd", guest.initrd,
+            "-append", guest.append,
+            "-drive", f"file={uri},format=raw,if=virtio,cache=none"]
+    return subprocess.Popen(argv, stdin=subprocess.DEVNULL,
+                            stdout=subprocess.DEVNULL,
+                            stderr=subprocess.STDOUT)
+
+
 def test_metrics_move_during_a_boot(agents, guest_dir, tmp_path):  # noqa
     need("qemu-system-x86_64")
     from vmthunder.boot import load_guest
@@ -65,15 +79,7 @@ def test_metrics_move_during_a_boot(agents, guest_dir, tmp_path):  # noqa
     assert value(before, "vmthunder_guest_read_latency_seconds_count",
                  image="guest") == 0
     console_path = tmp_path / "console.log"
-    argv = ["qemu-system-x86_64", "-accel", "tcg", "-m",
-            str(guest.memory_mb or 512), "-smp", "1", "-nographic",
-            "-nodefaults", "-serial", f"file:{console_path}", "-no-reboot",
-            "-kernel", guest.kernel, "-initrd", guest.initrd,
-            "-append", guest.append,
-            "-drive", f"file={vm['nbd']},format=raw,if=virtio,cache=none"]
-    qemu = subprocess.Popen(argv, stdin=subprocess.DEVNULL,
-                            stdout=subprocess.DEVNULL,
-                            stderr=subprocess.STDOUT)
+    qemu = start_qemu(guest, vm["nbd"], console_path)
     scrapes = []
     try:
         deadline = time.monotonic() + 90
