@@ -36,9 +36,15 @@ pytestmark = pytest.mark.timeout(600)
 
 def vmthunder(*args: str, timeout: float = 300
               ) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "vmthunder.cli", *args],
-                          cwd=REPO, capture_output=True, text=True,
-                          timeout=timeout, stdin=subprocess.DEVNULL)
+    argv = [sys.executable, "-m", "vmthunder.cli", "-v", *args]
+    try:
+        return subprocess.run(argv, cwd=REPO, capture_output=True,
+                              text=True, timeout=timeout,
+                              stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(
+            f"{' '.join(argv)} still running after {timeout} s; its "
+            f"output:\n{exc.stdout}\n{exc.stderr}") from None
 
 
 def head_sha256(path: str, size: int) -> str:
