@@ -3,7 +3,8 @@
 `python -m vmthunder.bench.nbd_throughput --smoke` (vmthunder serve,
 qemu-nbd and nbdkit measured with qemu-img bench and fio) and
 `python -m vmthunder.bench.memory --smoke` (8 concurrent readers against
-vmthunder serve). Throughput targets are not enforced here (a loaded CI
+vmthunder serve), and the iSCSI cold reads (`iscsi_origin`,
+`cold_read`). Throughput targets are not enforced here (a loaded CI
 machine makes them noise); the memory limit is: its peak must stay below
 150 MiB even in the small run.
 """
@@ -160,6 +161,37 @@ def test_iscsi_origin_smoke(tmp_path):
         if key != "qemu":
             for sample in samples:
                 assert sample["fetched_bytes"] == 32 * 1024 * 1024
+
+
+def test_cold_read_smoke(tmp_path):
+    """The cold verified read: the whole export (default 8 KiB chunks)
+    through vmthunder serve against qemu-img from the same iscsi:// LUN
+    (32 MiB, one repeat); the ratio and the CPU figures follow from the
+    raw ones."""
+    _need("tgtd", "tgtadm", "qemu-img")
+    if os.geteuid() != 0:
+        pytest.skip("tgtd and tgtadm need root")
+    report = _run("vmthunder.bench.cold_read", tmp_path, timeout=120)
+    _positive(report, "cold_read_ratio", "qemu_cold_read_s",
+              "vmthunder_cold_read_s", "serve_cpu_s_per_gib")
+    assert report["target"] == 1.25
+    assert report["target_met"] == (report["cold_read_ratio"] <= 1.25)
+    assert report["cold_read_ratio"] == pytest.approx(
+        report["vmthunder_cold_read_s"] / report["qemu_cold_read_s"],
+        rel=0.01)
+    assert report["chunk_size"] == 8192
+    assert report["chunks"] == 32 * 1024 * 1024 // 8192
+    assert report["params"]["smoke"] is True
+    assert report["params"]["size"] == 32 * 1024 * 1024
+    for who in ("qemu", "vmthunder"):
+        cpu = report["cpu_s"][who]
+        assert cpu["total"] == pytest.approx(
+            sum(v for k, v in cpu.items() if k != "total"), abs=0.002)
+    assert report["cpu_s"]["vmthunder"]["serve"] > 0
+    # Every chunk came from the origin, verified, once.
+    (sample,) = report["raw"]["vmthunder"]
+    assert sample["fetched_bytes"] == 32 * 1024 * 1024
+    assert sample["chunks_fetched"] == report["chunks"]
 
 
 def _results(vmthunder: tuple, qemu_nbd: tuple, nbdkit: tuple,

@@ -146,11 +146,13 @@ def warm_page_cache(path: str) -> None:
 # -- vmthunder serve ---------------------------------------------------------
 
 class Serve:
-    """`vmthunder serve URL` with a fresh cache; stopped by stop()."""
+    """`vmthunder serve URL` with a fresh cache; stopped by stop().
+    ``repo``: the tree whose vmthunder runs (another checkout, to compare
+    code; python -m imports from the working directory first)."""
 
     def __init__(self, url: str, workdir: str, conf: str, tag: str, *,
                  snapshot: str | None = None, listen: str | None = None,
-                 timeout: float = 60):
+                 timeout: float = 60, repo: str = REPO):
         self.dir = tempfile.mkdtemp(prefix=f"serve-{tag}-", dir=workdir)
         self.stats_file = os.path.join(self.dir, "stats.json")
         self.log_path = os.path.join(self.dir, "serve.log")
@@ -165,7 +167,7 @@ class Serve:
         with open(self.log_path, "w") as err:
             self.proc = subprocess.Popen(
                 argv, stdout=subprocess.PIPE, stderr=err, text=True,
-                cwd=REPO, stdin=subprocess.DEVNULL)
+                cwd=repo, stdin=subprocess.DEVNULL)
         self.uris = {}
         # A thread reads stdout: a buffered reader may hold both ready
         # lines at once, so select() on the pipe would wait forever.
@@ -235,7 +237,12 @@ def read_all(src: str, size: int, *,
     argv = ["qemu-img", "convert", "-n"]
     argv += ["--image-opts", src] if image_opts else ["-f", "raw", src]
     argv += ["--target-image-opts", f"driver=null-co,size={size}"]
-    # The only child reaped meanwhile is qemu-img: the growth of the
+    return run_timed(argv)
+
+
+def run_timed(argv: list[str]) -> tuple[float, float]:
+    """Seconds ``argv`` took to run, and the CPU seconds it used."""
+    # The only child reaped meanwhile is this one: the growth of the
     # children's usage is its CPU time.
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     t0 = time.monotonic()
@@ -266,6 +273,18 @@ def process_cpu_s(pid: int | None) -> float:
     return times.user + times.system
 
 
+def thread_cpu_s(pid: int) -> dict:
+    """CPU seconds so far of ``pid``'s event loop (its main thread) and
+    of its other threads together."""
+    try:
+        threads = psutil.Process(pid).threads()
+    except psutil.Error:
+        return {"loop": 0.0, "workers": 0.0}
+    loop = sum(t.user_time + t.system_time for t in threads if t.id == pid)
+    rest = sum(t.user_time + t.system_time for t in threads if t.id != pid)
+    return {"loop": loop, "workers": rest}
+
+
 def cold_read_qemu(url: str, size: int, tgtd_pid: int | None) -> dict:
     tgtd0 = process_cpu_s(tgtd_pid)
     seconds, client = read_all(url, size)
@@ -280,16 +299,26 @@ def _cpu(**parts) -> dict:
 
 def cold_read_vmthunder(url: str, size: int, workdir: str, conf: str,
                         tag: str, tgtd_pid: int | None = None,
-                        profile: str | None = None) -> dict:
-    srv = Serve(url, workdir, conf, tag)
+                        profile: str | None = None, *, repo: str = REPO,
+                        read=read_all, attach=None) -> dict:
+    """One cold read of the whole export of a fresh `vmthunder serve`
+    (of the tree ``repo``) by ``read(uri, size)`` (qemu-img convert);
+    ``profile``: py-spy into that file, or ``attach(pid)``: another
+    profiler on serve (stopped by stop_profiler)."""
+    srv = Serve(url, workdir, conf, tag, repo=repo)
     spy = None
     try:
         if profile:
             spy = start_profiler(srv.proc.pid, profile, workdir)
+        elif attach is not None:
+            spy = attach(srv.proc.pid)
         tgtd0, serve0 = process_cpu_s(tgtd_pid), process_cpu_s(srv.proc.pid)
-        seconds, client = read_all(srv.uri, size)
+        threads0 = thread_cpu_s(srv.proc.pid)
+        seconds, client = read(srv.uri, size)
         cpu = _cpu(client=client, tgtd=process_cpu_s(tgtd_pid) - tgtd0,
                    serve=process_cpu_s(srv.proc.pid) - serve0)
+        threads = {k: round(v - threads0[k], 3)
+                   for k, v in thread_cpu_s(srv.proc.pid).items()}
     finally:
         if spy is not None:
             stop_profiler(spy)
@@ -303,8 +332,10 @@ def cold_read_vmthunder(url: str, size: int, workdir: str, conf: str,
                            f"{cache.get('bytes_fetched')} of {size} bytes, "
                            f"{cache.get('verify_errors')} verify errors")
     return {"seconds": round(seconds, 4), "cpu_s": cpu,
+            "serve_threads_cpu_s": threads,
             "serve_start_s": round(srv.start_s, 3),
             "fetched_bytes": cache["bytes_fetched"],
+            "chunks_fetched": cache.get("chunks_fetched"),
             "source_reads": stats.get("source", {}).get("reads"),
             "source_commands": stats.get("source", {}).get("commands")}
 
