@@ -96,6 +96,17 @@ class BlockDevice(abc.ABC):
         """
         return [await self.read(offset, length)]
 
+    def read_now(self, offset: int, length: int):
+        """The ``length`` bytes at ``offset`` if they can be had at once,
+        without waiting for anything (data in the page cache); else None.
+
+        The NBD server's fast path for small reads: a layer that answers
+        here spares the request a coroutine per layer. None (the default)
+        means "use read_parts()", which must give the same bytes; a layer
+        counts a read it answers here as it counts read_parts().
+        """
+        return None
+
     async def read_into(self, offset: int, buffer) -> None:
         """Fill ``buffer`` (a writable bytes-like object) from ``offset``.
 

@@ -54,6 +54,12 @@ def _pread_nowait(fd: int, length: int, offset: int) -> bytearray | None:
     return None
 
 
+def pread_now(fd: int, length: int, offset: int) -> bytearray | None:
+    """All ``length`` bytes at ``offset`` if the page cache holds them
+    (no wait for the disk); None otherwise."""
+    return _pread_nowait(fd, length, offset) if _nowait_works else None
+
+
 async def pread(fd: int, length: int, offset: int) -> bytes:
     """Read up to ``length`` bytes at ``offset``; short only at EOF.
 

@@ -442,6 +442,21 @@ class NbdConnection(asyncio.Protocol):
         self._payload_charged = 0
 
     def _run(self, req: sp.Request, cost: int) -> None:
+        if req.command == c.CMD_READ and req.length < ZERO_COPY_MIN \
+                and self.export.recorder is None:
+            # Fast path: a small read the device has at hand is answered
+            # here, as _serve would answer it, with no coroutine.
+            try:
+                data = self.export.device.read_now(req.offset, req.length)
+            except Exception:                   # noqa: BLE001
+                data = None         # _serve reports it as it should
+            if data is not None:
+                if self.transport is not None \
+                        and not self.transport.is_closing():
+                    self._send(self.proto.reply_read_header(
+                        req.handle, req.offset, req.length), data)
+                self.server._release(self, cost)
+                return
         task = aio.start_eager(self._serve(req, cost))
         if task is not None:
             self._tasks.add(task)
@@ -505,15 +520,19 @@ class NbdConnection(asyncio.Protocol):
 
     def _send(self, *parts) -> None:
         """Queue reply parts: bytes, or FileRanges when a writer runs."""
-        if self._writer is not None:
-            if self._writer.closed:
+        writer = self._writer
+        if writer is not None:
+            if writer.closed:
                 return              # the connection is gone: nothing to send
             # Queued bytes are charged until they have left (the writer's
             # on_sent gives them back); file ranges cost no memory of ours.
-            held = sum(len(p) for p in parts if not isinstance(p, FileRange))
+            held = 0
+            for p in parts:
+                if type(p) is not FileRange:
+                    held += len(p)
             self.charged += held
             self.server.inflight_bytes += held
-            self._writer.write(*parts)
+            writer.write(*parts)
         else:
             # Handshake, or no socket of our own: the transport's flow
             # control (pause_writing) bounds what it buffers.

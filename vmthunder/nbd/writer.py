@@ -18,7 +18,8 @@ import socket
 
 LOG = logging.getLogger(__name__)
 
-_MAX_IOV = 64
+# Parts per sendmsg (Linux's IOV_MAX is 1024).
+_MAX_IOV = 1024
 
 
 class FileRange:
@@ -77,14 +78,15 @@ class ReplyWriter:
             if sent is not None:
                 sent()
             return
+        queue = self._queue
         for part in parts:
-            if isinstance(part, FileRange):
+            if type(part) is FileRange:
                 n = part.length
             else:
                 n = len(part)
                 self._queued_mem += n
             if n:
-                self._queue.append(part)
+                queue.append(part)
                 self._queued += n
         if sent is not None:
             self._queue.append(sent)
@@ -131,14 +133,29 @@ class ReplyWriter:
                 # Gather leading byte strings into one sendmsg (the
                 # "sent" callbacks between replies carry no bytes).
                 iov = []
+                total = count = 0
+                plain = True
                 for part in queue:
-                    if isinstance(part, FileRange) or len(iov) == _MAX_IOV:
+                    if type(part) is FileRange or len(iov) == _MAX_IOV:
                         break
-                    if not callable(part):
+                    count += 1
+                    if callable(part):
+                        plain = False
+                    else:
                         iov.append(part)
+                        total += len(part)
                 n = self._sock.sendmsg(iov)
                 self._queued -= n
                 self._mem_sent(n)
+                if n == total and plain:
+                    # All of it left, and no callback among it: the
+                    # common case, with no per-part bookkeeping.
+                    if count == len(queue):
+                        queue.clear()
+                    else:
+                        for _ in range(count):
+                            queue.popleft()
+                    continue
                 while queue:
                     part = queue[0]
                     if callable(part):
