@@ -214,6 +214,7 @@ async def open_cache(source: blockdev.BlockDevice, options: CacheOptions,
             max_pending_writes=options.max_pending_writes,
             sync_interval=options.sync_interval,
             verify=manifest.verify if verify else None,
+            verify_many=manifest.verify_run if verify else None,
             prepare_verify=manifest.load if verify else None)
     except BaseException:
         await source.close()

@@ -671,7 +671,8 @@ def test_chunk_state_runs_match_chunk_states(tmp_path):
             i = rng.randrange(layer.chunks)
             await layer.read(i * CS, 1)
         await drain(layer)
-        layer._unsynced.update({3, 4, 20})
+        layer._unsynced.add(3, 5)
+        layer._unsynced.add(20, 21)
         layer._inflight.update({7: object(), 8: object(), 30: object()})
         for first, last in [(0, layer.chunks), (3, 9), (7, 8), (29, 38),
                             (0, 1)]:
@@ -684,5 +685,81 @@ def test_chunk_state_runs_match_chunk_states(tmp_path):
         layer._unsynced.clear()
         layer._inflight.clear()
         await layer.close()
+
+    run(main())
+
+
+def test_write_slots_are_taken_in_turn_and_given_back(tmp_path):
+    """A run takes its write slots all at once, in turn: a later small
+    run does not overtake an earlier large one, a waiter cancelled gives
+    way to the next, and every slot comes back."""
+    path, _ = make_image(tmp_path / "img")
+
+    async def main():
+        layer = CacheLayer(CountingSource(path), str(tmp_path / "cache"),
+                           chunk_size=CS, max_pending_writes=1)
+        total = layer._slots_free
+        assert total == cache_layer.SLOT_UNIT // CS
+        await layer._take_slots(total - 2)              # 2 left
+        order = []
+
+        async def take(name, n):
+            await layer._take_slots(n)
+            order.append(name)
+
+        big = asyncio.ensure_future(take("big", 4))
+        await asyncio.sleep(0)
+        small = asyncio.ensure_future(take("small", 1))
+        cancelled = asyncio.ensure_future(take("cancelled", 3))
+        last = asyncio.ensure_future(take("last", 1))
+        await asyncio.sleep(0)
+        assert order == []              # "small" fits, but waits its turn
+        layer._give_slots(2)            # 4 free: "big" goes
+        await asyncio.sleep(0)
+        assert order == ["big"]
+        await asyncio.sleep(0)
+        assert order == ["big"]         # none left for "small"
+        cancelled.cancel()
+        layer._give_slots(total - 2)
+        await asyncio.gather(big, small, last)
+        assert await asyncio.gather(cancelled, return_exceptions=True) \
+            != [None]
+        assert order == ["big", "small", "last"]
+        # Taken: total - 2, 4, 1, 1; given back so far: 2, total - 2.
+        layer._give_slots(4)
+        assert layer._slots_free == total and not layer._slot_waiters
+        await layer.close()
+
+    run(main())
+
+
+def test_unsynced_runs_are_marked_run_by_run(tmp_path):
+    """Chunks written and not yet durable are held (served from the file)
+    and marked present by the syncer, run by run, after one fdatasync."""
+    path, image = make_image(tmp_path / "img")
+
+    async def main():
+        layer = CacheLayer(CountingSource(path), str(tmp_path / "cache"),
+                           chunk_size=CS, sync_interval=3600)
+        await layer.read(0, CS)             # the first sync comes at once
+        await drain(layer)
+        await layer.read(2 * CS, 3 * CS)
+        await layer.read(10 * CS, CS)
+        # Written, not durable: held, not marked.
+        while len(layer._unsynced) < 4:
+            await asyncio.sleep(0.01)
+        assert [i for i in range(12) if i in layer._unsynced] \
+            == [2, 3, 4, 10]
+        assert not layer.map.present(2) and layer.map.present(0)
+        assert layer.chunk_state_runs(0, 12) == [
+            (0, 1, cache_layer.HELD), (1, 2, cache_layer.MISSING),
+            (2, 5, cache_layer.HELD), (5, 10, cache_layer.MISSING),
+            (10, 11, cache_layer.HELD), (11, 12, cache_layer.MISSING)]
+        assert bytes(await layer.read(2 * CS, 3 * CS)) \
+            == image[2 * CS:5 * CS]
+        await layer.close()                 # syncs and marks them
+        assert [i for i in range(12) if layer.map.present(i)] \
+            == [0, 2, 3, 4, 10]
+        assert not layer._unsynced
 
     run(main())

@@ -37,6 +37,50 @@ def test_round_trip_and_verify(tmp_path, algorithm):
         again.verify(3, b"")
 
 
+@pytest.mark.parametrize("algorithm", sorted(mf.HASHES))
+def test_verify_run_agrees_with_verify(tmp_path, algorithm):
+    """verify_run over consecutive chunks finds exactly the chunks that
+    verify() refuses, with its messages, in every case verify() has."""
+    data = random.Random(9).randbytes(CS * 20 + 123)      # short last
+    m = mf.build_manifest(make(tmp_path, data), "img", CS,
+                          algorithm=algorithm)
+
+    def by_verify(first, piece):
+        failed = {}
+        for pos in range(0, len(piece), CS):
+            try:
+                m.verify(first + pos // CS, piece[pos:pos + CS])
+            except mf.ChunkMismatch as exc:
+                failed[first + pos // CS] = str(exc)
+        return failed
+
+    def check(first, piece):
+        got = {i: str(e) for i, e in m.verify_run(first, piece).items()}
+        assert got == by_verify(first, piece), (first, len(piece))
+        return got
+
+    assert check(0, data) == {}
+    assert check(5, bytearray(data[5 * CS:12 * CS])) == {}
+    assert check(17, memoryview(data)[17 * CS:]) == {}      # the tail
+    assert m.verify_run(3, b"") == {}
+    bad = bytearray(data)
+    bad[6 * CS + 1] ^= 1
+    bad[20 * CS] ^= 1                                       # the last one
+    assert set(check(0, bad)) == {6, 20}
+    assert set(check(6, bad[6 * CS:8 * CS])) == {6}
+    check(18, data[18 * CS:20 * CS + 5])           # wrong length at the end
+    check(19, data[19 * CS:21 * CS])               # past the end
+    check(-1, data[:2 * CS])
+
+    # A lazy manifest: digests not loaded are refused, never trusted.
+    lazy = lazy_of(m, [])
+    refused = lazy.verify_run(0, data[:2 * CS])
+    assert set(refused) == {0, 1}
+    assert all("not loaded" in str(e) for e in refused.values())
+    asyncio.run(lazy.load(0, 4))
+    assert lazy.verify_run(0, data[:4 * CS]) == {}
+
+
 def test_algorithms_give_different_identities(tmp_path):
     if len(mf.HASHES) < 2:
         pytest.skip("blake3 is not installed")

@@ -22,13 +22,16 @@ overlays, snapshot.py).
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import json
 import logging
 import os
+import re
 import time
 
 from vmthunder import blockdev
@@ -38,18 +41,24 @@ from vmthunder.cache import chunkmap
 LOG = logging.getLogger(__name__)
 
 META_VERSION = 1
-# Chunks at least this large are digested in a worker thread.
+# Chunks at least this large are digested in a worker thread (and, when
+# chunks are checked one by one, runs at least this long).
 _VERIFY_IN_THREAD = 64 * 1024
 # Consecutive missing chunks of one read are fetched with one read of the
 # source up to this many bytes: per-chunk work (a command, a thread hop, a
 # pwrite) dominated cold sequential reads of 256 KiB chunks.
 MAX_FETCH_BYTES = 2 * 1024 * 1024
+# A fetch of a whole run (MAX_FETCH_BYTES: a sequential read) also loads
+# the digests of this many runs after it.
+TABLE_AHEAD_RUNS = 8
 # What one of max_pending_writes stands for, at the least (see __init__).
 SLOT_UNIT = 256 * 1024
 # A chunk map save that failed (a full disk) is retried this often.
 MAP_SAVE_RETRY_S = 5.0
-# chunk_states() values.
+# chunk_states() values (MISSING and HELD are the chunk map's bytes).
 MISSING, HELD, FETCHING = 0, 1, 2
+assert (MISSING, HELD) == (chunkmap.ABSENT, chunkmap.PRESENT)
+_STATE_RUNS = re.compile(rb"\x00+|\x01+|\x02+")
 
 
 class _Fetch:
@@ -69,13 +78,82 @@ class _Fetch:
         self.errors: dict[int, blockdev.BlockError] = {}
 
 
-def _span(indices) -> str:
-    indices = sorted(indices)
-    if not indices:
+def _span(runs) -> str:
+    """Chunks [a, b) of ``runs`` (sorted) as "first-last"."""
+    if not runs:
         return "none"
-    if len(indices) == 1:
-        return str(indices[0])
-    return f"{indices[0]}-{indices[-1]}"
+    first, last = runs[0][0], runs[-1][1] - 1
+    return str(first) if first == last else f"{first}-{last}"
+
+
+def _runs_without(first: int, last: int, holes) -> list[tuple[int, int]]:
+    """[a, b) runs of chunks [first, last) that are not in ``holes``."""
+    runs, a = [], first
+    for i in sorted(holes):
+        if a < i:
+            runs.append((a, i))
+        a = i + 1
+    if a < last:
+        runs.append((a, last))
+    return runs
+
+
+class _Unsynced:
+    """Chunks written to the cache file but not yet durable (unmarked):
+    one byte per chunk for the lookups, and the runs written since the
+    syncer last took them (it marks them run by run)."""
+
+    __slots__ = ("_map", "_runs", "_count")
+
+    def __init__(self, chunks: int):
+        self._map = bytearray(chunks)
+        self._runs: list[tuple[int, int]] = []
+        self._count = 0
+
+    def __contains__(self, index: int) -> bool:
+        return self._map[index] == 1
+
+    def __bool__(self) -> bool:
+        return self._count > 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def add(self, a: int, b: int) -> None:
+        """Chunks [a, b), none of them in here yet."""
+        self._map[a:b] = b"\x01" * (b - a)
+        self._runs.append((a, b))
+        self._count += b - a
+
+    def take(self) -> list[tuple[int, int]]:
+        """The runs added since the last take (they stay in until
+        dropped)."""
+        runs, self._runs = self._runs, []
+        return runs
+
+    def untake(self, runs) -> None:
+        """Runs taken that are still to be made durable."""
+        self._runs[:0] = runs
+
+    def drop(self, runs) -> None:
+        for a, b in runs:
+            self._map[a:b] = bytes(b - a)
+            self._count -= b - a
+
+    def clear(self) -> None:
+        self.drop(self.take())
+
+    def runs(self, lo: int, hi: int):
+        """Yield [a, b) runs of the chunks in here within [lo, hi)."""
+        m = self._map
+        while lo < hi:
+            a = m.find(1, lo, hi)
+            if a < 0:
+                return
+            b = m.find(0, a, hi)
+            b = hi if b < 0 else b
+            yield a, b
+            lo = b
 
 
 def cache_key(identity: str) -> str:
@@ -93,12 +171,16 @@ class CacheLayer(blockdev.BlockDevice):
 
     def __init__(self, source: blockdev.BlockDevice, cache_dir: str, *,
                  chunk_size: int = 256 * 1024, max_pending_writes: int = 32,
-                 verify=None, prepare_verify=None,
+                 verify=None, verify_many=None, prepare_verify=None,
                  sync_interval: float = 0.0):
         """Open (or create) the cache of ``source`` under ``cache_dir``.
 
         ``verify(index, data)`` raises BlockError when a fetched chunk is
-        wrong; None trusts the source. ``prepare_verify(first, last)``,
+        wrong; None trusts the source. ``verify_many(first, data)``, when
+        given, does the same check over the consecutive chunks of
+        ``data`` at once, returning ``{index: BlockError}`` of the wrong
+        ones (the manifest's verify_run: a fetched run is checked in one
+        call, not chunk by chunk). ``prepare_verify(first, last)``,
         when given, is awaited before chunks [first, last) are checked
         (a lazily read manifest loads their digests; it runs while the
         chunks are fetched). Fetched chunks are made durable
@@ -112,6 +194,7 @@ class CacheLayer(blockdev.BlockDevice):
         self.source = source
         self.size = source.size
         self.verify = verify
+        self.verify_many = verify_many if verify is not None else None
         self.prepare_verify = prepare_verify
         identity = source.identity()
         self.directory = os.path.join(cache_dir, cache_key(identity))
@@ -143,13 +226,14 @@ class CacheLayer(blockdev.BlockDevice):
         self._inflight: dict[int, _Fetch] = {}
         # Chunks written to the cache file but not yet durable (unmarked):
         # readable from the file, not yet to be trusted after a crash.
-        self._unsynced: set[int] = set()
+        self._unsynced = _Unsynced(self.chunks)
         # Slots count chunks; with chunks smaller than SLOT_UNIT, a slot of
         # max_pending_writes is SLOT_UNIT worth of them (the memory bound
-        # stays in bytes, and small chunks still fetch in long runs).
+        # stays in bytes, and small chunks still fetch in long runs). A
+        # run takes its slots at once, in turn (_take_slots).
         slots = max_pending_writes * max(1, SLOT_UNIT // self.chunk_size)
-        self._write_slots = asyncio.Semaphore(slots)
-        self._slot_lock = asyncio.Lock()
+        self._slots_free = slots
+        self._slot_waiters: collections.deque = collections.deque()
         self._max_run = max(1, min(slots,
                                    MAX_FETCH_BYTES // self.chunk_size))
         self._store_tasks: set[asyncio.Task] = set()
@@ -274,6 +358,17 @@ class CacheLayer(blockdev.BlockDevice):
         base = fetch.first * cs
         return view[lo - base:hi - base]
 
+    def read_now(self, offset: int, length: int):
+        cs = self.chunk_size
+        if not self.map.all_present(offset // cs,
+                                    (offset + length - 1) // cs + 1):
+            return None
+        data = fileio.pread_now(self._data_fd, length, offset)
+        if data is not None:
+            self.counters["read_requests"] += 1
+            self.counters["bytes_read"] += length
+        return data
+
     def local_extent(self, offset: int, length: int):
         cs = self.chunk_size
         first, last = offset // cs, (offset + length - 1) // cs + 1
@@ -313,34 +408,18 @@ class CacheLayer(blockdev.BlockDevice):
         """chunk_states() of [first, last) as (start, end, state) runs.
 
         Peers ask for the states of whole windows of chunks many times a
-        second; the map is scanned run by run and only the few chunks in
-        flight or not yet durable are looked at one by one.
+        second: the window's bytes of the chunk map, with the runs not yet
+        durable and the (few) chunks in flight laid over them, are cut
+        into runs by a regular expression, not chunk by chunk.
         """
-        special = {i: HELD for i in self._unsynced if first <= i < last}
-        special.update((i, FETCHING) for i in self._inflight
-                       if first <= i < last)
-        marks = sorted(special)
-        runs: list[tuple] = []
-
-        def add(a: int, b: int, state: int) -> None:
-            if a >= b:
-                return
-            if runs and runs[-1][2] == state and runs[-1][1] == a:
-                runs[-1] = (runs[-1][0], b, state)
-            else:
-                runs.append((a, b, state))
-        k = 0
-        for start, end, present in self.map.runs(first, last):
-            base = HELD if present else MISSING
-            pos = start
-            while k < len(marks) and marks[k] < end:
-                i = marks[k]
-                add(pos, i, base)
-                add(i, i + 1, special[i])
-                pos = i + 1
-                k += 1
-            add(pos, end, base)
-        return runs
+        states = self.map.states(first, last)
+        for a, b in self._unsynced.runs(first, last):
+            states[a - first:b - first] = b"\x01" * (b - a)
+        for i in self._inflight:
+            if first <= i < last:
+                states[i - first] = FETCHING
+        return [(first + m.start(), first + m.end(), states[m.start()])
+                for m in _STATE_RUNS.finditer(states)]
 
     async def read_held(self, offset: int, length: int, *,
                         wait=None) -> list:
@@ -397,11 +476,24 @@ class CacheLayer(blockdev.BlockDevice):
             prepared = None
             if self.verify is not None and self.prepare_verify is not None:
                 # Digests come while the data does.
+                last = fetch.first + fetch.count
                 prepared = asyncio.ensure_future(self.prepare_verify(
-                    fetch.first, fetch.first + fetch.count))
+                    fetch.first, last))
                 # Its error, if the read fails first, is not the news.
                 prepared.add_done_callback(
                     lambda t: t.cancelled() or t.exception())
+                if fetch.count == self._max_run and last < self.chunks:
+                    # A long run: a sequential read, most likely. The
+                    # digests of the next runs come now, with this one's
+                    # (one table read for several runs, none waited for);
+                    # an error there is for those runs to meet.
+                    ahead = asyncio.ensure_future(self.prepare_verify(
+                        last, min(self.chunks,
+                                  last + TABLE_AHEAD_RUNS * fetch.count)))
+                    ahead.add_done_callback(
+                        lambda t: t.cancelled() or t.exception())
+                    self._store_tasks.add(ahead)
+                    ahead.add_done_callback(self._store_tasks.discard)
             try:
                 buf = bytearray(length)
                 await self.source.read_into(start, buf)
@@ -423,14 +515,16 @@ class CacheLayer(blockdev.BlockDevice):
                 fetch.future.set_exception(exc)
                 fetch.future.exception()  # retrieved; readers re-raise it
                 return
-            good = [i for i in indices if i not in fetch.errors]
+            errors = fetch.errors
             # Chunks that failed twice are not kept: the next read of one
             # fetches it afresh.
-            self._forget(fetch.errors, fetch)
-            self.counters["fetch_errors"] += len(fetch.errors)
-            self.counters["chunks_fetched"] += len(good)
-            self.counters["bytes_fetched"] += sum(
-                min(cs, self.size - i * cs) for i in good)
+            good = _runs_without(fetch.first, fetch.first + fetch.count,
+                                 errors)
+            self._forget(errors, fetch)
+            self.counters["fetch_errors"] += len(errors)
+            self.counters["chunks_fetched"] += fetch.count - len(errors)
+            self.counters["bytes_fetched"] += length - sum(
+                min(cs, self.size - i * cs) for i in errors)
             view = memoryview(buf).toreadonly()
             fetch.future.set_result(view)
             try:
@@ -439,11 +533,12 @@ class CacheLayer(blockdev.BlockDevice):
                 self._store_failed(good, exc)
                 return
             finally:
-                self._forget(good, fetch)
+                self._forget(indices, fetch)
             # Written: readers take it from the file from now on, and the
             # slots are free while the disk catches up (the page cache
             # holds the data, not us), so fetching runs ahead of the disk.
-            self._unsynced.update(good)
+            for a, b in good:
+                self._unsynced.add(a, b)
             if self._syncer is None or self._syncer.done():
                 self._syncer = asyncio.ensure_future(self._sync_loop())
         finally:
@@ -456,21 +551,34 @@ class CacheLayer(blockdev.BlockDevice):
 
     async def _take_slots(self, count: int) -> None:
         """Reserve ``count`` write slots (memory for fetched chunks)."""
-        # One taker at a time: two runs each holding part of what they
+        # In turn, all at once: two runs each holding part of what they
         # need could otherwise wait for each other forever.
-        async with self._slot_lock:
-            taken = 0
-            try:
-                while taken < count:
-                    await self._write_slots.acquire()
-                    taken += 1
-            except BaseException:
-                self._give_slots(taken)
-                raise
+        if not self._slot_waiters and self._slots_free >= count:
+            self._slots_free -= count
+            return
+        waiter = (count, asyncio.get_running_loop().create_future())
+        self._slot_waiters.append(waiter)
+        try:
+            await waiter[1]
+        except asyncio.CancelledError:
+            if waiter[1].done() and not waiter[1].cancelled():
+                self._give_slots(count)     # granted, then cancelled
+            else:
+                self._slot_waiters.remove(waiter)
+                self._grant_slots()         # the next in turn may fit
+            raise
 
     def _give_slots(self, count: int) -> None:
-        for _ in range(count):
-            self._write_slots.release()
+        self._slots_free += count
+        self._grant_slots()
+
+    def _grant_slots(self) -> None:
+        waiters = self._slot_waiters
+        while waiters and waiters[0][0] <= self._slots_free:
+            count, future = waiters.popleft()
+            if not future.done():
+                self._slots_free -= count
+                future.set_result(None)
 
     async def _check(self, fetch: _Fetch, buf: bytearray) -> None:
         """Verify every chunk of ``buf``; a chunk that fails is read once
@@ -493,21 +601,31 @@ class CacheLayer(blockdev.BlockDevice):
     async def _verify_chunks(self, first: int, view: memoryview) -> dict:
         """{index: error} of the chunks in ``view`` (from chunk
         ``first``) that ``verify`` rejects."""
-        cs = self.chunk_size
-        verify = self.verify
+        if self.verify_many is not None:
+            check = functools.partial(self.verify_many, first, view)
+            # A hash releases the GIL while it runs, and takes it back
+            # after: worth a worker thread for large chunks only. For
+            # small ones a worker takes the GIL back hundreds of times
+            # per run, each a wait on the event loop (a 2 MiB run of 8
+            # KiB chunks: 3.5 ms in a thread, 0.7 ms here).
+            threaded = self.chunk_size >= _VERIFY_IN_THREAD
+        else:
+            cs = self.chunk_size
+            verify = self.verify
 
-        def check() -> dict:
-            failed = {}
-            for pos in range(0, len(view), cs):
-                index = first + pos // cs
-                try:
-                    verify(index, view[pos:pos + cs])
-                except blockdev.BlockError as exc:
-                    failed[index] = exc
-            return failed
-        if len(view) >= _VERIFY_IN_THREAD:
-            # hashlib releases the GIL: hashing runs on another core while
-            # the loop serves other requests.
+            def check() -> dict:
+                failed = {}
+                for pos in range(0, len(view), cs):
+                    index = first + pos // cs
+                    try:
+                        verify(index, view[pos:pos + cs])
+                    except blockdev.BlockError as exc:
+                        failed[index] = exc
+                return failed
+            threaded = len(view) >= _VERIFY_IN_THREAD
+        if threaded:
+            # The hashes release the GIL: hashing runs on another core
+            # while the loop serves other requests.
             return await asyncio.to_thread(check)
         return check()
 
@@ -516,25 +634,19 @@ class CacheLayer(blockdev.BlockDevice):
         LOG.warning("%s: %s (attempt %d of 2)", self.describe(), exc,
                     attempt)
 
-    async def _store(self, view: memoryview, first: int, good: list) -> None:
-        """Write the chunks ``good`` of ``view`` (chunk ``first`` at its
-        start) to the cache file, one pwrite per consecutive stretch."""
+    async def _store(self, view: memoryview, first: int, runs) -> None:
+        """Write the chunk runs ``runs`` ([a, b) each) of ``view`` (chunk
+        ``first`` at its start) to the cache file, one pwrite per run."""
         cs = self.chunk_size
-        i = 0
-        while i < len(good):
-            j = i + 1
-            while j < len(good) and good[j] == good[j - 1] + 1:
-                j += 1
-            a, b = (good[i] - first) * cs, min((good[j - 1] - first + 1) * cs,
-                                               len(view))
-            await fileio.pwrite(self._data_fd, view[a:b], good[i] * cs)
-            i = j
+        for a, b in runs:
+            lo, hi = (a - first) * cs, min((b - first) * cs, len(view))
+            await fileio.pwrite(self._data_fd, view[lo:hi], a * cs)
 
-    def _store_failed(self, indices, exc: OSError) -> None:
+    def _store_failed(self, runs, exc: OSError) -> None:
         # Not marked: served from memory now, refetched next time.
-        self.counters["store_errors"] += len(indices)
+        self.counters["store_errors"] += sum(b - a for a, b in runs)
         LOG.warning("%s: could not store chunks %s: %s", self.describe(),
-                    _span(indices), exc)
+                    _span(runs), exc)
 
     async def _sync_loop(self) -> None:
         """Make written chunks durable, then mark them, in batches.
@@ -553,21 +665,24 @@ class CacheLayer(blockdev.BlockDevice):
                     await asyncio.wait_for(self._sync_now.wait(), wait)
                 except asyncio.TimeoutError:
                     pass
-            batch = set(self._unsynced)
+            batch = self._unsynced.take()
             try:
                 await fileio.fdatasync(self._data_fd)
+            except asyncio.CancelledError:
+                self._unsynced.untake(batch)
+                raise
             except OSError as exc:
-                self._unsynced -= batch
-                self.counters["store_errors"] += len(batch)
+                self._unsynced.drop(batch)
+                lost = sum(b - a for a, b in batch)
+                self.counters["store_errors"] += lost
                 LOG.warning("%s: fdatasync failed (%s); %d chunks will be "
-                            "fetched again", self.describe(), exc,
-                            len(batch))
+                            "fetched again", self.describe(), exc, lost)
                 continue
             finally:
                 self._last_sync = time.monotonic()
-            for index in batch:
-                self.map.set(index)
-            self._unsynced -= batch
+            for a, b in batch:
+                self.map.set(a, b)
+            self._unsynced.drop(batch)
             self._schedule_map_save()
 
     def _schedule_map_save(self) -> None:

@@ -90,6 +90,10 @@ class ChunkMap:
             yield pos, end, present
             pos = end
 
+    def states(self, lo: int, hi: int) -> bytearray:
+        """A copy of entries [lo, hi): ABSENT or PRESENT, one byte each."""
+        return self._map[lo:hi]
+
     def set(self, lo: int, hi: int | None = None,
             state: int = PRESENT) -> None:
         hi = lo + 1 if hi is None else hi
