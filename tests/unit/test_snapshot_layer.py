@@ -915,3 +915,37 @@ def test_a_grow_interrupted_after_the_map_finishes_at_that_size(tmp_path,
         await snap.close()
 
     run(main())
+
+
+def test_read_now_gives_what_read_gives_or_nothing(tmp_path):
+    """The NBD fast path (read_now): the same bytes as read(), counted as
+    read() counts them, for ranges all in the overlay or all below it
+    (held by the cache); None for the rest, which read() then serves."""
+    path, image = make_image(tmp_path / "img")
+
+    async def main():
+        cache = CacheLayer(FileSource(path), str(tmp_path / "cache"),
+                           chunk_size=4 * BS)
+        snap = SnapshotLayer(cache, str(tmp_path / "snaps"), "vm",
+                             block_size=BS, size=SIZE + 8 * BS)
+        assert cache.read_now(0, BS) is None           # not fetched yet
+        assert snap.read_now(0, BS) is None
+        await cache.read(0, 8 * BS)
+        while not cache.map.all_present(0, 2):     # durable, marked
+            await asyncio.sleep(0.01)
+        await snap.write(2 * BS, b"w" * BS)
+        reads = snap.counters["read_requests"]
+        cases = [(0, BS), (BS + 10, 100), (2 * BS, BS), (2 * BS + 5, 7)]
+        for offset, length in cases:
+            got = snap.read_now(offset, length)
+            assert got is not None, (offset, length)
+            assert bytes(got) == bytes(await snap.read(offset, length))
+        assert snap.counters["read_requests"] == reads + 2 * len(cases)
+        # Part overlay, part below; not fetched; past the image: None.
+        for offset, length in [(BS, 2 * BS), (20 * BS, BS),
+                               (SIZE + BS, BS), (SIZE - 10, 20)]:
+            assert snap.read_now(offset, length) is None, (offset, length)
+        await snap.close()
+        await cache.close()
+
+    run(main())
