@@ -435,11 +435,64 @@ def _start_cinder(s: Services) -> None:
     s.timings["cinder_db_sync"] = round(time.monotonic() - t0, 1)
     api = s.spawn("cinder-api", [os.path.join(VENV_BIN, "cinder-api"),
                                  *args])
-    s.spawn("cinder-scheduler", [os.path.join(VENV_BIN, "cinder-scheduler"),
-                                 *args])
     s.spawn("cinder-volume", [os.path.join(VENV_BIN, "cinder-volume"),
                               *args])
     wait_port(s.cinder_port, api.popen, "cinder-api", api.log, 120)
+    # The scheduler asks every volume service for its capabilities when
+    # it starts; a volume service that starts later reports them only
+    # with its periodic task (every 60 s). So: volume first.
+    _wait_cinder_ready(s, 240, want={"cinder-volume"})
+    s.spawn("cinder-scheduler", [os.path.join(VENV_BIN, "cinder-scheduler"),
+                                 *args])
+    _wait_cinder_ready(s, 240)
+
+
+def _wait_cinder_ready(s: Services, timeout: float,
+                       want: set | None = None) -> None:
+    """Until the services ``want`` are up, or (None) until the scheduler
+    knows the volume backend's pool. A request
+    cast before the scheduler's queue exists is lost (a volume would stay
+    'creating' for ever), and one scheduled before the backend reported
+    its capabilities fails: on a loaded machine both start slowly."""
+    import json
+    import urllib.request
+    deadline = time.monotonic() + timeout
+    headers = {"X-Auth-Token": f"{USER}:{PROJECT}",
+               "OpenStack-API-Version": "volume 3.0"}
+    last = ""
+    while time.monotonic() < deadline:
+        for proc in s.procs:
+            if not proc.name.startswith("cinder-"):
+                continue
+            if proc.popen.poll() is not None:
+                raise ServiceError(f"{proc.name} exited "
+                                   f"({proc.popen.returncode}): "
+                                   f"{tail(proc.log)}")
+        try:
+            req = urllib.request.Request(
+                f"{s.cinder_url}/os-services", headers=headers)
+            with urllib.request.urlopen(req, timeout=10) as r:
+                up = {x["binary"] for x in json.load(r)["services"]
+                      if x["state"] == "up" and x["status"] == "enabled"}
+            if want is not None:
+                if want <= up:
+                    return
+                last = f"services up: {sorted(up)}"
+                time.sleep(0.5)
+                continue
+            req = urllib.request.Request(
+                f"{s.cinder_url}/scheduler-stats/get_pools",
+                headers=headers)
+            with urllib.request.urlopen(req, timeout=10) as r:
+                pools = [p["name"] for p in json.load(r)["pools"]]
+            if {"cinder-scheduler", "cinder-volume"} <= up and any(
+                    p.endswith(f"@{BACKEND}#{BACKEND}") for p in pools):
+                return
+            last = f"services up: {sorted(up)}, pools: {pools}"
+        except OSError as exc:
+            last = str(exc)
+        time.sleep(0.5)
+    raise ServiceError(f"Cinder not ready within {timeout:g} s ({last})")
 
 
 def start_services(base: str) -> Services:
@@ -465,7 +518,7 @@ def start_services(base: str) -> Services:
         s.timings["glance"] = round(time.monotonic() - t0, 1)
         t0 = time.monotonic()
         _start_cinder(s)
-        s.timings["cinder_api"] = round(time.monotonic() - t0, 1)
+        s.timings["cinder"] = round(time.monotonic() - t0, 1)
     except BaseException as exc:
         logs = s.logs()
         s.close()
