@@ -194,6 +194,18 @@ def test_cold_read_smoke(tmp_path):
     assert sample["chunks_fetched"] == report["chunks"]
 
 
+def test_nbd_cpu_smoke(tmp_path):
+    """CPU per request of the warm read path, in one process: every
+    request read and counted once, a positive figure per repeat."""
+    report = _run("vmthunder.bench.nbd_cpu", tmp_path, timeout=60)
+    _positive(report, "us_per_request", "requests")
+    assert report["requests"] == 20_000 and report["smoke"] is True
+    assert len(report["samples_us"]) == 2
+    assert report["us_per_request"] == min(report["samples_us"])
+    # Two repeats of every request, and the warm-up's reads.
+    assert report["read_requests_counted"] >= 2 * report["requests"]
+
+
 def _results(vmthunder: tuple, qemu_nbd: tuple, nbdkit: tuple,
              tests) -> dict:
     """Per server (seq MB/s, rand IOPS), as run_benchmark summarizes them;
