@@ -103,6 +103,7 @@ class Proc:
     name: str
     popen: subprocess.Popen
     log: str
+    popen_env: dict
 
 
 @dataclasses.dataclass
@@ -153,7 +154,7 @@ class Services:
                 argv, stdout=out, stderr=subprocess.STDOUT,
                 stdin=subprocess.DEVNULL, cwd=cwd or self.base,
                 env=env or self.env, start_new_session=True)
-        proc = Proc(name, popen, log)
+        proc = Proc(name, popen, log, env or self.env)
         self.procs.append(proc)
         return proc
 
@@ -172,13 +173,32 @@ class Services:
         with contextlib.suppress(subprocess.TimeoutExpired):
             proc.popen.wait(10)
 
-    def restart(self, name: str) -> Proc:
-        """Stop service ``name`` and start it again with the same command."""
+    def restart(self, name: str, *, crash: bool = False) -> Proc:
+        """Stop service ``name`` (``crash``: SIGKILL, no clean stop) and
+        start it again with the same command, in the same place in the
+        stop order."""
         old = self.proc(name)
+        if crash:
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(old.popen.pid, signal.SIGKILL)
         self.stop_proc(old)
-        self.procs.remove(old)
-        new = self.spawn(name, list(old.popen.args))
+        index = self.procs.index(old)
+        new = self.spawn(name, list(old.popen.args), env=old.popen_env)
+        self.procs.remove(new)
+        self.procs[index] = new
         return new
+
+    def crash_tgtd(self) -> None:
+        """SIGKILL tgtd and start it again on the same portal and control
+        port, with no targets (as after a storage node's reboot)."""
+        self.restart("tgtd", crash=True)
+        deadline = time.monotonic() + 15
+        while self.tgtadm("--lld", "iscsi", "--mode", "portal", "--op",
+                          "show", check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                raise ServiceError(f"tgtd did not come back: "
+                                   f"{tail(self.proc('tgtd').log)}")
+            time.sleep(0.1)
 
     # -- tgtd ---------------------------------------------------------------
 

@@ -167,6 +167,81 @@ def test_serve_cinder_origin_boots_and_detaches(openstack, exported, serve,
     assert sha256(path) == before, "the origin volume was written"
 
 
+def test_storage_restart_while_reading_stalls_then_completes(
+        openstack, exported, serve, tmp_path):
+    """tgtd dies (every target gone) while a host reads the whole image
+    through serve: reads stall; once tgtd and cinder-volume are back
+    (cinder-volume re-exports in-use volumes at start, same CHAP) they
+    complete, with the right bytes."""
+    vol = exported["volume_id"]
+    srv = serve(f"cinder://{vol}", listen=f"unix:{tmp_path}/nbd.sock",
+                config_file=exported["conf"])
+    out = str(tmp_path / "copy.raw")
+    openstack.crash_tgtd()
+    assert openstack.targets() == {}
+    reader = subprocess.Popen(
+        ["qemu-img", "convert", "-f", "raw", "-O", "raw", srv.uri(vol), out],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        time.sleep(3)
+        assert reader.poll() is None, reader.stdout.read()
+        openstack.restart("cinder-volume")
+        deadline = time.monotonic() + 120
+        while not any(vol in iqn for iqn in openstack.targets().values()):
+            assert time.monotonic() < deadline, openstack.logs()
+            assert reader.poll() is None, reader.stdout.read()
+            time.sleep(0.5)
+        assert reader.wait(120) == 0, reader.stdout.read()
+    finally:
+        if reader.poll() is None:
+            reader.kill()
+            reader.wait()
+    assert head_sha256(out, exported["size"]) == exported["digest"]
+    assert srv.stop() == 0
+    assert srv.stats()["source"]["reconnects"] >= 1, srv.stats()
+    assert "stalled" in srv.stderr() or "reconnect" in srv.stderr().lower()
+    assert attachments_of(openstack, vol) == []
+
+
+def test_volume_no_longer_matching_its_manifest_is_never_served(
+        openstack, serve, tmp_path):
+    """A chunk changed in the image volume after the export (behind
+    Cinder's back): reading it is an I/O error, its neighbours read
+    right, and nothing of it is cached."""
+    from vmthunder.cinder import export as cinder_export
+    image = tmp_path / "small.raw"
+    image.write_bytes(os.urandom(4 << 20))
+    image_id = upload_image(openstack, str(image), name="small")
+    result = cinder_export.export_glance_image(settings_of(openstack),
+                                               image_id, out=print)
+    chunk = result.chunk_size
+    with open(volume_file(openstack, result.volume_id), "r+b") as f:
+        f.seek(5 * chunk)
+        f.write(b"forged by whoever can write the storage node")
+    conf = config_file(openstack, str(tmp_path / "vmthunder.conf"))
+    srv = serve(f"cinder://{result.volume_id}",
+                listen=f"unix:{tmp_path}/nbd.sock", config_file=conf,
+                cache_dir=str(tmp_path / "cache"))
+    uri = srv.uri(result.volume_id)
+
+    def read(offset: int) -> subprocess.CompletedProcess:
+        return subprocess.run(["qemu-io", "-r", "-f", "raw", "-c",
+                               f"read -v {offset} {chunk}", uri],
+                              capture_output=True, text=True, timeout=60)
+
+    bad = read(5 * chunk)
+    assert "Input/output error" in bad.stdout + bad.stderr, bad
+    good = read(4 * chunk)
+    assert "error" not in (good.stdout + good.stderr).lower(), good
+    again = read(5 * chunk)         # not cached: checked (and refused) again
+    assert "Input/output error" in again.stdout + again.stderr, again
+    assert srv.stop() == 0
+    assert "does not match its manifest" in srv.stderr()
+    stats = srv.stats()["cache"]
+    assert stats["verify_errors"] >= 2 and stats["chunks_present"] >= 1
+    assert attachments_of(openstack, result.volume_id) == []
+
+
 def test_wrong_chap_credentials_are_a_clear_error(openstack, exported):
     from vmthunder.blockdev import BlockError
     from vmthunder.cinder import client as cc
