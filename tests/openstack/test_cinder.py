@@ -167,6 +167,46 @@ def test_serve_cinder_origin_boots_and_detaches(openstack, exported, serve,
     assert sha256(path) == before, "the origin volume was written"
 
 
+def test_agent_attaches_cinder_origin_boots_and_detaches(
+        openstack, exported, guest_dir, tmp_path):
+    """vmthunder-agent with the origin cinder://ID: the image attached
+    (both volumes, read-only, CHAP), a VM disk on it boots, the agent's
+    health checks Cinder's endpoint, and detaching the image deletes both
+    attachments; the origin volume is never written."""
+    need("qemu-system-x86_64")
+    from tests.functional.test_agent import start_agent
+    from vmthunder.cinder import client as cc
+    from vmthunder.cinder import export as cinder_export
+    vol = exported["volume_id"]
+    path = volume_file(openstack, vol)
+    before = sha256(path)
+    manifest_id = cc.volume_client(settings_of(openstack)).volumes.get(
+        vol).metadata[cinder_export.META_MANIFEST_VOLUME]
+    with open(exported["conf"]) as f:
+        section = f.read()
+    agent = start_agent(str(tmp_path / "agent"), config=section)
+    try:
+        agent.client.attach_image("guest", f"cinder://{vol}")
+        assert len(attachments_of(openstack, vol, manifest_id)) == 2
+        vm = agent.client.create_vm("guest-vm", "guest")
+        console = qemu_boot(guest_dir, vm["nbd"])
+        why = console[-3000:] + "\nagent:\n" + agent.stderr()[-3000:]
+        assert "VMTHUNDER-BOOT-OK" in console, why
+        assert "I/O error" not in console, why
+        healthy, report = agent.client.health()
+        assert healthy, report
+        status = agent.client.status()["images"]["guest"]
+        assert 0 < status["chunks_held"] < status["chunks_total"]
+        agent.client.delete_vm("guest-vm")
+        agent.client.detach_image("guest")
+        assert attachments_of(openstack, vol, manifest_id) == []
+        log = agent.stderr()
+        assert not any(secret in log for secret in chap_secrets(openstack))
+    finally:
+        agent.stop()
+    assert sha256(path) == before, "the origin volume was written"
+
+
 def test_storage_restart_while_reading_stalls_then_completes(
         openstack, exported, serve, tmp_path):
     """tgtd dies (every target gone) while a host reads the whole image

@@ -31,6 +31,7 @@ import logging
 import os
 import stat
 import time
+import urllib.parse
 
 from vmthunder import stack
 from vmthunder.cache.cache_layer import FETCHING, HELD
@@ -168,10 +169,12 @@ def _check_file(path: str) -> None:
 
 
 async def check_origin(text: str, iscsi=None, exports=None,
-                       timeout: float = ORIGIN_CHECK_TIMEOUT
+                       timeout: float = ORIGIN_CHECK_TIMEOUT, cinder=None
                        ) -> str | None:
-    """None when origin ``text`` is reachable, else what is wrong."""
+    """None when origin ``text`` is reachable, else what is wrong (for
+    cinder://ID: Cinder's endpoint, when [cinder] endpoint names it)."""
     from vmthunder.volume.iscsi_url import parse_iscsi_url, parse_portal
+    what = "iSCSI portal "
     try:
         origin = stack.Origin.parse(text, absolute=True)
         if origin.kind == "file":
@@ -181,11 +184,20 @@ async def check_origin(text: str, iscsi=None, exports=None,
             return None
         if origin.kind == "iscsi":
             portals = [parse_iscsi_url(origin.target).portal]
+        elif origin.kind == "cinder":
+            endpoint = getattr(cinder, "endpoint", None)
+            if not endpoint:
+                return None if cinder is not None else \
+                    f"{origin}: no [cinder] settings to reach Cinder"
+            url = urllib.parse.urlsplit(endpoint)
+            portals = [parse_portal(f"{url.hostname}:" + str(
+                url.port or (443 if url.scheme == "https" else 80)))]
+            what = "Cinder endpoint "
         else:
             if exports is None:
                 return f"{origin}: no [export] settings to resolve it"
             portals = [parse_portal(exports.portal)]
-        if iscsi is not None:
+        if iscsi is not None and origin.kind != "cinder":
             portals += [parse_portal(p) for p in iscsi.portals]
     except OSError as exc:
         if exc.filename and exc.strerror:
@@ -204,7 +216,7 @@ async def check_origin(text: str, iscsi=None, exports=None,
             errors.append(f"{portal}: no answer within {timeout} s")
         except OSError as exc:
             errors.append(f"{portal}: {exc.strerror or exc}")
-    return "iSCSI portal " + "; ".join(errors)
+    return what + "; ".join(errors)
 
 
 class Health:
@@ -231,7 +243,8 @@ class Health:
         if pending is None:
             config = self.agent.config
             pending = asyncio.ensure_future(check_origin(
-                origin, config.iscsi, config.exports, self.timeout))
+                origin, config.iscsi, config.exports, self.timeout,
+                getattr(config, "cinder", None)))
             self._checking[origin] = pending
 
             def done(task, origin=origin):

@@ -138,6 +138,7 @@ def make_config(args, conf):
         nbd_limits=NbdLimits.from_conf(conf.nbd),
         iscsi=conf.iscsi,
         exports=export.ExportConfig.from_conf(conf.export, None),
+        cinder=conf.cinder,
         peer_mode=args.peer_mode or a.peer_mode,
         peer_parent=args.peer_parent or a.peer_parent,
         peer_advertise=a.peer_advertise,

@@ -72,9 +72,11 @@ class AgentConfig:
     max_pending_writes: int = 32
     sync_interval: float = 2.0
     nbd_limits: NbdLimits = NbdLimits()
-    # [iscsi] options and the [export] settings resolving export:NAME.
+    # [iscsi] options and the [export] settings resolving export:NAME;
+    # [cinder] options reaching cinder://VOLUME_ID.
     iscsi: object = None
     exports: object = None
+    cinder: object = None
     # Peers (with peer_listen): "mesh" finds holders through the
     # coordination backend; "tree" reads only from peer_parent (the
     # original VMThunder topology); "off" reads only the origin.
@@ -305,7 +307,8 @@ class Agent:
         sent it)."""
         source = await stack.open_source(check_origin(origin),
                                          self.config.iscsi,
-                                         self.config.exports)
+                                         self.config.exports,
+                                         self.config.cinder)
         manifest = source.manifest
         if manifest is None or not self.peering.enabled:
             if self.peering.enabled:
