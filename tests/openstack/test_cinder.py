@@ -76,6 +76,18 @@ def attachments_of(s: services.Services, *volume_ids: str) -> list:
             if a.volume_id in volume_ids]
 
 
+def origin_volumes(s: services.Services, exported: dict):
+    """(image volume, manifest volume, the image volume's file, its
+    sha256 now)."""
+    from vmthunder.cinder import client as cc
+    from vmthunder.cinder import export as cinder_export
+    vol = exported["volume_id"]
+    manifest_id = cc.volume_client(settings_of(s)).volumes.get(
+        vol).metadata[cinder_export.META_MANIFEST_VOLUME]
+    path = volume_file(s, vol)
+    return vol, manifest_id, path, sha256(path)
+
+
 @pytest.fixture(scope="module")
 def exported(openstack, guest_dir, tmp_path_factory):
     """The guest's root in Glance, exported with the CLI."""
@@ -135,13 +147,7 @@ def test_serve_cinder_origin_boots_and_detaches(openstack, exported, serve,
     guest boots through the cache, the origin volume is never written,
     and no attachment (nor target) is left once serve stops."""
     need("qemu-system-x86_64")
-    from vmthunder.cinder import export as cinder_export
-    from vmthunder.cinder import client as cc
-    vol = exported["volume_id"]
-    path = volume_file(openstack, vol)
-    before = sha256(path)
-    manifest_id = cc.volume_client(settings_of(openstack)).volumes.get(
-        vol).metadata[cinder_export.META_MANIFEST_VOLUME]
+    vol, manifest_id, path, before = origin_volumes(openstack, exported)
     srv = serve(f"cinder://{vol}", "--snapshot", "vm1",
                 listen=f"unix:{tmp_path}/nbd.sock",
                 config_file=exported["conf"])
@@ -175,13 +181,7 @@ def test_agent_attaches_cinder_origin_boots_and_detaches(
     attachments; the origin volume is never written."""
     need("qemu-system-x86_64")
     from tests.functional.test_agent import start_agent
-    from vmthunder.cinder import client as cc
-    from vmthunder.cinder import export as cinder_export
-    vol = exported["volume_id"]
-    path = volume_file(openstack, vol)
-    before = sha256(path)
-    manifest_id = cc.volume_client(settings_of(openstack)).volumes.get(
-        vol).metadata[cinder_export.META_MANIFEST_VOLUME]
+    vol, manifest_id, path, before = origin_volumes(openstack, exported)
     with open(exported["conf"]) as f:
         section = f.read()
     agent = start_agent(str(tmp_path / "agent"), config=section)
