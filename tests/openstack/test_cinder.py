@@ -141,6 +141,20 @@ def test_export_through_cinder_is_recorded_and_idempotent(openstack,
         cinder_export.META_IDENTITY] == identity
 
 
+def test_copy_from_cinder_origin(openstack, exported, tmp_path):
+    """The transfer library reads cinder://ID: attached, every chunk
+    checked against the manifest volume, detached after."""
+    vol, manifest_id, path, before = origin_volumes(openstack, exported)
+    out = str(tmp_path / "copy.raw")
+    proc = vmthunder("--config-file", exported["conf"], "copy",
+                     f"cinder://{vol}", out)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert os.path.getsize(out) == exported["size"]
+    assert sha256(out) == exported["digest"]
+    assert attachments_of(openstack, vol, manifest_id) == []
+    assert sha256(path) == before
+
+
 def test_serve_cinder_origin_boots_and_detaches(openstack, exported, serve,
                                                 guest_dir, tmp_path):
     """serve cinder://ID: both volumes attached read-only with CHAP, the

@@ -170,6 +170,9 @@ SOURCE_FORMS = (
     "iscsi://[USER@]HOST[:PORT]/IQN/LUN (chunks checked against the "
     "manifest LUN)",
     "export:NAME (an image `vmthunder export` published)",
+    "cinder://VOLUME_ID (an image volume `vmthunder export glance://ID "
+    "--cinder` made: attached read-only through Cinder, chunks checked "
+    "against its manifest volume, detached after)",
     "http(s)://URL (range requests in parallel where the server offers "
     "them, else one stream)",
     "glance://IMAGE_ID (Glance v2 image data, its os_hash_value checked)",

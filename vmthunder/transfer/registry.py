@@ -16,6 +16,7 @@ def make_source(uri: str, options: dict) -> Source:
         "file": sources.FileSource,
         "nbd": sources.NbdSource, "nbd+unix": sources.NbdSource,
         "iscsi": sources.StackSource, "export": sources.StackSource,
+        "cinder": sources.StackSource,
         "http": http.HttpSource, "https": http.HttpSource,
         "glance": http.GlanceSource,
         "vmthunder": agent.AgentSource,

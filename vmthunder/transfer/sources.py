@@ -161,10 +161,11 @@ class NbdSource(BlockSource):
 
 
 class StackSource(BlockSource):
-    """iscsi:// or export:NAME through vmthunder.stack: the userspace
-    initiator (or os-brick, as [iscsi] attach says), CHAP from the URL or
-    [iscsi] chap_*, the chunk manifest from the manifest LUN: every chunk
-    read is checked against it."""
+    """iscsi://, export:NAME or cinder://VOLUME_ID through
+    vmthunder.stack: the userspace initiator (or os-brick, as [iscsi]
+    attach says), CHAP from the URL or [iscsi] chap_* (from the
+    attachment for cinder://), the chunk manifest from the manifest LUN
+    (the manifest volume): every chunk read is checked against it."""
 
     request_size = 2 << 20
     max_in_flight = 8
