@@ -49,7 +49,8 @@ _VERIFY_IN_THREAD = 64 * 1024
 # pwrite) dominated cold sequential reads of 256 KiB chunks.
 MAX_FETCH_BYTES = 2 * 1024 * 1024
 # A fetch of a whole run (MAX_FETCH_BYTES: a sequential read) also loads
-# the digests of this many runs after it.
+# the digests of the next window of this many runs (windows aligned on
+# their size: one table read per window).
 TABLE_AHEAD_RUNS = 8
 # What one of max_pending_writes stands for, at the least (see __init__).
 SLOT_UNIT = 256 * 1024
@@ -482,14 +483,16 @@ class CacheLayer(blockdev.BlockDevice):
                 # Its error, if the read fails first, is not the news.
                 prepared.add_done_callback(
                     lambda t: t.cancelled() or t.exception())
-                if fetch.count == self._max_run and last < self.chunks:
+                window = TABLE_AHEAD_RUNS * fetch.count
+                ahead_at = (last // window + 1) * window
+                if fetch.count == self._max_run and ahead_at < self.chunks:
                     # A long run: a sequential read, most likely. The
-                    # digests of the next runs come now, with this one's
-                    # (one table read for several runs, none waited for);
+                    # digests of the next window of runs come now, in
+                    # one table read (asked again by the window's other
+                    # runs, but read once), before those runs need them;
                     # an error there is for those runs to meet.
                     ahead = asyncio.ensure_future(self.prepare_verify(
-                        last, min(self.chunks,
-                                  last + TABLE_AHEAD_RUNS * fetch.count)))
+                        ahead_at, min(self.chunks, ahead_at + window)))
                     ahead.add_done_callback(
                         lambda t: t.cancelled() or t.exception())
                     self._store_tasks.add(ahead)
