@@ -145,19 +145,22 @@ def run_benchmark(args) -> dict:
         runs = {"qemu": [], "vmthunder": []}
         if args.baseline:
             runs["baseline"] = []
+        trees = {"vmthunder": io.REPO}
+        if args.baseline:
+            trees["baseline"] = args.baseline
         for r in range(args.repeat):
             recycle_page_cache(args.recycle, workdir)
             runs["qemu"].append(io.cold_read_qemu(url, args.size,
                                                   origin.tgtd_pid()))
-            recycle_page_cache(args.recycle, workdir)
-            runs["vmthunder"].append(read_vmthunder(
-                url, args.size, workdir, conf, f"r{r}", args.client,
-                origin.tgtd_pid()))
-            if args.baseline:
+            # The two serves change places every repeat: the one that
+            # runs right after the other's cache was deleted gets its
+            # freed page cache (see recycle_page_cache).
+            order = list(trees) if r % 2 == 0 else list(trees)[::-1]
+            for who in order:
                 recycle_page_cache(args.recycle, workdir)
-                runs["baseline"].append(read_vmthunder(
-                    url, args.size, workdir, conf, f"b{r}", args.client,
-                    origin.tgtd_pid(), repo=args.baseline))
+                runs[who].append(read_vmthunder(
+                    url, args.size, workdir, conf, f"{who}{r}",
+                    args.client, origin.tgtd_pid(), repo=trees[who]))
             log(f"repeat {r + 1}: " + ", ".join(
                 f"{who} {samples[-1]['seconds']:.3f} s"
                 for who, samples in runs.items()))
