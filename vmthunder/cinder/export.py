@@ -99,6 +99,11 @@ def export_glance_image(settings: cc.CinderSettings, image_id: str, *,
                           "again") from None
     except cexc.ClientException as exc:
         raise CinderError(f"Cinder: {exc}") from None
+    except ksexc.HttpError as exc:
+        raise CinderError(f"Glance refused a request for image {image_id}: "
+                          f"{exc}") from None
+    except ksexc.ClientException as exc:
+        raise CinderError(cc.describe_error(exc, settings)) from None
 
 
 class _Exporter:
