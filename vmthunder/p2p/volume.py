@@ -44,6 +44,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import functools
 import logging
 import random
 import time
@@ -61,7 +62,7 @@ LOG = logging.getLogger(__name__)
 MODES = ("mesh", "tree")
 # One read from a peer carries at most this much.
 PEER_READ_MAX = 4 * 1024 * 1024
-# Chunks digested in a worker thread from this many bytes on.
+# Chunks of this many bytes or more are digested in a worker thread.
 _VERIFY_IN_THREAD = 64 * 1024
 # A chunk nobody holds or fetches, read from its owner (which fetches it).
 OWNER = 3
@@ -809,20 +810,13 @@ class ImageVolume(blockdev.BlockDevice):
         """Chunks of ``view`` (chunk ``first`` at its start) that do not
         match the manifest. Callers have awaited _load_digests for them
         (an unloaded digest fails the check, never passes it)."""
-        cs = self.chunk_size
-        verify = self.manifest.verify
-
-        def check() -> list[int]:
-            bad = []
-            for pos in range(0, view.nbytes, cs):
-                try:
-                    verify(first + pos // cs, view[pos:pos + cs])
-                except blockdev.BlockError:
-                    bad.append(first + pos // cs)
-            return bad
-        if view.nbytes >= _VERIFY_IN_THREAD:
-            return await asyncio.to_thread(check)
-        return check()
+        check = functools.partial(self.manifest.verify_run, first, view)
+        # One call for the run (Manifest.verify_run); in a worker thread
+        # only when each hash is long: a thread takes the GIL back after
+        # every hash, which costs more than a small chunk's hash.
+        if self.chunk_size >= _VERIFY_IN_THREAD:
+            return sorted(await asyncio.to_thread(check))
+        return sorted(check())
 
 
 def _kind(exc: Exception) -> str:
