@@ -221,6 +221,70 @@ def test_agent_attaches_cinder_origin_boots_and_detaches(
     assert sha256(path) == before, "the origin volume was written"
 
 
+def test_second_agent_reads_the_cinder_origin_from_the_first(
+        openstack, exported, tmp_path):
+    """Two agents (peers on loopback TCP, membership through tooz's file
+    backend) attach the same cinder://ID: once the first holds the image,
+    the second's chunks come from it, not from the volume; both detach
+    and no attachment is left."""
+    need("qemu-img")
+    from tests.functional.test_agent import start_agent
+    vol, manifest_id, path, before = origin_volumes(openstack, exported)
+    with open(exported["conf"]) as f:
+        section = f.read()
+    coordination = f"file://{tmp_path / 'coordination'}"
+    agents = []
+    try:
+        for name in ("host-a", "host-b"):
+            port = services.free_port()
+            agents.append(start_agent(
+                str(tmp_path / name), "--peer-listen",
+                f"tcp:127.0.0.1:{port}", "--peer-mode", "mesh",
+                config=section + "[coordination]\n"
+                f"backend_url = {coordination}\nmember_id = {name}\n"
+                "heartbeat_interval = 0.25\n"))
+        a, b = agents
+        a.client.attach_image("guest", f"cinder://{vol}")
+        vm_a = a.client.create_vm("vm-a", "guest")
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw",
+                        vm_a["nbd"], str(tmp_path / "a.raw")], check=True,
+                       timeout=120)
+        sa = a.client.status()["images"]["guest"]
+        # All but the holes the origin reports (qemu-img skips them).
+        assert sa["chunks_held"] >= sa["chunks_total"] * 3 // 4, sa
+
+        b.client.attach_image("guest", f"cinder://{vol}")
+        vm_b = b.client.create_vm("vm-b", "guest")
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw",
+                        vm_b["nbd"], str(tmp_path / "b.raw")], check=True,
+                       timeout=120)
+        assert head_sha256(str(tmp_path / "b.raw"), exported["size"]) == \
+            exported["digest"]
+        sb = b.client.status()["images"]["guest"]
+        # Most from the first host (seen here: ~63%; the rest are regions
+        # the second one owns, fetched from the origin).
+        assert sb["bytes_from_peers"] > sb["bytes_from_origin"], sb
+        assert sb["fetch_errors"] == 0, sb
+        # The first host detaches: the volume stays exported for the
+        # second (the driver reports the shared export to Cinder).
+        a.client.delete_vm("vm-a")
+        a.client.detach_image("guest")
+        assert [x.volume_id for x in attachments_of(openstack, vol)] == [vol]
+        assert any(vol in iqn for iqn in openstack.targets().values())
+        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw",
+                        vm_b["nbd"], str(tmp_path / "b2.raw")], check=True,
+                       timeout=120)
+        assert "connection lost" not in b.stderr(), b.stderr()[-3000:]
+        b.client.delete_vm("vm-b")
+        b.client.detach_image("guest")
+        assert attachments_of(openstack, vol, manifest_id) == []
+        assert not any(vol in iqn for iqn in openstack.targets().values())
+    finally:
+        for agent in agents:
+            agent.stop()
+    assert sha256(path) == before, "the origin volume was written"
+
+
 def test_storage_restart_while_reading_stalls_then_completes(
         openstack, exported, serve, tmp_path):
     """tgtd dies (every target gone) while a host reads the whole image

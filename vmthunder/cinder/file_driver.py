@@ -193,8 +193,20 @@ class FileVolumeDriver(driver.VolumeDriver):
         return self.target_driver.validate_connector(connector)
 
     def terminate_connection(self, volume, connector, **kwargs):
-        return self.target_driver.terminate_connection(volume, connector,
-                                                       **kwargs)
+        """True while other attachments share the export: the volume
+        manager then keeps it (else it removes the target under the other
+        hosts of a multiattach volume). As Cinder's LVM driver does."""
+        def same_connector(attachment):
+            return (attachment.connector and
+                    self.target_driver.are_same_connector(
+                        attachment.connector, connector))
+
+        attachments = volume.volume_attachment
+        if volume.multiattach and \
+                sum(1 for a in attachments if same_connector(a)) > 1:
+            return True
+        self.target_driver.terminate_connection(volume, connector, **kwargs)
+        return len(attachments) > 1
 
     # -- stats ---------------------------------------------------------
 
