@@ -127,6 +127,7 @@ def test_export_through_cinder_is_recorded_and_idempotent(openstack,
         f"/v2/images/{exported['image_id']}").json()
     assert image[cinder_export.PROP_VOLUME] == exported["volume_id"]
     assert image[cinder_export.PROP_IDENTITY] == identity
+    assert image["vmthunder_origin"] == f"cinder://{exported['volume_id']}"
     # Cinder filled the volume with the image (the driver's
     # copy_image_to_volume), the rest of its GiB is zeros.
     assert head_sha256(volume_file(openstack, exported["volume_id"]),

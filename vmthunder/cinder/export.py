@@ -21,7 +21,9 @@ read-only, multi-attached Cinder volume, with its chunk manifest.
    digests) and the manifest volume in the image volume's metadata
    (``vmthunder_manifest_identity``, ``vmthunder_manifest_volume``) and in
    Glance image properties (``vmthunder_cinder_volume``,
-   ``vmthunder_manifest_identity``).
+   ``vmthunder_manifest_identity``, and ``vmthunder_origin =
+   cinder://VOLUME_ID``, which the Nova driver reads, unless it names
+   another origin already).
 
 A second export of the same image finds all of it and changes nothing; a
 half-made export (volume made, no manifest) is completed. Errors are
@@ -54,6 +56,8 @@ META_SIZE = "vmthunder_image_size"
 META_MANIFEST_OF = "vmthunder_manifest_of"
 PROP_VOLUME = "vmthunder_cinder_volume"
 PROP_IDENTITY = "vmthunder_manifest_identity"
+# What the Nova driver reads ([vmthunder] origin_property's default).
+PROP_ORIGIN = "vmthunder_origin"
 BUSY = ("creating", "downloading", "uploading")
 READ_STEP = 4 << 20
 
@@ -250,8 +254,12 @@ class _Exporter:
         else:
             self.out(f"manifest: volume {manifest_id}, identity "
                      f"{identity[:16]}... (already there)")
-        self.set_properties(image, {PROP_VOLUME: volume.id,
-                                    PROP_IDENTITY: identity})
+        props = {PROP_VOLUME: volume.id, PROP_IDENTITY: identity}
+        # The Nova driver boots the image from this volume; an origin an
+        # operator set to something else (export:NAME) is left alone.
+        if str(image.get(PROP_ORIGIN, "cinder://")).startswith("cinder://"):
+            props[PROP_ORIGIN] = f"cinder://{volume.id}"
+        self.set_properties(image, props)
         message = (f"image {self.image_id}: Cinder volume {volume.id} "
                    f"(read-only, multiattach), manifest volume "
                    f"{manifest_id}; origin cinder://{volume.id}"
