@@ -327,6 +327,9 @@ def _start_rabbitmq(s: Services) -> None:
                RABBITMQ_NODE_IP_ADDRESS=HOST,
                RABBITMQ_NODE_PORT=str(s.rabbit_port),
                RABBITMQ_DIST_PORT=str(free_port()),
+               # Erlang distribution on loopback too, not every interface.
+               RABBITMQ_SERVER_ADDITIONAL_ERL_ARGS=(
+                   "-kernel inet_dist_use_interface {127,0,0,1}"),
                RABBITMQ_MNESIA_BASE=os.path.join(root, "mnesia"),
                RABBITMQ_LOG_BASE=os.path.join(root, "log"),
                RABBITMQ_ENABLED_PLUGINS_FILE=plugins,
