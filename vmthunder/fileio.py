@@ -14,6 +14,7 @@ import ctypes
 import errno
 import mmap
 import os
+import stat
 
 _NOWAIT = getattr(os, "RWF_NOWAIT", 0)
 _nowait_works = bool(_NOWAIT)
@@ -178,3 +179,14 @@ def keep_freed_buffers(limit: int = 64 * 1024 * 1024) -> bool:
     mallopt.argtypes = (ctypes.c_int, ctypes.c_int)
     return bool(mallopt(_M_MMAP_THRESHOLD, limit)
                 and mallopt(_M_TRIM_THRESHOLD, limit))
+
+
+_KINDS = ((stat.S_ISREG, "a regular file"), (stat.S_ISDIR, "a directory"),
+          (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def file_kind(mode: int) -> str | None:
+    """What a file of st_mode ``mode`` is, for messages ("a directory",
+    "a FIFO", ...); None for a kind without a name here."""
+    return next((name for test, name in _KINDS if test(mode)), None)

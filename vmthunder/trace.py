@@ -41,6 +41,7 @@ import time
 import typing
 import zlib
 
+from vmthunder import fileio
 from vmthunder.nbd import constants as c
 
 FORMAT = "vmthunder-trace"
@@ -264,11 +265,6 @@ def load(path: str, *, max_file_bytes: int | None = None,
         os.close(fd)
 
 
-_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"),
-          (stat.S_ISCHR, "a character device"),
-          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
-
-
 def _open_regular(path: str) -> int:
     """A descriptor of regular file ``path``; TraceError otherwise.
     Checked before the open (a device is not even opened) and after it
@@ -286,8 +282,7 @@ def _open_regular(path: str) -> int:
 
 def _check_regular(path: str, mode: int) -> None:
     if not stat.S_ISREG(mode):
-        kind = next((name for test, name in _KINDS if test(mode)),
-                    "not a file")
+        kind = fileio.file_kind(mode) or "not a file"
         raise TraceError(f"{path}: not a regular file ({kind}); a trace "
                          "must be a regular file")
 

@@ -16,11 +16,7 @@ def _check_kind(path: str, st: os.stat_result) -> None:
     mode = st.st_mode
     if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
         return
-    kind = ("a directory" if stat.S_ISDIR(mode) else
-            "a FIFO" if stat.S_ISFIFO(mode) else
-            "a socket" if stat.S_ISSOCK(mode) else
-            "a character device" if stat.S_ISCHR(mode) else
-            "not a regular file")
+    kind = fileio.file_kind(mode) or "not a regular file"
     raise blockdev.BlockError(
         errno.EINVAL, f"image {path!r} is {kind}; an image must be a raw "
         "image file or a block device")
