@@ -20,14 +20,16 @@ class ImageUris:
     """A PeerDirectory giving NBD URIs of an image's export on each peer
     (peers export every image cache under the image's name).
 
-    With a membership (``members()`` and ``member_id``) it also names the
-    image's owners (``owners_for``, see vmthunder/p2p/owners.py): every
-    live member that announced the image, keyed by member id, and this
-    host (uri None) whether it announced the image yet or not.
+    With a ``membership`` (vmthunder/agent/membership.py: ``members()``
+    and ``member_id``) it also names the image's owners (``owners_for``,
+    see vmthunder/p2p/owners.py): every live member that announced the
+    image, keyed by member id, and this host (uri None) whether it
+    announced the image yet or not.
     """
 
-    def __init__(self, endpoints):
+    def __init__(self, endpoints, membership=None):
         self.endpoints = endpoints      # .peers_for(image) -> addresses
+        self.membership = membership
 
     def peers_for(self, image: str) -> list[str]:
         if self.endpoints is None:
@@ -43,12 +45,11 @@ class ImageUris:
         return uris
 
     def owners_for(self, image: str) -> list[tuple[str, str | None]]:
-        members = getattr(self.endpoints, "members", None)
-        me = getattr(self.endpoints, "member_id", None)
-        if members is None or me is None:
+        if self.membership is None:
             return []
+        me = self.membership.member_id
         owners: list[tuple[str, str | None]] = []
-        for member, info in members().items():
+        for member, info in self.membership.members().items():
             if member == me or image_of(image) not in info["images"] \
                     or not info["endpoint"]:
                 continue
@@ -92,7 +93,7 @@ class Peering:
         if self.config.peer_mode == "tree":
             parent = self.config.peer_parent
             return ImageUris(StaticPeers([parent] if parent else []))
-        return ImageUris(self.membership)
+        return ImageUris(self.membership, membership=self.membership)
 
     async def start_membership(self) -> None:
         """Join the peer group (mesh mode) to announce the images held

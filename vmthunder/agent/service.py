@@ -753,7 +753,7 @@ class Agent:
             store_errors=cache["store_errors"],
             precache=image.precache.progress() if image.precache
             else None)
-        in_flight, queued = cache_fetches(image.cache)
+        in_flight, queued = image.cache.fetch_counts()
         status.update(fetches_in_flight=in_flight, fetches_queued=queued,
                       **image.reads.stats())
         origin = image.volume.origin if image.volume else image.cache.source
@@ -798,27 +798,6 @@ class Agent:
                        for i in self.images.values()},
             "vms": {v.name: self.vm_status(v) for v in self.vms.values()},
         }
-
-
-def cache_fetches(cache) -> tuple[int, int]:
-    """(in flight, queued) fetches of a CacheLayer, read off its own state
-    when asked (nothing counted on the read path): a fetch is queued while
-    it waits for write slots (memory for the chunks it brings), in flight
-    from then until its chunks are checked and handed to the readers
-    (then written to the cache file). Reads private state of the cache
-    (the chunks in flight, its slot lock), defensively: a cache without
-    them shows none."""
-    inflight = getattr(cache, "_inflight", None) or {}
-    pending = {id(f) for f in inflight.values()
-               if not f.future.done()}
-    queued = 0
-    lock = getattr(cache, "_slot_lock", None)
-    if lock is not None and lock.locked():
-        # The holder waits for slots (taking them does not suspend
-        # otherwise), the others for the lock.
-        queued = 1 + len(getattr(lock, "_waiters", None) or ())
-    queued = min(queued, len(pending))
-    return len(pending) - queued, queued
 
 
 def _held_bytes(cache: CacheLayer) -> int:

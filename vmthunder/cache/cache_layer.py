@@ -742,6 +742,16 @@ class CacheLayer(blockdev.BlockDevice):
                 hi - lo, blockdev.STATE_CACHED if present else 0))
         return extents
 
+    def fetch_counts(self) -> tuple[int, int]:
+        """(in flight, queued) fetches, counted when asked (nothing is
+        counted on the read path): a fetch is queued while it waits for
+        write slots (memory for the chunks it brings), in flight from
+        then until its chunks are checked and handed to the readers."""
+        pending = {id(f) for f in self._inflight.values()
+                   if not f.future.done()}
+        queued = min(len(self._slot_waiters), len(pending))
+        return len(pending) - queued, queued
+
     def stats(self) -> dict:
         return dict(self.counters, chunk_size=self.chunk_size,
                     chunks=self.chunks,

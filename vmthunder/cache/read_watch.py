@@ -27,7 +27,7 @@ import logging
 from bisect import bisect_left
 from time import monotonic
 
-from vmthunder.cache.cache_layer import HELD
+from vmthunder.cache.cache_layer import HELD, CacheLayer
 
 LOG = logging.getLogger(__name__)
 
@@ -128,13 +128,17 @@ class VmReads:
         self._snap_held = snapshot.map.all_present
         self._bs = snapshot.block_size
         lower = snapshot.lower
-        cache_map = getattr(lower, "map", None)
-        self._cache_held = cache_map.all_present if cache_map is not None \
-            else None
-        self._cs = getattr(lower, "chunk_size", 0)
         self._cache_size = lower.size
-        # Chunks written but not yet marked are held too (the slow path).
-        self._cache_states = getattr(lower, "chunk_states", None)
+        if isinstance(lower, CacheLayer):
+            self._cache_held = lower.map.all_present
+            self._cs = lower.chunk_size
+            # Chunks written but not yet marked are held too (slow path).
+            self._cache_states = lower.chunk_states
+        else:
+            # No cache under the snapshot: a read is a hit only when its
+            # overlay holds it.
+            self._cache_held = self._cache_states = None
+            self._cs = 0
 
     def begin(self, offset: int, length: int) -> int:
         reads = self.reads

@@ -81,12 +81,11 @@ class PeerDirectory(Protocol):
         ``image`` on *other* hosts; in tree mode the first is the parent.
         """
 
-    # Optional (ImageVolume looks it up with getattr):
-    #
-    # def owners_for(self, image: str) -> list[tuple[str, str | None]]:
-    #     """(key, uri) of every host that announced ``image``, THIS host
-    #     included with uri None; keys are stable (member ids) and the
-    #     same on every host. Empty: no owners (today's fetch order)."""
+    def owners_for(self, image: str) -> list[tuple[str, str | None]]:
+        """(key, uri) of every host that announced ``image``, THIS host
+        included with uri None; keys are stable (member ids) and the
+        same on every host. Empty: no owners (fetch order without
+        owners, vmthunder/p2p/owners.py)."""
 
 
 class StaticPeers:
@@ -97,6 +96,9 @@ class StaticPeers:
 
     def peers_for(self, image: str) -> list[str]:
         return list(self.uris)
+
+    def owners_for(self, image: str) -> list[tuple[str, str | None]]:
+        return []
 
 
 class StaticOwners(StaticPeers):
@@ -398,11 +400,8 @@ class ImageVolume(blockdev.BlockDevice):
     def _owners(self):
         """(self key or None, {key: uri or None}) of the image's owners,
         or None when the directory names none."""
-        owners_for = getattr(self.peers, "owners_for", None)
-        if owners_for is None:
-            return None
         try:
-            owners = list(owners_for(self.image))
+            owners = list(self.peers.owners_for(self.image))
         except Exception:
             LOG.exception("%s: cannot list the owners; reading without",
                           self.describe())
