@@ -14,6 +14,7 @@ import socket
 from oslo_config import cfg
 
 from vmthunder import guest
+from vmthunder.ratelimit import Rate
 
 KiB = 1024
 MiB = 1024 * KiB
@@ -378,6 +379,26 @@ agent_opts = [
              "system of its cache_dir or state_dir has less than this "
              "many MiB free (a full cache disk gives VMs' writes "
              "ENOSPC)."),
+    cfg.Opt(
+        "peer_upload_rate",
+        type=Rate(),
+        help="Most bytes per second this host sends to all its peers "
+             "together (one limit for every peer connection of the "
+             "agent), so that serving other hosts leaves this host's "
+             "network to its own VMs. The VMs' own disks "
+             "(hypervisor_listen) are never limited. A tc rate "
+             "('50mbit', '10mbps' = bytes/s) or bytes per second "
+             "('6250000', '6M'); 0 or unset: no limit. Shown by "
+             "`vmthunder status` with the bytes served to peers and the "
+             "time they waited for the limit."),
+    cfg.Opt(
+        "background_fetch_rate",
+        type=Rate(),
+        help="Most bytes per second this host fetches for work no VM is "
+             "waiting for (precache, trace prefetch), from the origin and "
+             "peers together; reads of running VMs (demand reads) are "
+             "never held back by it and go first. Same units as "
+             "peer_upload_rate; 0 or unset: no limit."),
 ]
 
 coordination_opts = [

@@ -29,6 +29,7 @@ import logging
 import time
 
 from vmthunder import blockdev
+from vmthunder.ratelimit import RateLimit
 from vmthunder.transfer.base import MiB, Destination, Extent, Source, strerror
 from vmthunder.volume.manifest import ChunkMismatch
 from vmthunder.transfer.errors import (DestinationError, SourceError,
@@ -138,24 +139,6 @@ def data_runs(data, block: int = ZERO_BLOCK) -> list[tuple[int, int]]:
     if start is not None:
         runs.append((start, n))
     return runs
-
-
-class RateLimit:
-    """At most ``rate`` bytes per second, a quarter second of burst."""
-
-    def __init__(self, rate: float):
-        if not rate or rate <= 0:
-            raise ValueError(f"rate limit {rate!r} must be positive")
-        self.rate = float(rate)
-        self._next = time.monotonic()
-
-    async def acquire(self, n: int) -> None:
-        now = time.monotonic()
-        start = max(self._next, now - 0.25)
-        self._next = start + n / self.rate
-        wait = start - now
-        if wait > 0:
-            await asyncio.sleep(wait)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -299,19 +282,11 @@ class _OrderedHasher:
 
 def _check_chunks(manifest, first: int, data) -> None:
     """Raise ChunkMismatch (the first chunk that fails) unless the whole
-    chunks of ``data`` from chunk ``first`` on match the manifest: in
-    one run where the manifest checks runs (verify_run), else chunk by
-    chunk."""
-    view = memoryview(data).cast("B")
-    run = getattr(manifest, "verify_run", None)
-    if run is not None:
-        failed = run(first, view)
-        if failed:
-            raise failed[min(failed)]
-        return
-    cs = manifest.chunk_size
-    for i, pos in enumerate(range(0, view.nbytes, cs)):
-        manifest.verify(first + i, view[pos:pos + cs])
+    chunks of ``data`` from chunk ``first`` on match the manifest (a
+    volume.manifest.Manifest, checking the run in one call)."""
+    failed = manifest.verify_run(first, memoryview(data).cast("B"))
+    if failed:
+        raise failed[min(failed)]
 
 
 class Copy:
