@@ -254,23 +254,21 @@ def _load_config(path: str | None) -> None:
 
 
 def _cmd_serve(args) -> int:
-    from vmthunder import fileio, serve
+    from vmthunder import fileio, serve, stack
     fileio.keep_freed_buffers()
     image = args.image
     config = serve.ServeConfig(
         image=image,
         listen=(args.listen
                 or parse_address(CONF.nbd.listen, listen=True)),
-        cache_dir=args.cache_dir or CONF.cache.cache_dir,
+        cache=stack.CacheOptions.from_conf(
+            CONF.cache, directory=args.cache_dir, chunk_size=args.chunk_size,
+            sync_interval=args.sync_interval),
         export=(args.export if args.export is not None else
                 default_export_name(image)),
         snapshots=args.snapshot,
         snapshot_size=args.snapshot_size,
-        chunk_size=args.chunk_size or CONF.cache.chunk_size,
         block_size=CONF.snapshot.block_size,
-        max_pending_writes=CONF.cache.max_pending_writes,
-        sync_interval=(args.sync_interval if args.sync_interval is not None
-                       else CONF.cache.sync_interval),
         nbd_limits=NbdLimits.from_conf(CONF.nbd),
         read_only=args.read_only,
         stats_file=args.stats_file,

@@ -35,16 +35,13 @@ READY_PREFIX = "vmthunder: ready"
 class ServeConfig:
     image: str
     listen: Address
-    cache_dir: str
+    cache: stack.CacheOptions
     export: str
     snapshots: list[str]
-    chunk_size: int
     block_size: int
-    max_pending_writes: int
     nbd_limits: NbdLimits
     read_only: bool = False
     stats_file: str | None = None
-    sync_interval: float = 2.0
     # [iscsi] options (oslo.config group) and the [export] settings that
     # resolve export:NAME; None serves local files only.
     iscsi: object = None
@@ -71,10 +68,7 @@ class ServeJob:
         cfg = self.config
         source = await stack.open_source(stack.Origin.parse(cfg.image),
                                          cfg.iscsi, cfg.exports, cfg.cinder)
-        self.cache = await stack.open_cache(source, stack.CacheOptions(
-            cfg.cache_dir, chunk_size=cfg.chunk_size,
-            max_pending_writes=cfg.max_pending_writes,
-            sync_interval=cfg.sync_interval))
+        self.cache = await stack.open_cache(source, cfg.cache)
         self.server = NbdServer(cfg.nbd_limits)
         self.server.add_export(cfg.export, self.cache, read_only=True,
                                description=f"cache of {cfg.image}")

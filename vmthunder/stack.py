@@ -195,6 +195,17 @@ class CacheOptions:
     max_pending_writes: int = 32
     sync_interval: float = 2.0
 
+    @classmethod
+    def from_conf(cls, conf_cache, **overrides) -> "CacheOptions":
+        """From the [cache] option group; ``overrides`` (a command line's
+        values) win where they are not None."""
+        values = dict(directory=conf_cache.cache_dir,
+                      chunk_size=conf_cache.chunk_size,
+                      max_pending_writes=conf_cache.max_pending_writes,
+                      sync_interval=conf_cache.sync_interval)
+        values.update((k, v) for k, v in overrides.items() if v is not None)
+        return cls(**values)
+
 
 async def open_cache(source: blockdev.BlockDevice, options: CacheOptions,
                      *, checks_itself: bool = False) -> CacheLayer:

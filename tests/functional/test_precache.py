@@ -295,6 +295,7 @@ def test_cli_precache_on_two_agents(agents, tmp_path):
 def test_precache_running_twice_and_cancelled_by_detach(tmp_path):
     from vmthunder.agent.service import Agent, AgentConfig
     from vmthunder.nbd.address import parse_address
+    from vmthunder.stack import CacheOptions
     image = make_image(tmp_path / "base.raw", 4 * MiB, seed=15)
 
     async def main():
@@ -302,7 +303,7 @@ def test_precache_running_twice_and_cancelled_by_detach(tmp_path):
             state_dir=str(tmp_path / "state"),
             api_socket=str(tmp_path / "api.sock"),
             hypervisor_listen=parse_address(f"unix:{tmp_path}/nbd.sock"),
-            cache_dir=str(tmp_path / "cache"), sync_interval=0))
+            cache=CacheOptions(str(tmp_path / "cache"), sync_interval=0)))
         await agent.start()
         try:
             await agent.attach_image("base", image)

@@ -258,7 +258,7 @@ class Health:
     def _disk(self) -> dict:
         config = self.agent.config
         seen = {}
-        for what, path in (("cache", config.cache_dir),
+        for what, path in (("cache", config.cache.directory),
                            ("state", config.state_dir)):
             try:
                 # Not made yet (no image attached): where it will be.

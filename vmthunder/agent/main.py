@@ -112,6 +112,7 @@ def load_config(path: str | None) -> cfg.ConfigOpts:
 
 
 def make_config(args, conf):
+    from vmthunder import stack
     from vmthunder.agent.service import AgentConfig
     from vmthunder.volume import export
     a = conf.agent
@@ -130,11 +131,9 @@ def make_config(args, conf):
         api_socket=os.path.abspath(args.api_socket or a.api_socket),
         hypervisor_listen=hypervisor,
         peer_listen=peer,
-        cache_dir=args.cache_dir or a.cache_dir or conf.cache.cache_dir,
-        chunk_size=conf.cache.chunk_size,
+        cache=stack.CacheOptions.from_conf(
+            conf.cache, directory=args.cache_dir or a.cache_dir or None),
         block_size=conf.snapshot.block_size,
-        max_pending_writes=conf.cache.max_pending_writes,
-        sync_interval=conf.cache.sync_interval,
         nbd_limits=NbdLimits.from_conf(conf.nbd),
         iscsi=conf.iscsi,
         exports=export.ExportConfig.from_conf(conf.export, None),

@@ -65,12 +65,9 @@ class AgentConfig:
     state_dir: str
     api_socket: str
     hypervisor_listen: Address
-    cache_dir: str
+    cache: stack.CacheOptions
     peer_listen: Address | None = None
-    chunk_size: int = 256 * 1024
     block_size: int = 4096
-    max_pending_writes: int = 32
-    sync_interval: float = 2.0
     nbd_limits: NbdLimits = NbdLimits()
     # [iscsi] options and the [export] settings resolving export:NAME;
     # [cinder] options reaching cinder://VOLUME_ID.
@@ -328,7 +325,7 @@ class Agent:
             try:
                 volume.digest_table = PeerDigestTable(
                     manifest, name, self.peering.directory(),
-                    self.config.cache_dir, **options)
+                    self.config.cache.directory, **options)
             except BaseException:
                 await source.close()
                 raise
@@ -344,11 +341,7 @@ class Agent:
         source = await self.open_image_source(image.name, image.origin)
         volume = source if isinstance(source, ImageVolume) else None
         image.cache = await stack.open_cache(
-            source, stack.CacheOptions(
-                self.config.cache_dir, chunk_size=self.config.chunk_size,
-                max_pending_writes=self.config.max_pending_writes,
-                sync_interval=self.config.sync_interval),
-            checks_itself=volume is not None)
+            source, self.config.cache, checks_itself=volume is not None)
         image.source = source
         image.volume = volume
         image.error = None
