@@ -4,6 +4,13 @@ Names follow the protocol document without the ``NBD_`` prefix so that a
 reader can grep the spec for them.
 """
 
+# Meta contexts and their flags: the layers answer block_status() in the
+# NBD values, so these are defined once, with the layer interface:
+# base:allocation's STATE_HOLE and STATE_ZERO; in our own vmthunder:cache,
+# a chunk present in a vmthunder cache has STATE_CACHED set.
+from vmthunder.blockdev import (  # noqa: F401  (re-exported)
+    BASE_ALLOCATION, STATE_CACHED, STATE_HOLE, STATE_ZERO, VMTHUNDER_CACHE)
+
 # Handshake (fixed newstyle).
 NBDMAGIC = 0x4E42444D41474943          # "NBDMAGIC"
 IHAVEOPT = 0x49484156454F5054          # "IHAVEOPT"
@@ -102,15 +109,6 @@ ENOSPC = 28
 EOVERFLOW = 75
 ENOTSUP = 95
 ESHUTDOWN = 108
-
-# base:allocation flags.
-STATE_HOLE = 1 << 0
-STATE_ZERO = 1 << 1
-
-BASE_ALLOCATION = "base:allocation"
-# Our own context: a chunk present in a vmthunder cache has flag 1 set.
-VMTHUNDER_CACHE = "vmthunder:cache"
-STATE_CACHED = 1 << 0
 
 # Limits the spec names: strings in options are at most 4096 bytes.
 MAX_STRING = 4096
