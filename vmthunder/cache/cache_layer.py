@@ -34,6 +34,7 @@ import os
 import re
 import time
 
+from vmthunder import aio
 from vmthunder import blockdev
 from vmthunder import fileio
 from vmthunder.cache import chunkmap
@@ -41,9 +42,6 @@ from vmthunder.cache import chunkmap
 LOG = logging.getLogger(__name__)
 
 META_VERSION = 1
-# Chunks at least this large are digested in a worker thread (and, when
-# chunks are checked one by one, runs at least this long).
-_VERIFY_IN_THREAD = 64 * 1024
 # Consecutive missing chunks of one read are fetched with one read of the
 # source up to this many bytes: per-chunk work (a command, a thread hop, a
 # pwrite) dominated cold sequential reads of 256 KiB chunks.
@@ -605,32 +603,23 @@ class CacheLayer(blockdev.BlockDevice):
         """{index: error} of the chunks in ``view`` (from chunk
         ``first``) that ``verify`` rejects."""
         if self.verify_many is not None:
-            check = functools.partial(self.verify_many, first, view)
-            # A hash releases the GIL while it runs, and takes it back
-            # after: worth a worker thread for large chunks only. For
-            # small ones a worker takes the GIL back hundreds of times
-            # per run, each a wait on the event loop (a 2 MiB run of 8
-            # KiB chunks: 3.5 ms in a thread, 0.7 ms here).
-            threaded = self.chunk_size >= _VERIFY_IN_THREAD
-        else:
-            cs = self.chunk_size
-            verify = self.verify
+            return await aio.run_hashing(
+                functools.partial(self.verify_many, first, view),
+                self.chunk_size)
+        cs = self.chunk_size
+        verify = self.verify
 
-            def check() -> dict:
-                failed = {}
-                for pos in range(0, len(view), cs):
-                    index = first + pos // cs
-                    try:
-                        verify(index, view[pos:pos + cs])
-                    except blockdev.BlockError as exc:
-                        failed[index] = exc
-                return failed
-            threaded = len(view) >= _VERIFY_IN_THREAD
-        if threaded:
-            # The hashes release the GIL: hashing runs on another core
-            # while the loop serves other requests.
-            return await asyncio.to_thread(check)
-        return check()
+        def check() -> dict:
+            failed = {}
+            for pos in range(0, len(view), cs):
+                index = first + pos // cs
+                try:
+                    verify(index, view[pos:pos + cs])
+                except blockdev.BlockError as exc:
+                    failed[index] = exc
+            return failed
+        # (Checked one by one: the run is what a thread takes back.)
+        return await aio.run_hashing(check, len(view))
 
     def _verify_failed(self, exc: blockdev.BlockError, attempt: int) -> None:
         self.counters["verify_errors"] += 1

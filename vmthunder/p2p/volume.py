@@ -50,6 +50,7 @@ import random
 import time
 from typing import Protocol
 
+from vmthunder import aio
 from vmthunder import blockdev
 # Chunk states, the cache's own, also as a peer reports them.
 from vmthunder.cache.cache_layer import FETCHING, HELD, MISSING
@@ -62,8 +63,6 @@ LOG = logging.getLogger(__name__)
 MODES = ("mesh", "tree")
 # One read from a peer carries at most this much.
 PEER_READ_MAX = 4 * 1024 * 1024
-# Chunks of this many bytes or more are digested in a worker thread.
-_VERIFY_IN_THREAD = 64 * 1024
 # A chunk nobody holds or fetches, read from its owner (which fetches it).
 OWNER = 3
 # A peer is asked about this much of the image at a time.
@@ -809,13 +808,8 @@ class ImageVolume(blockdev.BlockDevice):
         """Chunks of ``view`` (chunk ``first`` at its start) that do not
         match the manifest. Callers have awaited _load_digests for them
         (an unloaded digest fails the check, never passes it)."""
-        check = functools.partial(self.manifest.verify_run, first, view)
-        # One call for the run (Manifest.verify_run); in a worker thread
-        # only when each hash is long: a thread takes the GIL back after
-        # every hash, which costs more than a small chunk's hash.
-        if self.chunk_size >= _VERIFY_IN_THREAD:
-            return sorted(await asyncio.to_thread(check))
-        return sorted(check())
+        return sorted(await aio.run_hashing(functools.partial(
+            self.manifest.verify_run, first, view), self.chunk_size))
 
 
 def _kind(exc: Exception) -> str:
