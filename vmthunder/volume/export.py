@@ -11,12 +11,17 @@ The origin side of vmthunder. An export named NAME lives in
                    (exports made before version 2: manifest.json)
     manifest.lun   the same bytes NUL-padded to a multiple of 512
     chap.json      CHAP user and secret, mode 0600 (only with --chap)
+    trace.lun      a boot trace of the image, NUL-padded to a multiple of
+                   512, once one is published (`vmthunder trace publish`,
+                   vmthunder/volume/published_trace.py); its size and
+                   digest are in the manifest's header
     export.json    the record: name, IQN, portal, tid, size, chunk size,
                    CHAP user (not the secret), source, time. Written last:
                    a directory without it is a crashed export, discarded.
 
 tgtd serves the target ``<iqn_prefix>:NAME`` with LUN 1 = volume.raw and
-LUN 2 = manifest.lun, both read-only. The manifest reaches compute hosts
+LUN 2 = manifest.lun, both read-only (and LUN 3 = trace.lun when a trace
+is published). The manifest reaches compute hosts
 through the very target they attach (one more LUN: no second service, the
 same CHAP and ACL, and a cloud operator who moves the LUN into a Cinder
 volume moves its manifest with it).
@@ -55,11 +60,13 @@ LOG = logging.getLogger(__name__)
 SECTOR = 512
 LUN_VOLUME = 1
 LUN_MANIFEST = 2
+LUN_TRACE = 3
 VOLUME = "volume.raw"
 MANIFEST = "manifest.bin"
 # What exports made before manifest version 2 call it.
 MANIFEST_V1 = "manifest.json"
 MANIFEST_LUN = "manifest.lun"
+TRACE_LUN = "trace.lun"
 CHAP = "chap.json"
 RECORD = "export.json"
 RECORD_VERSION = 1
@@ -163,7 +170,8 @@ class ImageInfo:
 
 
 def check_name(name: str) -> None:
-    if not NAME_RE.match(name or ""):
+    # fullmatch: "$" would let a trailing newline into a target name.
+    if not isinstance(name, str) or not NAME_RE.fullmatch(name):
         raise ExportError(
             f"export name {name!r} is not allowed: use 1 to 63 lower-case "
             "letters, digits, '.' and '-', starting with a letter or digit "
@@ -383,8 +391,7 @@ def _serves(target: tgt_mod.Target, record: Record, cfg: ExportConfig,
             accounts: list[str], check_acl: bool = True) -> bool:
     """Does ``target`` in tgtd serve what ``record`` says, read-only?"""
     directory = cfg.dir_of(record.name)
-    for number, filename in ((LUN_VOLUME, VOLUME),
-                             (LUN_MANIFEST, MANIFEST_LUN)):
+    for number, filename in _luns(directory):
         lun = target.lun(number)
         if lun is None or not lun.readonly or \
                 lun.backing_path != os.path.join(directory, filename):
@@ -394,6 +401,14 @@ def _serves(target: tgt_mod.Target, record: Record, cfg: ExportConfig,
         return False
     return not check_acl or all(a in target.acl
                                 for a in cfg.initiator_addresses)
+
+
+def _luns(directory: str) -> list[tuple[int, str]]:
+    """(LUN, file) an export's target serves."""
+    luns = [(LUN_VOLUME, VOLUME), (LUN_MANIFEST, MANIFEST_LUN)]
+    if os.path.isfile(os.path.join(directory, TRACE_LUN)):
+        luns.append((LUN_TRACE, TRACE_LUN))
+    return luns
 
 
 def _ensure_target(cfg: ExportConfig, tgt: tgt_mod.Tgt,
@@ -435,9 +450,8 @@ def _ensure_target(cfg: ExportConfig, tgt: tgt_mod.Tgt,
     tid = record.tid
     tgt.create_target(tid, record.iqn)
     try:
-        tgt.add_lun(tid, LUN_VOLUME, os.path.join(directory, VOLUME))
-        tgt.add_lun(tid, LUN_MANIFEST, os.path.join(directory,
-                                                    MANIFEST_LUN))
+        for number, filename in _luns(directory):
+            tgt.add_lun(tid, number, os.path.join(directory, filename))
         if record.chap_user:
             user, secret = read_chap(cfg, record.name)
             if user in accounts:
