@@ -18,6 +18,7 @@ import sys
 import time
 
 from vmthunder import stack
+from vmthunder.process_stats import process_figures
 from vmthunder.blockdev import BlockError
 from vmthunder.cache.cache_layer import CacheLayer
 from vmthunder.cache.snapshot import SnapshotLayer
@@ -119,6 +120,7 @@ class ServeJob:
             "image": self.config.image,
             "image_size": self.cache.size if self.cache else None,
             "uptime_s": round(time.monotonic() - self.started, 3),
+            "process": process_figures(),
             "cache": self.cache.stats() if self.cache else {},
             "source": self.cache.source.stats() if self.cache else {},
             "snapshots": {n: s.stats() for n, s in self.snapshots.items()},

@@ -357,7 +357,11 @@ def run(args, conf) -> int:
 
 
 def format_status(status: dict) -> str:
-    lines = [f"agent up {status['uptime_s']:.0f} s; VM disks on "
+    process = status.get("process")
+    lines = [f"agent up {status['uptime_s']:.0f} s"
+             + (f" (CPU {process['cpu_s']:.1f} s, RSS "
+                f"{_size(process['rss_bytes'])})" if process else "")
+             + f"; VM disks on "
              f"{status['hypervisor_nbd']}"
              + (f"; peers on {status['peer_nbd']}" if status.get("peer_nbd")
                 else "")

@@ -29,6 +29,7 @@ import time
 
 from vmthunder import blockdev
 from vmthunder import stack
+from vmthunder.process_stats import process_figures
 from vmthunder.agent import health as health_mod
 from vmthunder.agent import precache as precache_mod
 from vmthunder.agent.peering import Peering
@@ -776,6 +777,7 @@ class Agent:
         membership = self.peering.membership
         return {
             "uptime_s": round(time.monotonic() - self.started, 3),
+            "process": process_figures(),
             "state_file": self.store.path,
             "hypervisor_nbd": str(self.hypervisor_address),
             "peer_nbd": str(self.peering.address) if self.peering.address
