@@ -78,9 +78,14 @@ def test_logrotate_file_parses(tmp_path):
     logrotate = shutil.which("logrotate")
     if logrotate is None:
         pytest.skip("logrotate not installed")
+    # logrotate ignores a file writable by group or others: check a copy
+    # with the mode a package installs, whatever the checkout's umask.
+    conf = tmp_path / "vmthunder"
+    shutil.copyfile(os.path.join(REPO, "etc", "logrotate.d", "vmthunder"),
+                    conf)
+    conf.chmod(0o644)
     out = subprocess.run(
-        [logrotate, "-d", "-s", str(tmp_path / "state"),
-         os.path.join(REPO, "etc", "logrotate.d", "vmthunder")],
+        [logrotate, "-d", "-s", str(tmp_path / "state"), str(conf)],
         capture_output=True, text=True, timeout=30)
     assert out.returncode == 0, out.stderr
     assert "error" not in out.stderr.lower(), out.stderr
