@@ -127,6 +127,11 @@ class RateLimit:
             return wait
         return 0.0
 
+    def backlog(self) -> float:
+        """Seconds a caller booking now would wait before its bytes pass
+        (0 while the burst lasts)."""
+        return max(0.0, self._next - self._clock())
+
     async def acquire(self, n: int) -> None:
         wait = self.reserve(n)
         if wait > 0:

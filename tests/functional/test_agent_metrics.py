@@ -155,6 +155,9 @@ def _metric_of(path: tuple) -> tuple[str, dict]:
         return "vmthunder_" + m.AGENT_GAUGES[path[0]][0], {}
     if path == ("coordination", "members"):
         return "vmthunder_coordination_members", {}
+    if path[0] == "peer_upload":
+        metric, _, counter = m.PEER_UPLOAD[path[1]]
+        return "vmthunder_" + metric + ("_total" if counter else ""), {}
     kind, name, key, *rest = path
     if kind == "vms":
         metric, _, counter = m.VM_METRICS[key]

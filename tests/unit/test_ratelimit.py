@@ -1,16 +1,25 @@
 """vmthunder.ratelimit: the token bucket (burst, long-run rate, order of
-callers) and rates as written in the config."""
+callers), rates as written in the config, and the NBD server's upload
+limit (one bucket for all connections; reads refused when its queue is
+full)."""
 
 from __future__ import annotations
 
 import asyncio
+import errno
+import random
 import time
 
 import pytest
 from oslo_config import cfg
 
-from vmthunder import opts
+from vmthunder import blockdev, opts
+from vmthunder.nbd.address import Address
+from vmthunder.nbd.client import open_nbd
+from vmthunder.nbd.server import NbdServer
 from vmthunder.ratelimit import RateLimit, format_rate, parse_rate
+
+MiB = 1 << 20
 
 
 class FakeClock:
@@ -121,3 +130,89 @@ def test_config_options(tmp_path):
     conf(args=[], default_config_files=[str(path)])
     with pytest.raises(ValueError, match="'lots' is not a rate"):
         conf.agent.peer_upload_rate
+
+
+# -- the NBD server's upload limit (real server and client, loopback) ----
+
+class Memory(blockdev.BlockDevice):
+    def __init__(self, data: bytes):
+        self.data = data
+        self.size = len(data)
+
+    async def read(self, offset, length):
+        return self.data[offset:offset + length]
+
+
+async def _serve(limit, max_wait=1.0):
+    data = random.Random(7).randbytes(4 * MiB)
+    server = NbdServer(upload_limit=limit, upload_max_wait=max_wait)
+    server.add_export("img", Memory(data), read_only=True)
+    addr = await server.listen(Address("tcp", host="127.0.0.1"))
+    return server, addr.nbd_uri("img"), data
+
+
+def test_server_upload_limit_rate():
+    """Reads of every connection share the one bucket: two clients, 3 MiB
+    in all (big reads, and small ones that the fast path answers), at
+    2 MiB/s with no burst take ~1.5 s, the data intact; a server without
+    the limit answers the same at once."""
+    rate = 2 * MiB
+
+    async def main(limit):
+        server, uri, data = await _serve(limit)
+        clients = [await open_nbd(uri), await open_nbd(uri)]
+        t0 = time.monotonic()
+        try:
+            async def reader(client, base, size):
+                for off in range(base, base + 1 * MiB, size):
+                    assert await client.read(off, size) == \
+                        data[off:off + size]
+            await asyncio.gather(
+                reader(clients[0], 0, 256 * 1024),
+                reader(clients[1], 1 * MiB, 256 * 1024),
+                reader(clients[0], 2 * MiB, 4096))
+            elapsed = time.monotonic() - t0
+        finally:
+            for client in clients:
+                await client.close()
+            await server.close()
+        assert server.read_bytes == 3 * MiB
+        return elapsed
+
+    limit = RateLimit(rate, burst=0)
+    elapsed = asyncio.run(main(limit))
+    assert 1.4 <= elapsed <= 2.5, elapsed
+    assert limit.bytes == 3 * MiB
+    assert limit.waited > 1.0
+    assert asyncio.run(main(None)) < 0.7
+
+
+def test_server_upload_limit_refuses_when_queue_full():
+    """More than upload_max_wait seconds of replies queued: further reads
+    get ENOTSUP at once ("read it elsewhere"), the others their data."""
+    async def main():
+        limit = RateLimit(1 * MiB, burst=0)
+        server, uri, data = await _serve(limit, max_wait=0.3)
+        client = await open_nbd(uri)
+        try:
+            results = await asyncio.gather(
+                *(client.read(i * 256 * 1024, 256 * 1024)
+                  for i in range(8)), return_exceptions=True)
+        finally:
+            await client.close()
+            await server.close()
+        return server, results, data
+
+    server, results, data = asyncio.run(main())
+    refused = [r for r in results if isinstance(r, Exception)]
+    served = [(i, r) for i, r in enumerate(results)
+              if not isinstance(r, Exception)]
+    # 0.3 s at 1 MiB/s: the first two reads (0 and 0.25 s of backlog)
+    # pass, then reads whose turn is more than 0.3 s away are refused.
+    assert 2 <= len(served) <= 4, results
+    assert refused and all(getattr(e, "errno", None) == errno.ENOTSUP
+                           for e in refused), refused
+    assert "upload limit" in str(refused[0])
+    assert server.upload_refused == len(refused)
+    for i, got in served:
+        assert got == data[i * 256 * 1024:(i + 1) * 256 * 1024]

@@ -368,6 +368,14 @@ def format_status(status: dict) -> str:
              + (f"; {status['stalled_reads_now']} guest read(s) stalled "
                 f"now (over {status['stalled_read_seconds']:g} s)"
                 if status.get("stalled_reads_now") else "")]
+    upload = status.get("peer_upload")
+    if status.get("peer_nbd") and upload:
+        lines.append(
+            f"sent to peers {_size(upload['bytes_sent'])}, upload limit "
+            f"{upload['limit']}"
+            + (f"; replies waited {upload['wait_s']:.1f} s for it, "
+               f"{upload['refused']} read(s) refused (queue full)"
+               if upload["rate"] else ""))
     images = status["images"].values()
     if images:
         lines.append("")

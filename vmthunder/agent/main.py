@@ -113,6 +113,7 @@ def load_config(path: str | None) -> cfg.ConfigOpts:
 
 def make_config(args, conf):
     from vmthunder import stack
+    from vmthunder.agent.prefetch import PrefetchOptions
     from vmthunder.agent.service import AgentConfig
     from vmthunder.volume import export
     a = conf.agent
@@ -143,10 +144,12 @@ def make_config(args, conf):
         peer_advertise=a.peer_advertise,
         peer_timeout=a.peer_timeout,
         peer_avoid_s=a.peer_avoid_seconds,
+        peer_upload_rate=a.peer_upload_rate or 0.0,
         coordination=conf.coordination,
         metrics_listen=metrics,
         stalled_read_seconds=a.stalled_read_seconds,
-        health_min_free_bytes=a.health_min_free_mib * 1024 * 1024)
+        health_min_free_bytes=a.health_min_free_mib * 1024 * 1024,
+        prefetch=PrefetchOptions.from_conf(a))
 
 
 async def run(config) -> int:

@@ -103,7 +103,7 @@ ORIGIN_GAUGES = {"in_flight"}
 PRECACHE_GAUGES = ("chunks_total", "chunks_done", "bytes_total",
                    "bytes_fetched", "from_peers", "from_origin",
                    "chunks_selected", "chunk_size", "elapsed_s",
-                   "started_at")
+                   "started_at", "rate_limit")
 # VM status key -> (metric name, help, counter?).
 VM_METRICS = {
     "bytes_read": ("vm_read_bytes", "Bytes the VM read.", True),
@@ -124,6 +124,25 @@ AGENT_GAUGES = {
                           "longer now."),
     "stalled_read_seconds": ("stalled_read_threshold_seconds",
                              "[agent] stalled_read_seconds (0: off)."),
+}
+# The agent's uploads to peers (status "peer_upload"): key -> (metric
+# name without prefix, help, counter?).
+PEER_UPLOAD = {
+    "rate": ("peer_upload_limit_bytes_per_second",
+             "[agent] peer_upload_rate: most bytes per second sent to all "
+             "peers together (0: no limit).", False),
+    "bytes_sent": ("peer_upload_sent_bytes",
+                   "Bytes of read replies sent to peers (images and digest "
+                   "tables), host-wide.", True),
+    "wait_s": ("peer_upload_wait_seconds",
+               "Time replies to peers waited for the upload limit, summed "
+               "over replies.", True),
+    "refused": ("peer_upload_refused_reads",
+                "Peer reads refused because the upload limit's queue was "
+                "full (the peer read elsewhere).", True),
+    "queued_s": ("peer_upload_queued_seconds",
+                 "How long a reply to a peer would wait for the upload "
+                 "limit now.", False),
 }
 
 
@@ -171,6 +190,11 @@ class AgentCollector(Collector):
                 len(status["images"]))
         out.add(GaugeMetricFamily, "agent_vms", "VMs recorded.", {},
                 len(status["vms"]))
+        for key, (name, help_text, counter) in PEER_UPLOAD.items():
+            value = (status.get("peer_upload") or {}).get(key)
+            if _number(value):
+                out.add(CounterMetricFamily if counter else
+                        GaugeMetricFamily, name, help_text, {}, value)
         coord = status.get("coordination")
         if coord is not None:
             out.add(GaugeMetricFamily, "coordination_healthy",

@@ -12,6 +12,7 @@ from vmthunder.nbd.server import NbdServer
 from vmthunder.p2p.digest_table import image_of, table_name
 from vmthunder.p2p.export import PeerExport
 from vmthunder.p2p.volume import StaticPeers
+from vmthunder.ratelimit import RateLimit, format_rate
 
 LOG = logging.getLogger(__name__)
 
@@ -82,6 +83,9 @@ class Peering:
         self.server: NbdServer | None = None
         self.address: Address | None = None
         self.membership = None          # mesh peers: who holds what
+        # [agent] peer_upload_rate: one bucket for every peer connection.
+        rate = getattr(config, "peer_upload_rate", 0) or 0
+        self.upload_limit = RateLimit(rate) if rate else None
 
     @property
     def enabled(self) -> bool:
@@ -123,7 +127,12 @@ class Peering:
         name)."""
         if self.config.peer_listen is None:
             return
-        self.server = NbdServer(self.config.nbd_limits)
+        # A read that would wait for the upload limit longer than half
+        # a peer's timeout is refused ("not now"): the peer reads it
+        # elsewhere instead of timing out and avoiding this host.
+        self.server = NbdServer(
+            self.config.nbd_limits, upload_limit=self.upload_limit,
+            upload_max_wait=self.config.peer_timeout / 2)
         for image in images:
             if image.cache is not None:
                 self.export(image)
@@ -132,6 +141,22 @@ class Peering:
             self._prepare_socket(listen.path, "peer NBD")
         self.address = await self.server.listen(listen)
         LOG.info("serving image caches to peers on %s", self.address)
+
+    def upload_stats(self) -> dict:
+        """What this host sent its peers, host-wide, and the limit:
+        ``rate`` bytes/s (0: none), ``bytes_sent`` (image and digest
+        table reads), ``wait_s`` (replies' time waiting for the limit,
+        summed), ``refused`` (reads refused: the limit's queue was
+        full), ``queued_s`` (how long a reply asked now would wait)."""
+        limit, server = self.upload_limit, self.server
+        return {
+            "rate": limit.rate if limit else 0,
+            "limit": format_rate(limit.rate if limit else 0),
+            "bytes_sent": server.read_bytes if server else 0,
+            "wait_s": round(limit.waited, 3) if limit else 0.0,
+            "refused": server.upload_refused if server else 0,
+            "queued_s": round(limit.backlog(), 3) if limit else 0.0,
+        }
 
     async def stop(self) -> None:
         if self.server is not None:

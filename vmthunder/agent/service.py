@@ -32,6 +32,7 @@ from vmthunder import stack
 from vmthunder.process_stats import process_figures
 from vmthunder.agent import health as health_mod
 from vmthunder.agent import precache as precache_mod
+from vmthunder.agent import prefetch as prefetch_mod
 from vmthunder.agent.peering import Peering
 from vmthunder.agent import state as state_mod
 from vmthunder.agent.errors import (
@@ -83,6 +84,8 @@ class AgentConfig:
     peer_advertise: str | None = None   # nbd://HOST:PORT others use
     peer_timeout: float = 2.0
     peer_avoid_s: float = 30.0
+    # Bytes per second sent to all peers together (0: no limit).
+    peer_upload_rate: float = 0.0
     coordination: object = None         # [coordination] options
     # Prometheus metrics and /healthz over HTTP here (None: not served;
     # /healthz is on the API socket too).
@@ -91,6 +94,8 @@ class AgentConfig:
     stalled_read_seconds: float = 10.0
     # /healthz fails below this much free space for caches and state.
     health_min_free_bytes: int = 0
+    # Trace prefetch at VM create (agent/prefetch.py).
+    prefetch: prefetch_mod.PrefetchOptions = prefetch_mod.PrefetchOptions()
 
 
 @dataclasses.dataclass
@@ -191,6 +196,7 @@ class Agent:
         self.started = time.monotonic()
         self.stall_watch = health_mod.StallWatch(
             self.images, config.stalled_read_seconds)
+        self.prefetches = prefetch_mod.Prefetches(config.prefetch)
         self.health = health_mod.Health(
             self, min_free_bytes=config.health_min_free_bytes)
 
@@ -222,6 +228,7 @@ class Agent:
         the state (unchanged by a stop: the VMs come back at next start)."""
         await self.hypervisor_server.close()
         await self.stall_watch.stop()
+        await self.prefetches.stop()
         await self.peering.stop()
         for image in self.images.values():
             if image.precache is not None:
@@ -481,6 +488,7 @@ class Agent:
             self.peering.unexport(image)
             if image.precache is not None:
                 await image.precache.cancel()
+            await self.prefetches.image_detached(name)
             if image.cache is not None:
                 await image.cache.close()
                 image.cache = None
@@ -538,6 +546,7 @@ class Agent:
                 raise AgentFailure(f"cannot record VM {name!r} in "
                                    f"{self.store.path}: {exc}") from None
             self._export_vm(vm)
+            self.prefetches.vm_created(image, name, snap)
             LOG.info("VM %s created on image %s: %s", name, image_name,
                      self.vm_uri(name))
             return self.vm_info(vm)
@@ -558,6 +567,7 @@ class Agent:
                                    f"{self.store.path}: {exc}") from None
             if name in self.hypervisor_server.exports:
                 self.hypervisor_server.remove_export(name)
+            await self.prefetches.vm_deleted(vm.image, name)
             if vm.snapshot is not None:
                 await vm.snapshot.delete()
             else:
@@ -745,6 +755,7 @@ class Agent:
             cache_bytes=_held_bytes(image.cache),
             chunks_fetched=cache["chunks_fetched"],
             store_errors=cache["store_errors"],
+            prefetch=self.prefetches.status(image.name),
             precache=image.precache.progress() if image.precache
             else None)
         in_flight, queued = image.cache.fetch_counts()
@@ -784,6 +795,7 @@ class Agent:
             else None,
             "stalled_read_seconds": self.config.stalled_read_seconds,
             "stalled_reads_now": self.stall_watch.stalled_now(),
+            "peer_upload": self.peering.upload_stats(),
             "coordination": None if membership is None else {
                 "backend": redact_url(membership.backend_url),
                 "healthy": membership.healthy,

@@ -107,8 +107,26 @@ class NbdLimits:
 
 
 class NbdServer:
-    def __init__(self, limits: NbdLimits = NbdLimits()):
+    """Serves ``exports`` to NBD clients.
+
+    ``upload_limit`` (a vmthunder.ratelimit.RateLimit, shared by every
+    connection): read replies wait their turn on it before they are
+    queued, so the data sent to all clients together stays under its
+    rate (the agent's peer server, [agent] peer_upload_rate). A read
+    that would wait more than ``upload_max_wait`` seconds is refused at
+    once with ENOTSUP ("not now": a peer reads the chunk elsewhere,
+    before its own timeout would make it avoid this host).
+    """
+
+    def __init__(self, limits: NbdLimits = NbdLimits(), *,
+                 upload_limit=None, upload_max_wait: float = 1.0):
         self.limits = limits
+        self.upload_limit = upload_limit
+        self.upload_max_wait = upload_max_wait
+        # Bytes of read replies sent (all clients), reads refused because
+        # the upload limit's queue was full.
+        self.read_bytes = 0
+        self.upload_refused = 0
         self.max_request = limits.max_request
         self.max_inflight = limits.max_inflight
         self.max_inflight_per_client = limits.max_inflight_per_client
@@ -442,8 +460,10 @@ class NbdConnection(asyncio.Protocol):
         self._payload_charged = 0
 
     def _run(self, req: sp.Request, cost: int) -> None:
+        limit = self.server.upload_limit
         if req.command == c.CMD_READ and req.length < ZERO_COPY_MIN \
-                and self.export.recorder is None:
+                and self.export.recorder is None \
+                and (limit is None or not limit.backlog()):
             # Fast path: a small read the device has at hand is answered
             # here, as _serve would answer it, with no coroutine.
             try:
@@ -455,6 +475,9 @@ class NbdConnection(asyncio.Protocol):
                         and not self.transport.is_closing():
                     self._send(self.proto.reply_read_header(
                         req.handle, req.offset, req.length), data)
+                    self.server.read_bytes += req.length
+                    if limit is not None:
+                        limit.reserve(req.length)     # no backlog: no wait
                 self.server._release(self, cost)
                 return
         task = aio.start_eager(self._serve(req, cost))
@@ -478,8 +501,16 @@ class NbdConnection(asyncio.Protocol):
     async def _serve(self, req: sp.Request, cost: int) -> None:
         recorder = self.export.recorder
         issued = recorder.issue() if recorder is not None else 0.0
+        limit = self.server.upload_limit if req.command == c.CMD_READ \
+            else None
         try:
+            if limit is not None:
+                self._upload_turn_near(limit)
             reply = await self._execute(req)
+            if limit is not None:
+                # The data waits here (charged to the budget) for its
+                # turn under the upload limit.
+                await limit.acquire(req.length)
         except blockdev.BlockError as exc:
             LOG.debug("client %s: request %d failed: %s", self.peer,
                       req.command, exc)
@@ -499,8 +530,24 @@ class NbdConnection(asyncio.Protocol):
             self.server._release(self, cost)
             return
         # The reply's bytes take the place of the request's charge.
-        self._send(*(reply if isinstance(reply, tuple) else (reply,)))
+        if isinstance(reply, tuple):
+            self._send(*reply)
+            if req.command == c.CMD_READ:
+                self.server.read_bytes += req.length
+        else:
+            self._send(reply)
         self.server._release(self, cost)
+
+    def _upload_turn_near(self, limit) -> None:
+        """Refuse a read whose reply would wait too long for the upload
+        limit (the client reads it elsewhere)."""
+        wait = limit.backlog()
+        if wait > self.server.upload_max_wait:
+            self.server.upload_refused += 1
+            raise blockdev.BlockError(
+                errno.ENOTSUP, f"upload limit of this host reached "
+                f"({limit.rate * 8 / 1e6:g} Mbit/s, replies queued for "
+                f"{wait:.1f} s): read it elsewhere")
 
     def _start_writer(self) -> None:
         sock = self.transport.get_extra_info("socket")
