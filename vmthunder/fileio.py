@@ -91,6 +91,39 @@ async def fdatasync(fd: int) -> None:
     await asyncio.get_running_loop().run_in_executor(None, os.fdatasync, fd)
 
 
+# fallocate(2) modes (linux/falloc.h).
+FALLOC_FL_KEEP_SIZE = 0x01
+FALLOC_FL_PUNCH_HOLE = 0x02
+
+
+def punch_hole(fd: int, offset: int, length: int) -> None:
+    """Free the blocks of ``[offset, offset + length)`` (they read as
+    zeros; the file keeps its size). OSError when the file system cannot
+    (EOPNOTSUPP) or fails."""
+    libc = _libc()
+    if libc is None or not length:
+        if length:
+            raise OSError(errno.ENOSYS, "fallocate is not available")
+        return
+    fallocate = libc.fallocate
+    fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64,
+                          ctypes.c_int64]
+    if fallocate(fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset,
+                 length) != 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"punching a hole at {offset} (+{length}): "
+                           f"{os.strerror(err)}")
+
+
+async def punch_holes(fd: int, ranges) -> None:
+    """punch_hole() of each (offset, length) of ``ranges``, in a worker
+    thread."""
+    def punch():
+        for offset, length in ranges:
+            punch_hole(fd, offset, length)
+    await asyncio.get_running_loop().run_in_executor(None, punch)
+
+
 class ResidencyMap:
     """Tells whether a file range is in the page cache (mincore(2)).
 

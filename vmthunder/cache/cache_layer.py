@@ -32,6 +32,7 @@ import json
 import logging
 import os
 import re
+import signal
 import time
 
 from vmthunder import aio
@@ -155,8 +156,47 @@ class _Unsynced:
             lo = b
 
 
+# A test hook (tests/functional/test_cache_capacity.py): the process
+# kills itself with SIGKILL when it reaches the point of an eviction
+# named by this variable; never set in production.
+_CRASH_AT = os.environ.get("VMTHUNDER_TEST_CRASH_AT")
+
+
+def _crash_point(name: str) -> None:
+    if _CRASH_AT == name:
+        LOG.warning("test hook: SIGKILL at %s", name)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+
 def cache_key(identity: str) -> str:
     return hashlib.sha256(identity.encode()).hexdigest()[:24]
+
+
+class _FileLease(int):
+    """The cache file's descriptor as local_extent hands it out: an int
+    (the NBD server sends from it with sendfile, maybe much later: behind
+    an upload limit, a slow client) that tells its cache when the last
+    reference to it goes, i.e. when the reply was sent or dropped.
+    evict() waits for every lease before it punches the file."""
+
+    def __new__(cls, fd: int, cache: "CacheLayer"):
+        lease = super().__new__(cls, fd)
+        lease.cache = cache
+        return lease
+
+    def __del__(self):
+        cache = self.cache
+        cache._leases -= 1
+        if not cache._leases:
+            for waiter in cache._lease_waiters:
+                if not waiter.done():
+                    waiter.get_loop().call_soon_threadsafe(
+                        _wake, waiter)
+
+
+def _wake(waiter: asyncio.Future) -> None:
+    if not waiter.done():
+        waiter.set_result(None)
 
 
 class CacheInUse(blockdev.BlockError):
@@ -244,7 +284,28 @@ class CacheLayer(blockdev.BlockDevice):
         self.counters = {"read_requests": 0, "bytes_read": 0,
                          "bytes_fetched": 0, "chunks_fetched": 0,
                          "fetch_errors": 0, "store_errors": 0,
-                         "verify_errors": 0}
+                         "verify_errors": 0, "chunks_evicted": 0,
+                         "chunks_not_kept": 0}
+        # The host's cache capacity (agent/capacity.py), or None (no cap):
+        # reserve(cache, nbytes) is asked before fetched chunks are
+        # written (False: they are served, not kept), stored(cache,
+        # nbytes) told once written.
+        self.space = None
+        # Evictions in progress (evict()): [(runs, done)]; a fetch of
+        # their chunks writes only once their holes are punched.
+        self._evictions: list = []
+        # While > 0, local_extent hands out no file ranges (an eviction
+        # waits for the ones handed out to be sent).
+        self._zero_copy_off = 0
+        # File ranges handed out (local_extent) and not yet sent or
+        # dropped (_FileLease), and the evictions waiting for none.
+        self._leases = 0
+        self._lease_waiters: list[asyncio.Future] = []
+        # Reads of the cache file in progress, by generation: an eviction
+        # waits for those started before its marks were cleared.
+        self._read_gen = 0
+        self._local_reads: dict[int, int] = {}
+        self._read_waiters: list[asyncio.Future] = []
         LOG.info("cache %s for %s: %d of %d chunks of %d bytes present",
                  self.directory, source.describe(), self.map.count_present(),
                  self.chunks, self.chunk_size)
@@ -369,6 +430,8 @@ class CacheLayer(blockdev.BlockDevice):
         return data
 
     def local_extent(self, offset: int, length: int):
+        if self._zero_copy_off:
+            return None
         cs = self.chunk_size
         first, last = offset // cs, (offset + length - 1) // cs + 1
         if self.map.all_present(first, last) \
@@ -376,11 +439,27 @@ class CacheLayer(blockdev.BlockDevice):
             # Served without read(): count it here.
             self.counters["read_requests"] += 1
             self.counters["bytes_read"] += length
-            return self._data_fd, offset
+            self._leases += 1
+            return _FileLease(self._data_fd, self), offset
         return None
 
     async def _read_local(self, offset: int, length: int) -> bytes:
-        data = await fileio.pread(self._data_fd, length, offset)
+        # Counted while it runs (evict() waits for it); a read served from
+        # the page cache at once does not suspend, and counts for nothing.
+        gen = self._read_gen
+        reads = self._local_reads
+        reads[gen] = reads.get(gen, 0) + 1
+        try:
+            data = await fileio.pread(self._data_fd, length, offset)
+        finally:
+            left = reads[gen] - 1
+            if left:
+                reads[gen] = left
+            else:
+                del reads[gen]
+                for waiter in self._read_waiters:
+                    if not waiter.done():
+                        waiter.set_result(None)
         if len(data) != length:
             raise blockdev.BlockError(
                 errno.EIO, f"{self.describe()}: cache file "
@@ -529,7 +608,13 @@ class CacheLayer(blockdev.BlockDevice):
             view = memoryview(buf).toreadonly()
             fetch.future.set_result(view)
             try:
-                await self._store(view, fetch.first, good)
+                if not await self._may_store(fetch, good):
+                    return
+                try:
+                    await self._store(view, fetch.first, good)
+                finally:
+                    if self.space is not None:
+                        self.space.stored(self, self._run_bytes(good))
             except OSError as exc:
                 self._store_failed(good, exc)
                 return
@@ -544,6 +629,27 @@ class CacheLayer(blockdev.BlockDevice):
                 self._syncer = asyncio.ensure_future(self._sync_loop())
         finally:
             self._give_slots(fetch.count)
+
+    async def _may_store(self, fetch: _Fetch, runs) -> bool:
+        """Wait for evictions of the fetch's chunks to end (their holes
+        punched: a write before would be punched out under a mark), then
+        ask the host's capacity for room; False: not kept (served from
+        memory now, fetched again next time)."""
+        if self._evictions:
+            last = fetch.first + fetch.count
+            for evicting, done in list(self._evictions):
+                if any(a < last and fetch.first < b for a, b in evicting):
+                    await done.wait()
+        if self.space is None or not runs:
+            return True
+        if self.space.reserve(self, self._run_bytes(runs)):
+            return True
+        self.counters["chunks_not_kept"] += sum(b - a for a, b in runs)
+        return False
+
+    def _run_bytes(self, runs) -> int:
+        cs = self.chunk_size
+        return sum(min(b * cs, self.size) - a * cs for a, b in runs)
 
     def _forget(self, indices, fetch: _Fetch) -> None:
         for i in indices:
@@ -711,6 +817,115 @@ class CacheLayer(blockdev.BlockDevice):
                 LOG.info("%s: chunk map saved after %d failed attempt(s)",
                          self.describe(), failures)
             return
+
+    # -- eviction -----------------------------------------------------------
+
+    async def evict(self, runs=None, *, lease_timeout: float = 10.0) -> int:
+        """Drop chunks of ``runs`` ([a, b) each; None: the whole image)
+        from the cache, but none a fetch is bringing or that waits for
+        its sync; the number of marked chunks dropped.
+
+        Crash-safe, in this order (docs/design.md, "Cache capacity"):
+        the chunks' marks are cleared and the map is made durable
+        (fdatasync); reads of the cache file started before that end;
+        file ranges handed out for zero-copy replies (none is handed out
+        meanwhile) are sent or dropped (after ``lease_timeout`` seconds
+        the data stays, unmarked); only then is the data punched out
+        (fallocate PUNCH_HOLE). A crash at any
+        point leaves no mark without its data, at worst data without a
+        mark (a refetch). Readers meanwhile find the chunks missing and
+        fetch them; such a fetch writes them once the holes are punched.
+        Unmarked data in the runs (from a crash before a sync) goes too.
+        """
+        if self._lock_fd is None:
+            raise blockdev.BlockError(errno.EBADF,
+                                      f"{self.describe()} is closed")
+        runs = [(0, self.chunks)] if runs is None else runs
+        # Busy: in flight, or written and not yet durable.
+        busy = bytearray(self._unsynced._map)
+        for i in self._inflight:
+            busy[i] = 1
+        for evicting, _ in self._evictions:
+            for a, b in evicting:
+                busy[a:b] = b"\x01" * (b - a)
+        todo = []
+        for a, b in runs:
+            a, b = max(0, a), min(self.chunks, b)
+            while a < b:
+                x = busy.find(0, a, b)
+                if x < 0:
+                    break
+                y = busy.find(1, x, b)
+                y = b if y < 0 else y
+                todo.append((x, y))
+                a = y
+        if not todo:
+            return 0
+        cs = self.chunk_size
+        dropped = sum(self.map.count_present(a, b) for a, b in todo)
+        done = asyncio.Event()
+        entry = (todo, done)
+        self._evictions.append(entry)
+        self._zero_copy_off += 1
+        try:
+            for a, b in todo:
+                self.map.clear(a, b)
+            _crash_point("evict-marks-cleared")
+            await self.map.save(sync=True)
+            _crash_point("evict-marks-durable")
+            await self._drain_reads()
+            if not await self._drain_leases(lease_timeout):
+                LOG.warning("%s: zero-copy replies from its file still "
+                            "queued after %g s; %d chunks unmarked, their "
+                            "data not freed", self.describe(),
+                            lease_timeout, dropped)
+                self.counters["chunks_evicted"] += dropped
+                return dropped
+            # Whole chunks, the last one too (past the end of the file:
+            # its partial block is freed, the size kept).
+            await fileio.punch_holes(
+                self._data_fd, [(a * cs, (b - a) * cs) for a, b in todo])
+            _crash_point("evict-punched")
+        finally:
+            self._zero_copy_off -= 1
+            self._evictions.remove(entry)
+            done.set()
+        self.counters["chunks_evicted"] += dropped
+        LOG.info("%s: evicted %d chunks (%s)", self.describe(), dropped,
+                 _span(todo))
+        return dropped
+
+    async def _drain_reads(self) -> None:
+        """Wait for the reads of the cache file in progress now."""
+        gen = self._read_gen
+        self._read_gen += 1
+        loop = asyncio.get_running_loop()
+        while any(g <= gen for g in self._local_reads):
+            waiter = loop.create_future()
+            self._read_waiters.append(waiter)
+            try:
+                await waiter
+            finally:
+                self._read_waiters.remove(waiter)
+
+    async def _drain_leases(self, timeout: float) -> bool:
+        """Wait (at most ``timeout`` s) until no file range handed out is
+        still to be sent; True if none is."""
+        if not self._leases:
+            return True
+        waiter = asyncio.get_running_loop().create_future()
+        self._lease_waiters.append(waiter)
+        try:
+            await asyncio.wait_for(waiter, timeout)
+        except asyncio.TimeoutError:
+            pass
+        finally:
+            self._lease_waiters.remove(waiter)
+        return not self._leases
+
+    def allocated_bytes(self) -> int:
+        """Bytes of the cache file on disk (its allocated blocks)."""
+        return os.fstat(self._data_fd).st_blocks * 512
 
     # -- status -----------------------------------------------------------
 

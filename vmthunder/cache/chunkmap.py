@@ -41,6 +41,7 @@ class ChunkMap:
         self._dirty_lo = count
         self._dirty_hi = 0
         self._fd: int | None = None
+        self._save_lock: asyncio.Lock | None = None
         # Blocks still to allocate before a save (see the module doc).
         self._to_reserve = False
         if path is not None:
@@ -137,19 +138,27 @@ class ChunkMap:
         """
         if self._fd is None or (not self.dirty and not sync):
             return
-        # The copy is taken on the loop thread so the worker never reads
-        # the map while the loop changes it.
-        lo, hi, chunk = self._take_dirty()
-        try:
-            if before is not None:
-                await before()
-            await asyncio.get_running_loop().run_in_executor(
-                None, _write_map, self._fd, self.count, chunk, lo, sync,
-                self._to_reserve)
-        except BaseException:
-            self._keep_dirty(lo, hi)
-            raise
-        self._to_reserve = False
+        # Saves run one at a time, each copying the map when its turn
+        # comes: two at once could land out of order, the older copy last
+        # (a mark cleared for an eviction would come back on disk).
+        if self._save_lock is None:
+            self._save_lock = asyncio.Lock()
+        async with self._save_lock:
+            if self._fd is None or (not self.dirty and not sync):
+                return
+            # The copy is taken on the loop thread so the worker never
+            # reads the map while the loop changes it.
+            lo, hi, chunk = self._take_dirty()
+            try:
+                if before is not None:
+                    await before()
+                await asyncio.get_running_loop().run_in_executor(
+                    None, _write_map, self._fd, self.count, chunk, lo, sync,
+                    self._to_reserve)
+            except BaseException:
+                self._keep_dirty(lo, hi)
+                raise
+            self._to_reserve = False
 
     def save_now(self, sync: bool = True) -> None:
         """Blocking save, for shutdown paths outside the event loop."""
