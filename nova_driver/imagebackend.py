@@ -12,8 +12,10 @@ nothing is downloaded into Nova's image cache.
   config drive, rescue) and a root disk that was downloaded the ordinary
   way (``[vmthunder] fallback_to_download``) are Nova's own classes.
 - An image's origin is its Glance property ``[vmthunder] origin_property``
-  (``vmthunder_origin``: ``export:NAME`` or ``iscsi://...``), else
-  ``[vmthunder] origin_template`` (e.g. ``export:{image_id}``).
+  (``vmthunder_origin``: ``export:NAME``, ``iscsi://...`` or
+  ``cinder://VOLUME_ID``), else, with ``[vmthunder] cinder_origin``, the
+  image's Cinder volume made on first use (nova_driver/cinder_origin.py),
+  else ``[vmthunder] origin_template`` (e.g. ``export:{image_id}``).
 - Which VM disks this nova-compute made is recorded in the instance's
   directory (``vmthunder.json``): only those are ever deleted, so a VM disk
   of the same name made by anybody else is refused, never taken over.
@@ -107,6 +109,8 @@ def image_origin(context, image_id):
     origin = props.get(CONF.vmthunder.origin_property)
     if isinstance(origin, str) and origin.strip():
         return origin.strip(), image
+    if CONF.vmthunder.cinder_origin:
+        return cinder_origin(image_id), image
     template = CONF.vmthunder.origin_template
     if template:
         try:
@@ -118,6 +122,21 @@ def image_origin(context, image_id):
                 "use {image_id} and {image_name} only") % {
                     "t": template, "e": exc})
     return None, image
+
+
+def cinder_origin(image_id) -> str:
+    """cinder://VOLUME_ID of the image's Cinder volume, made (under a
+    lock shared by the hosts) on first use ([vmthunder] cinder_origin;
+    nova_driver/cinder_origin.py)."""
+    from nova_driver import cinder_origin as resolver
+    try:
+        return resolver.Resolver.from_nova_conf(CONF.vmthunder).resolve(
+            image_id).origin
+    except resolver.CinderError as exc:
+        raise VMThunderError(reason=_(
+            "image %(id)s has no vmthunder origin and its Cinder volume "
+            "could not be found or made ([vmthunder] cinder_origin): "
+            "%(msg)s") % {"id": image_id, "msg": exc})
 
 
 def no_origin_reason(image_id) -> str:

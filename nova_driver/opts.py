@@ -88,6 +88,42 @@ vmthunder_opts = [
         help="Seconds cache_image (the image precache API) waits for the "
              "agent to finish warming an image before it reports an "
              "error; 0 starts the precache and returns at once."),
+    cfg.BoolOpt(
+        "cinder_origin",
+        default=False,
+        help="Boot an image that has no origin_property from a Cinder "
+             "volume made from it: the image's read-only multiattach "
+             "volume and its manifest (as `vmthunder export glance://ID "
+             "--cinder` makes them), created on the first boot under a "
+             "lock (coordination_url) so that a mass boot makes one volume, "
+             "not one per host; later boots find it (the export sets the "
+             "image's origin_property to cinder://VOLUME_ID). Cinder and "
+             "Glance are reached with the [cinder] section of "
+             "vmthunder_config_file. Takes precedence over "
+             "origin_template."),
+    cfg.StrOpt(
+        "vmthunder_config_file",
+        default="/etc/vmthunder/vmthunder.conf",
+        help="vmthunder's config file on this host (the agent's): its "
+             "[cinder] section says how to reach Cinder and Glance, its "
+             "[coordination] backend_url is the lock's backend when "
+             "coordination_url is unset. Read with cinder_origin only."),
+    cfg.StrOpt(
+        "coordination_url",
+        help="tooz backend of the lock under which one compute host makes "
+             "an image's Cinder volume (cinder_origin), the same URL on "
+             "every host: redis://HOST:6379 or etcd3+http://HOST:2379. "
+             "Unset: the agents' [coordination] backend_url from "
+             "vmthunder_config_file. A file:// backend covers one host "
+             "only."),
+    cfg.FloatOpt(
+        "cinder_lock_timeout",
+        default=3600.0,
+        min=1,
+        help="Seconds a build waits for another host that is making the "
+             "image's Cinder volume (cinder_origin: creating it from the "
+             "image, then reading it once for its manifest) before it "
+             "fails."),
 ]
 
 

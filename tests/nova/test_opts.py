@@ -23,7 +23,9 @@ def test_list_opts_and_defaults():
     assert len(names) == len(set(names))
     assert {"agent_socket", "agent_timeout", "origin_property",
             "origin_template", "fallback_to_download", "nbd_transport",
-            "precache_trace_dir", "precache_timeout"} == set(names)
+            "precache_trace_dir", "precache_timeout", "cinder_origin",
+            "vmthunder_config_file", "coordination_url",
+            "cinder_lock_timeout"} == set(names)
     for opt in group_opts:
         assert opt.help and opt.help.strip(), opt.name
     conf = cfg.ConfigOpts()
@@ -34,6 +36,8 @@ def test_list_opts_and_defaults():
     assert conf.vmthunder.origin_template is None
     assert conf.vmthunder.fallback_to_download is False
     assert conf.vmthunder.nbd_transport == "auto"
+    assert conf.vmthunder.cinder_origin is False
+    assert conf.vmthunder.coordination_url is None
 
 
 def test_entry_point_registered():
