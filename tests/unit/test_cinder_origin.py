@@ -63,3 +63,15 @@ def test_noauth_settings_need_endpoints():
         cc.image_api(settings)
     conn = cc.connector(cc.CinderSettings(initiator_name="iqn.x:y"))
     assert conn["initiator"] == "iqn.x:y" and conn["multipath"] is False
+
+
+def test_connector_ip_is_this_hosts_address_toward_cinder():
+    # No endpoint: loopback, as before. An endpoint on loopback: the
+    # kernel's source address toward it (no packet is sent).
+    assert cc.local_address(cc.CinderSettings()) == "127.0.0.1"
+    on_lo = cc.CinderSettings(endpoint="http://127.0.0.1:8776/v3")
+    assert cc.local_address(on_lo) == "127.0.0.1"
+    assert cc.connector(on_lo)["ip"] == "127.0.0.1"
+    # A name that does not resolve: loopback, no exception.
+    assert cc.local_address(cc.CinderSettings(
+        endpoint="http://no-such-host.invalid:8776/v3")) == "127.0.0.1"

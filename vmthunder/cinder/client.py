@@ -131,6 +131,25 @@ def initiator_name(settings: CinderSettings) -> str:
     return f"{DEFAULT_INITIATOR_PREFIX}:{host}"
 
 
+def local_address(settings: CinderSettings) -> str:
+    """This host's address toward Cinder (the one the kernel would send
+    from to the endpoint's host; no packet is sent): the connector's
+    ``ip``, where a host in its own network reaches the storage.
+    127.0.0.1 when there is no endpoint or no route."""
+    from urllib.parse import urlsplit
+    try:
+        where = urlsplit(settings.endpoint or settings.auth_url or "")
+        if not where.hostname:
+            return "127.0.0.1"
+        family, _, _, _, addr = socket.getaddrinfo(
+            where.hostname, where.port or 80, type=socket.SOCK_DGRAM)[0]
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.connect(addr)
+            return s.getsockname()[0]
+    except (OSError, ValueError):
+        return "127.0.0.1"
+
+
 def connector(settings: CinderSettings) -> dict:
     """The connector this host gives Cinder: os-brick's properties where
     it finds a kernel initiator, else (the userspace initiator) ours."""
@@ -148,7 +167,7 @@ def connector(settings: CinderSettings) -> dict:
                         exc)
     props.setdefault("initiator", initiator_name(settings))
     props.setdefault("host", socket.gethostname())
-    props.setdefault("ip", "127.0.0.1")
+    props.setdefault("ip", local_address(settings))
     props.setdefault("platform", platform.machine())
     props.setdefault("os_type", "linux")
     props["multipath"] = False
