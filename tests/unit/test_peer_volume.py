@@ -216,6 +216,34 @@ def test_cache_over_volume_fetches_runs_from_the_peer(tmp_path, image):
     run(main())
 
 
+def test_status_of_a_window_longer_than_one_reply(tmp_path, image,
+                                                  monkeypatch):
+    """A server may describe less than a block status asks (ours: at most
+    BLOCK_STATUS_MAX per reply, 64 MiB; shrunk here to 16 chunks so that a
+    1 MiB image spans many replies): the volume asks again from where each
+    answer ends, so chunks past the first reply are known held too and
+    come from the peer, not the origin (an image past 64 MiB read ~37%
+    from the origin on the second host before)."""
+    from vmthunder.nbd import server as server_mod
+    monkeypatch.setattr(server_mod, "BLOCK_STATUS_MAX", 16 * CS)
+    data = image[1]
+
+    async def main():
+        peer = await Host.start(tmp_path, "peer", image)
+        await peer.warm(0, 256)
+        vol, origin = volume(image, [peer.uri])
+        try:
+            assert await vol.read(0, SIZE) == data
+            assert origin.calls == 0
+            st = vol.stats()
+            assert st["bytes_from_peers"] == SIZE
+            assert st["status_queries"] == 1
+        finally:
+            await vol.close()
+            await peer.stop()
+    run(main())
+
+
 # -- (b) load spreads ----------------------------------------------------
 
 def test_load_spreads_over_two_holders(tmp_path, image):

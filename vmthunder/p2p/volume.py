@@ -658,10 +658,23 @@ class ImageVolume(blockdev.BlockDevice):
         return states
 
     async def _ask_status(self, peer: _Peer, offset: int, length: int):
+        """The peer's extents of [offset, offset + length). A server may
+        describe less than asked (ours: BLOCK_STATUS_MAX, 64 MiB, per
+        reply; a window is 256 MiB): ask again from where each answer
+        ends, else the rest would count as missing there."""
         client = await peer.client(self.size, self.peer_timeout,
                                    self.max_peer_connections)
-        return await client.block_status(offset, length,
-                                         blockdev.VMTHUNDER_CACHE)
+        extents: list[blockdev.Extent] = []
+        pos, end = offset, offset + length
+        while pos < end:
+            got = await client.block_status(pos, end - pos,
+                                            blockdev.VMTHUNDER_CACHE)
+            described = sum(e.length for e in got)
+            if described <= 0:
+                break               # the rest stays "missing": safe
+            extents += got
+            pos += described
+        return extents
 
     # -- peer reads ------------------------------------------------------
 
