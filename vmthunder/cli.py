@@ -165,6 +165,8 @@ def build_parser() -> argparse.ArgumentParser:
     agent_client.add_parsers(sub)
     from vmthunder.transfer import cli as transfer_cli
     transfer_cli.add_parser(sub)
+    from vmthunder import trace_cli
+    trace_cli.add_parser(sub)
     return parser
 
 
@@ -422,6 +424,8 @@ def main(argv=None) -> int:
         handlers[name] = lambda args: agent_client.run(args, CONF)
     from vmthunder.transfer import cli as transfer_cli
     handlers["copy"] = lambda args: transfer_cli.run(args, CONF)
+    from vmthunder import trace_cli
+    handlers["trace"] = lambda args: trace_cli.run(args, CONF)
     try:
         return handlers[args.command](args)
     except (blockdev.BlockError, ValueError) as exc:

@@ -399,6 +399,46 @@ agent_opts = [
              "peers together; reads of running VMs (demand reads) are "
              "never held back by it and go first. Same units as "
              "peer_upload_rate; 0 or unset: no limit."),
+    cfg.BoolOpt(
+        "prefetch",
+        default=True,
+        help="At a VM's create, when its image's export published a boot "
+             "trace (`vmthunder trace publish`; checked against the "
+             "image's manifest), read the trace's chunks ahead of the "
+             "guest, in trace order, through the same peers and owners "
+             "as the guest's reads, always behind them (a guest's read "
+             "never waits behind a prefetch). One prefetch per image "
+             "serves all its VMs on the host; it stops when the trace "
+             "ends, when its guests read nothing for "
+             "prefetch_idle_seconds, or when its VMs are deleted. "
+             "Shown by `vmthunder status` (the image's prefetch: chunks "
+             "prefetched, used, wasted)."),
+    cfg.IntOpt(
+        "prefetch_window_bytes",
+        default=8 * 1024 * 1024,
+        min=4096,
+        help="How far (bytes of trace chunks, in trace order) the "
+             "prefetch runs ahead of the furthest trace chunk a guest has "
+             "read. Bounds what a wrong trace costs: a guest that reads "
+             "nothing of the trace gets this much prefetched, no more."),
+    cfg.IntOpt(
+        "prefetch_run_bytes",
+        default=64 * 1024,
+        min=4096,
+        help="Most bytes one prefetch read asks for (consecutive "
+             "chunks): what a guest's read may find ahead of it on a "
+             "link."),
+    cfg.IntOpt(
+        "prefetch_parallel",
+        default=2,
+        min=1,
+        help="Prefetch reads in flight at once, per image."),
+    cfg.FloatOpt(
+        "prefetch_idle_seconds",
+        default=30.0,
+        min=0.1,
+        help="The prefetch stops when no guest of the image read anything "
+             "for this long (booted, or idle)."),
 ]
 
 coordination_opts = [

@@ -83,6 +83,15 @@ class Trace:
     def boot_s(self) -> float | None:
         return self.header.get("boot_s")
 
+    def until_boot(self) -> Trace:
+        """The part a boot needs: requests issued up to the boot marker
+        (what a guest does after it, e.g. powering off, is not boot); the
+        whole trace when the marker is unknown."""
+        if self.boot_s is None:
+            return self
+        return Trace(self.header, [r for r in self.requests
+                                   if r.issue_s <= self.boot_s])
+
     def end_s(self) -> float:
         """Last completion: where the recorded I/O ends."""
         return max((r.complete_s for r in self.requests), default=0.0)
@@ -263,6 +272,32 @@ def load(path: str, *, max_file_bytes: int | None = None,
         raise TraceError(f"{path}: cannot read trace: {exc}") from None
     finally:
         os.close(fd)
+
+
+def loads(data: bytes, where: str, *, compressed: bool,
+          max_text_bytes: int | None = None,
+          max_requests: int | None = None) -> Trace:
+    """A trace from the bytes of a trace file (gzip-compressed when
+    ``compressed``), within the limits :func:`load` takes; ``where``
+    names it in errors."""
+    stream = io.BytesIO(data)
+    try:
+        if compressed:
+            stream = _Limited(
+                gzip.GzipFile(fileobj=stream, mode="rb"), max_text_bytes,
+                lambda: TraceTooLarge(
+                    f"{where}: more than {max_text_bytes} bytes once "
+                    f"decompressed; traces of at most {max_text_bytes} "
+                    "bytes decompressed are read"))
+        elif max_text_bytes is not None and len(data) > max_text_bytes:
+            raise TraceTooLarge(f"{where}: more than {max_text_bytes} "
+                                "bytes; traces of at most that are read")
+        return _parse(where, io.BufferedReader(stream)
+                      if compressed else stream, max_requests)
+    except TraceError:
+        raise
+    except (OSError, EOFError, UnicodeDecodeError, zlib.error) as exc:
+        raise TraceError(f"{where}: cannot read trace: {exc}") from None
 
 
 def _open_regular(path: str) -> int:

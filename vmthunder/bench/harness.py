@@ -51,7 +51,7 @@ STORE_PORT = 10809
 ISCSI_PORT = 3260
 REDIS_PORT = 6379
 # Strategies whose agents find each other through a coordination backend.
-NEEDS_REDIS = {"vmthunder"}
+NEEDS_REDIS = {"vmthunder", "vmthunder-prefetch"}
 SAMPLE_S = 0.25
 
 
@@ -73,7 +73,8 @@ def percentile(values: list[float], q: float) -> float | None:
 class OriginHost:
     """tgtd (the image LUN) and nbdkit (the image store) on the origin."""
 
-    def __init__(self, topo, workdir: str, image: str, chunk_size: int):
+    def __init__(self, topo, workdir: str, image: str, chunk_size: int,
+                 trace: str | None = None):
         from vmthunder.volume import export as export_mod
         self.topo = topo
         self.host = topo.origin
@@ -91,6 +92,12 @@ class OriginHost:
                                          chunk_size=chunk_size,
                                          out=lambda text: None)
         self.iscsi_url = result.record.url(1)
+        if trace is not None:
+            # The boot trace, data of the image: hosts whose agents
+            # prefetch (vmthunder-prefetch) read it at VM create.
+            from vmthunder.volume import published_trace
+            published_trace.publish(self.cfg, "image", trace,
+                                    out=lambda text: None)
         self.store = self.host.popen(
             ["nbdkit", "--foreground", "--exit-with-parent", "--readonly",
              "-i", self.host.address, "-p", str(STORE_PORT), "file", image],
@@ -380,9 +387,26 @@ def run_strategy(args, topo, origin: OriginHost, name: str, workdir: str,
                               if q in r.get("read_ms", {})])
                     for q in ("p50", "p90", "p99", "max")},
         "origin_series": series, "hosts": host_stats,
+        "prefetch": _prefetch_totals(host_stats),
         "attach_s": attach_s,
         "host_errors": host_errors,
     }
+
+
+def _prefetch_totals(host_stats: dict) -> dict | None:
+    """The hosts' trace prefetch figures added up (None: no prefetch)."""
+    rows = [s.get("prefetch") for s in host_stats.values()]
+    rows = [r for r in rows if isinstance(r, dict) and "trace_chunks" in r]
+    if not rows:
+        return None
+    keys = ("chunks_prefetched", "bytes_prefetched", "chunks_used",
+            "chunks_unused", "chunks_held_already", "chunks_deferred",
+            "promoted", "read_errors")
+    out = {k: sum(r.get(k) or 0 for r in rows) for k in keys}
+    out["hosts"] = len(rows)
+    out["states"] = sorted({f"{r['state']} ({r.get('stop_reason')})"
+                            for r in rows})
+    return out
 
 
 def _r(value):
@@ -436,16 +460,28 @@ def print_table(report: dict, out=sys.stdout) -> None:
           f"{p['workload']} ({p['guest']}); working set "
           f"{mb(report['working_set_bytes'])} MB, single local boot "
           f"{sec(report['single_local_boot_s'])} s", file=out)
-    head = (f"{'strategy':10} {'p50 s':>7} {'p95 s':>7} {'max s':>7} "
+    w = max([10] + [len(n) for n in report["strategies"]])
+    head = (f"{'strategy':{w}} {'p50 s':>7} {'p95 s':>7} {'max s':>7} "
             f"{'all s':>7} {'origin MB':>10} {'hosts MB':>9} "
             f"{'peak MB/s':>9} {'precache s':>10} {'failed':>6}")
     print(head, file=out)
     for name, r in report["strategies"].items():
-        print(f"{name:10} {sec(r['p50_boot_s']):>7} {sec(r['p95_boot_s']):>7}"
+        print(f"{name:{w}} {sec(r['p50_boot_s']):>7} {sec(r['p95_boot_s']):>7}"
               f" {sec(r['max_boot_s']):>7} {sec(r['all_booted_s']):>7} "
               f"{mb(r['origin_bytes']):>10} {mb(r['host_sent_bytes']):>9} "
               f"{mb(r['peak_origin_Bps']):>9} {sec(r['precache_s']):>10} "
               f"{len(r['failed']):>6}", file=out)
+    for name, r in report["strategies"].items():
+        pf = r.get("prefetch")
+        if pf:
+            print(f"{name}: prefetch on {pf['hosts']} hosts: "
+                  f"{pf['chunks_prefetched']} chunks "
+                  f"({mb(pf['bytes_prefetched'])} MB) prefetched, "
+                  f"{pf['chunks_used']} used, {pf['chunks_unused']} unused,"
+                  f" {pf['chunks_held_already']} held already, "
+                  f"{pf['chunks_deferred']} left to their owner, "
+                  f"{pf['promoted']} promoted; {', '.join(pf['states'])}",
+                  file=out)
     sim = report.get("simulation")
     if sim:
         print("simulator vs measured (within 15%?):", file=out)
@@ -748,7 +784,8 @@ def main(argv=None) -> int:
             f"hosts {args.host_rate})")
         log(f"exporting {image} ({report['image_size'] / 1e6:.0f} MB) on "
             "the origin")
-        origin = OriginHost(topo, workdir, image, args.chunk_size)
+        origin = OriginHost(topo, workdir, image, args.chunk_size,
+                            trace_path)
         origin.coordination = (origin.start_redis(workdir)
                                if NEEDS_REDIS & set(names) else None)
         report["single_local_boot_s"] = single_local_boot(

@@ -318,6 +318,9 @@ class _AgentStrategy(Strategy):
     """One `vmthunder-agent` per host, serving its image cache to peers;
     the VMs are created through its API."""
     peer_mode = ""
+    # [agent] prefetch: read the trace published with the export ahead of
+    # the guests (vmthunder/agent/prefetch.py).
+    prefetch = False
 
     def agent_args(self, host) -> list[str]:
         return []
@@ -333,7 +336,8 @@ class _AgentStrategy(Strategy):
             f.write(base + "\n[coordination]\n"
                     f"backend_url = {self.origin.coordination_url}\n"
                     f"member_id = {host.name}\nheartbeat_interval = 0.25\n"
-                    "[agent]\npeer_timeout = 2.0\n")
+                    "[agent]\npeer_timeout = 2.0\n"
+                    f"prefetch = {str(self.prefetch).lower()}\n")
         api = os.path.join(st.sockdir, "api.sock")
         argv = [sys.executable, "-m", "vmthunder.agent", "--config-file",
                 conf, "--state-dir", os.path.join(st.workdir, "state"),
@@ -379,6 +383,15 @@ class VmthunderStrategy(_AgentStrategy):
     peer_mode = "mesh"
 
 
+class VmthunderPrefetchStrategy(VmthunderStrategy):
+    name = "vmthunder-prefetch"
+    summary = ("vmthunder + trace prefetch: at VM create each agent reads "
+               "the boot trace published with the export ahead of its "
+               "guests, through the same owners and peers, always behind "
+               "their reads")
+    prefetch = True
+
+
 class TreeStrategy(_AgentStrategy):
     name = "tree"
     summary = ("the original VMThunder topology: each host reads only from "
@@ -398,4 +411,4 @@ class TreeStrategy(_AgentStrategy):
 
 STRATEGIES = {cls.name: cls for cls in (
     CopyStrategy, PrecacheStrategy, DirectStrategy, LazyStrategy,
-    VmthunderStrategy, TreeStrategy)}
+    VmthunderStrategy, VmthunderPrefetchStrategy, TreeStrategy)}

@@ -179,8 +179,9 @@ class VmReads:
                         "ended after %.1f s", self.vm, entry[3], entry[2],
                         took)
 
-    def instant(self) -> None:
-        """A read served from a resident file, without waiting."""
+    def instant(self, offset: int = 0, length: int = 0) -> None:
+        """A read (of ``length`` bytes at ``offset``) served from a
+        resident file, without waiting."""
         reads = self.reads
         reads.counts[0] += 1
         reads.hits += 1

@@ -234,7 +234,7 @@ class SnapshotLayer(blockdev.BlockDevice):
             self.counters["read_requests"] += 1
             self.counters["bytes_read"] += length
             if self.watch is not None:
-                self.watch.instant()
+                self.watch.instant(offset, length)
         return data
 
     def local_extent(self, offset: int, length: int):
@@ -254,7 +254,7 @@ class SnapshotLayer(blockdev.BlockDevice):
             self.counters["read_requests"] += 1
             self.counters["bytes_read"] += length
             if self.watch is not None:
-                self.watch.instant()
+                self.watch.instant(offset, length)
         return extent
 
     async def _read_overlay(self, offset: int, length: int) -> bytes:

@@ -56,6 +56,7 @@ from vmthunder import blockdev
 from vmthunder.cache.cache_layer import FETCHING, HELD, MISSING
 from vmthunder.nbd.client import NbdClient, NbdError, open_nbd
 from vmthunder.p2p.owners import OWNER_REGION, OwnerTable, serving_peer
+from vmthunder.p2p.priority import DEMAND, Lanes, priority
 from vmthunder.volume.manifest import Manifest
 
 LOG = logging.getLogger(__name__)
@@ -242,6 +243,9 @@ class ImageVolume(blockdev.BlockDevice):
         # (reading_from): token -> (first chunk, end chunk, from where).
         self._reads_now: dict[int, tuple[int, int, str]] = {}
         self._read_token = 0
+        # Where reads queue, per source: demand reads before prefetch
+        # (p2p/priority.py).
+        self.lanes = Lanes()
 
     # -- identity and status ------------------------------------------
 
@@ -293,6 +297,7 @@ class ImageVolume(blockdev.BlockDevice):
         now = time.monotonic()
         return dict(
             self.counters, mode=self.mode, image=self.image,
+            lanes=self.lanes.stats(),
             peer_errors=dict(self.peer_errors),
             avoided=sorted(p.uri for p in self._peers.values()
                            if p.avoided(now)),
@@ -384,6 +389,51 @@ class ImageVolume(blockdev.BlockDevice):
                 await self._from_origin(a, b, self._part(view, first, a, b))
             return
         await self._fill(first, last, view, frozenset(), True)
+
+    # -- prefetch ----------------------------------------------------------
+
+    def promote(self, first: int, last: int) -> int:
+        """A guest now waits for chunks [first, last): prefetch reads of
+        them still queued in a lane go at once (p2p/priority.py)."""
+        return self.lanes.promote(first, last)
+
+    async def prefetch_ready(self, first: int, last: int) -> list[bool]:
+        """For each chunk of [first, last): may a prefetch read it now
+        without making another host fetch it for us? True for the chunks
+        this host owns (it reads them from the origin itself, behind its
+        own demand reads), for those some owner already holds, and for
+        every chunk outside mesh mode or without owners. False for a
+        chunk another live owner neither holds nor has: that owner's own
+        prefetch brings it (each chunk still leaves the origin about
+        once, and at the owner it never goes before demand reads); ask
+        again later. Uses the owners' block status (cached for
+        ``status_ttl``)."""
+        ready = [True] * (last - first)
+        if self.mode != "mesh" or first >= last:
+            return ready
+        owners = self._owners()
+        if owners is None or owners[0] is None:
+            return ready
+        me, keyed = owners
+        now = time.monotonic()
+        table = self._owner_table
+        by_owner: dict[str, list[int]] = {}
+        for i in range(first, last):
+            key = table.owner(keyed, i)
+            uri = keyed.get(key)
+            if key == me or uri is None or self._peer(uri).avoided(now):
+                continue
+            by_owner.setdefault(uri, []).append(i)
+        if not by_owner:
+            return ready
+        uris = list(by_owner)
+        answers = await asyncio.gather(*(
+            self._status(self._peer(uri), first, last) for uri in uris))
+        for uri, states in zip(uris, answers):
+            for i in by_owner[uri]:
+                ready[i - first] = states is not None \
+                    and states[i - first] == HELD
+        return ready
 
     # -- mesh ------------------------------------------------------------
 
@@ -685,11 +735,14 @@ class ImageVolume(blockdev.BlockDevice):
         """Read chunks [a, b) from ``peer`` (a ``what``: peer, owner or
         parent) into ``part``; the chunks still missing (all if the read
         failed, the wrong ones otherwise)."""
+        lane = self.lanes.lane(peer.uri)
+        kind = await lane.enter(a, b)
         token = self._reading(a, b, f"{what} {peer.uri}")
         try:
             return await self._read_peer(peer, a, b, part, timeout)
         finally:
             del self._reads_now[token]
+            lane.leave(kind)
 
     async def _read_peer(self, peer: _Peer, a: int, b: int,
                          part: memoryview,
@@ -766,11 +819,14 @@ class ImageVolume(blockdev.BlockDevice):
     # -- origin ------------------------------------------------------------
 
     async def _from_origin(self, a: int, b: int, part: memoryview) -> None:
+        lane = self.lanes.lane("origin")
+        kind = await lane.enter(a, b)
         token = self._reading(a, b, "the origin")
         try:
             await self._read_origin(a, b, part)
         finally:
             del self._reads_now[token]
+            lane.leave(kind)
 
     async def _read_origin(self, a: int, b: int, part: memoryview) -> None:
         cs = self.chunk_size
@@ -810,8 +866,14 @@ class ImageVolume(blockdev.BlockDevice):
         (no round trips through the table's own peers on the path of a
         boot's first fetches; owners read the origin, and a piece of the
         table covers one owner region)."""
-        loading = asyncio.ensure_future(
-            self.manifest.load(a, b, from_origin=from_origin))
+        # Digests are loaded at demand priority, whoever asks first: a
+        # guest's read may join a prefetch's load of the same page.
+        token = priority.set(DEMAND)
+        try:
+            loading = asyncio.ensure_future(
+                self.manifest.load(a, b, from_origin=from_origin))
+        finally:
+            priority.reset(token)
         if from_origin and self.digest_table is not None:
             self.digest_table.keep(a, b)
         loading.add_done_callback(lambda t: t.cancelled() or t.exception())

@@ -127,8 +127,12 @@ class Manifest:
                  digest_size: int = DIGEST_SIZE, version: int = VERSION,
                  pages: bytes | None = None,
                  pages_digest: str | None = None, fetch_table=None,
-                 where: str = "manifest"):
+                 where: str = "manifest", trace: dict | None = None):
         _check_params(where, size, chunk_size, algorithm, digest_size)
+        # The boot trace published with the image, when there is one
+        # (vmthunder/volume/published_trace.py): {"lun", "bytes",
+        # "digest", "compressed"}; checked by parse_header.
+        self.trace = trace
         self.name = name
         self.size = size
         self.chunk_size = chunk_size
@@ -218,7 +222,7 @@ class Manifest:
 
     def header(self) -> dict:
         pages_offset = HEADER_BYTES
-        return {"format": FORMAT, "version": self.version,
+        head = {"format": FORMAT, "version": self.version,
                 "name": self.name, "size": self.size,
                 "chunk_size": self.chunk_size, "algorithm": self.algorithm,
                 "digest_size": self.digest_size, "page_size": PAGE_SIZE,
@@ -226,6 +230,9 @@ class Manifest:
                 "table_offset": pages_offset + _pad(len(self.pages),
                                                     PAGE_SIZE),
                 "pages_digest": self.pages_digest}
+        if self.trace is not None:
+            head["trace"] = self.trace
+        return head
 
     # -- the table as an image of its own ----------------------------------
 
@@ -490,7 +497,8 @@ class Manifest:
                    digest_size=head["digest_size"], version=2,
                    pages=raw[head["pages_offset"]:head["pages_offset"]
                              + head["pages_bytes"]],
-                   pages_digest=head["pages_digest"], where=where)
+                   pages_digest=head["pages_digest"], where=where,
+                   trace=head.get("trace"))
 
     @classmethod
     def lazy(cls, head: dict, pages: bytes, fetch_table,
@@ -502,7 +510,8 @@ class Manifest:
                    algorithm=head["algorithm"],
                    digest_size=head["digest_size"], version=2,
                    pages=pages, pages_digest=head["pages_digest"],
-                   fetch_table=fetch_table, where=where)
+                   fetch_table=fetch_table, where=where,
+                   trace=head.get("trace"))
 
 
 class TableDevice(blockdev.BlockDevice):
@@ -580,7 +589,40 @@ def parse_header(block: bytes, where: str = "manifest") -> dict | None:
     if head["table_offset"] < head["pages_offset"] + head["pages_bytes"]:
         raise ManifestError(f"{where} is malformed: the table must come "
                             "after the page digests")
+    head["trace"] = _check_trace_ref(where, doc.get("trace"),
+                                     head["algorithm"])
     return head
+
+
+# A published boot trace is at most this big (the agent's precache limit
+# on trace files too).
+MAX_TRACE_BYTES = 16 * 1024 * 1024
+
+
+def _check_trace_ref(where: str, ref, algorithm: str) -> dict | None:
+    """The header's "trace" entry (the boot trace published with the
+    image: its LUN, size and digest), checked; None when absent."""
+    if ref is None:
+        return None
+    size = HASHES[algorithm]().digest_size * 2
+    try:
+        lun, nbytes, digest = ref["lun"], ref["bytes"], ref["digest"]
+        compressed = ref.get("compressed", False)
+        ok = (all(isinstance(v, int) and not isinstance(v, bool)
+                  for v in (lun, nbytes))
+              and 0 <= lun < 1 << 16 and 0 < nbytes <= MAX_TRACE_BYTES
+              and isinstance(digest, str) and len(digest) == size
+              and all(c in "0123456789abcdef" for c in digest)
+              and isinstance(compressed, bool))
+    except (KeyError, TypeError):
+        ok = False
+    if not ok:
+        raise ManifestError(f"{where} is malformed: its trace entry "
+                            f"{ref!r} is not {{\"lun\": N, \"bytes\": "
+                            f"1..{MAX_TRACE_BYTES}, \"digest\": "
+                            f"{size} hex digits, \"compressed\": bool}}")
+    return {"lun": lun, "bytes": nbytes, "digest": digest,
+            "compressed": compressed}
 
 
 def _from_v1(raw: bytes, where: str) -> Manifest:

@@ -396,6 +396,10 @@ class Tgt:
             self._iscsi("--mode", "logicalunit", "--op", "update", "--tid",
                         tid, "--lun", lun, "--params", "readonly=1")
 
+    def delete_lun(self, tid: int, lun: int) -> None:
+        self._iscsi("--mode", "logicalunit", "--op", "delete", "--tid", tid,
+                    "--lun", lun)
+
     def bind_initiators(self, tid: int, address: str = "ALL") -> None:
         self._iscsi("--mode", "target", "--op", "bind", "--tid", tid,
                     "--initiator-address", address)
