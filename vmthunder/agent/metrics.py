@@ -272,6 +272,18 @@ class AgentCollector(Collector):
                     out.add(GaugeMetricFamily, f"precache_{key}",
                             f"The image's last precache: {key}.", labels,
                             precache[key])
+        prefetch = image.get("prefetch")
+        if prefetch:
+            # The image's trace prefetch (agent/prefetch.py): every number
+            # of its status, as gauges of the current (or last) one.
+            out.add(GaugeMetricFamily, "prefetch_running",
+                    "1 while a trace prefetch of the image runs.", labels,
+                    int(prefetch.get("state") == "running"))
+            for key, value in sorted(prefetch.items()):
+                if _number(value):
+                    out.add(GaugeMetricFamily, f"prefetch_{_name(key)}",
+                            f"The image's trace prefetch: {key}.", labels,
+                            value)
 
     def _latency(self):
         family = HistogramMetricFamily(

@@ -83,9 +83,11 @@ class _Watch:
 
     def begin(self, offset: int, length: int):
         self.prefetch.guest_read(offset, length)
+        self.prefetch.guest_reads_now += 1
         return self.inner.begin(offset, length) if self.inner else None
 
     def end(self, token) -> None:
+        self.prefetch.guest_read_ended()
         if self.inner is not None:
             self.inner.end(token)
 
@@ -129,11 +131,21 @@ class Prefetch:
                          "chunks_deferred": 0, "read_errors": 0,
                          "promoted": 0}
         self._advanced = asyncio.Event()
-        self._slots = asyncio.Semaphore(max(1, options.parallel))
+        # Without lanes, one read at a time: the guest's next read finds
+        # at most that one ahead of it on the origin's link.
+        self._slots = asyncio.Semaphore(
+            max(1, options.parallel) if volume is not None else 1)
         self._reads: set[asyncio.Task] = set()
         self._t0 = time.monotonic()
         self._t1: float | None = None
         self._last_guest = time.monotonic()
+        # Guest reads in progress (begun, not ended), and when one last
+        # ended: without an ImageVolume (no lanes: peers off), prefetch
+        # reads go only while no guest read runs (and GRACE_S after).
+        self.guest_reads_now = 0
+        self._guest_ended = -priority_mod.GRACE_S
+        self._guests_quiet = asyncio.Event()
+        self._guests_quiet.set()
         self.task: asyncio.Task | None = None
 
     # -- guest side --------------------------------------------------------
@@ -169,6 +181,26 @@ class Prefetch:
             self.counters["promoted"] += self.volume.promote(first, last)
         if moved:
             self._advanced.set()
+
+    def guest_read_ended(self) -> None:
+        self.guest_reads_now = max(0, self.guest_reads_now - 1)
+        self._guest_ended = time.monotonic()
+        if not self.guest_reads_now:
+            self._guests_quiet.set()
+
+    async def _behind_guests(self) -> None:
+        """Without lanes (no ImageVolume): wait until no guest read has
+        run for GRACE_S."""
+        while True:
+            if self.guest_reads_now:
+                self._guests_quiet.clear()
+                await self._guests_quiet.wait()
+                continue
+            wait = self._guest_ended + priority_mod.GRACE_S \
+                - time.monotonic()
+            if wait <= 0:
+                return
+            await asyncio.sleep(wait)
 
     # -- the run -----------------------------------------------------------
 
@@ -291,6 +323,8 @@ class Prefetch:
         length = min(last * cs, self.cache.size) - offset
         if self.rate_limit is not None:
             await self.rate_limit.acquire(length)
+        if self.volume is None:
+            await self._behind_guests()
         # The chunks may have come meanwhile (a guest, another VM).
         states = self.cache.chunk_states(first, last)
         if all(s != MISSING for s in states):
@@ -365,6 +399,8 @@ class Prefetches:
         # image -> the trace's chunk order, once read.
         self._orders: dict[str, list[int] | None] = {}
         self._starting: dict[str, asyncio.Task] = {}
+        # VMs deleted while their image's prefetch was starting.
+        self._gone: set[str] = set()
         self.rate_limit = None
         if options.rate:
             from vmthunder.ratelimit import RateLimit
@@ -395,7 +431,7 @@ class Prefetches:
     def _join_started(self, image: str, vm: str, snapshot) -> None:
         run = self.runs.get(image)
         if run is not None and run.state == "running" \
-                and not getattr(snapshot, "closed", False):
+                and vm not in self._gone:
             self._join(run, vm, snapshot)
 
     async def _start(self, image, vm: str, snapshot) -> None:
@@ -405,7 +441,8 @@ class Prefetches:
             self.notes[image.name] = f"no prefetch: {message_of(exc)}"
             LOG.error("image %s: %s", image.name, self.notes[image.name])
             return
-        if order is None or image.cache is None:
+        if order is None or image.cache is None or vm in self._gone:
+            self._gone.discard(vm)
             return
         run = Prefetch(image.name, image.cache, image.volume, order,
                        self.options, self.rate_limit)
@@ -436,8 +473,11 @@ class Prefetches:
         return order
 
     async def vm_deleted(self, image: str, vm: str) -> None:
+        starting = self._starting.get(image)
+        if starting is not None and not starting.done():
+            self._gone.add(vm)
         run = self.runs.get(image)
-        if run is None:
+        if run is None or vm not in run.vms:
             return
         run.vms.discard(vm)
         if not run.vms:
