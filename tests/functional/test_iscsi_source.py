@@ -535,6 +535,43 @@ def test_reconnect_moves_to_the_next_portal(tgtd, tmp_path):  # noqa: F811
     run(main())
 
 
+def test_manifest_lun_back_after_the_image_lun_is_waited_for(
+        tgtd, tmp_path):  # noqa: F811
+    """A target set up again one LUN at a time after a restart (as
+    tgt-admin or a test fixture does): the session reconnects once LUN 1
+    answers, but a read that needs the digest table (LUN 2) waits until
+    LUN 2 is back too, and returns the right bytes (it used to fail with
+    the LUN's SCSI error)."""
+    # Past the first page of the digest table (256 digests of 256 KiB
+    # chunks), so the last chunk's digest is read from LUN 2 on demand.
+    size = 72 * MiB
+    daemon, target, data, manifest = export_with_manifest(
+        tgtd, tmp_path, size, size)
+    lun2 = daemon.targets[target.tid].luns[2].path
+
+    async def main():
+        src = await IscsiSource.open(daemon.url(target, 1), manifest_lun=2,
+                                     reconnect_timeout=20)
+        try:
+            assert src.manifest.lazy_loading
+            assert await src.read(0, 4096) == data[:4096]
+            daemon.kill()
+            daemon.remove_lun(target, 2)
+            await asyncio.to_thread(daemon.start)       # LUN 1 only
+            offset = size - 256 * 1024              # on the second page
+            read = asyncio.ensure_future(src.read(offset, 4096))
+            await asyncio.sleep(1.0)
+            assert not read.done(), read.exception()    # waits for LUN 2
+            await asyncio.to_thread(daemon.add_lun, target, 2, lun2)
+            got = await asyncio.wait_for(read, 15)
+            assert got == data[offset:offset + 4096]
+            manifest.verify(manifest.chunks - 1, await src.read(
+                *manifest.chunk_range(manifest.chunks - 1)))
+        finally:
+            await src.close()
+    run(main())
+
+
 def test_lun_replaced_while_away_is_refused(tgtd, tmp_path):  # noqa: F811
     path = str(tmp_path / "img.raw")
     make_file(path, 4 * MiB)

@@ -36,7 +36,7 @@ async def read_manifest(session: IscsiSession, target: str,
     if size > MAX_MANIFEST_BYTES:
         raise BlockError(errno.EINVAL, f"{where} is {size} bytes; a "
                          f"manifest is at most {MAX_MANIFEST_BYTES}")
-    session.set_block_size(lun, block_size)
+    session.set_block_size(lun, block_size, blocks)
 
     async def read_lun(offset: int, length: int) -> bytes:
         """Bytes [offset, offset+length) of the LUN, widened to whole

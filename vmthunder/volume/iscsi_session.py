@@ -233,9 +233,11 @@ class IscsiSession:
         self._reconnect_task: asyncio.Task | None = None
         self._failure: BlockError | None = None
         self._closing = False
-        # Capacity checked after every reconnect: a different LUN behind
-        # the same name must not be read as if it were the old one.
-        self.expected_capacity: tuple[int, int] | None = None
+        # {lun: (block size, blocks)} checked after every reconnect: a
+        # different LUN behind the same name must not be read as if it
+        # were the old one, and a LUN not back yet (a target being set up
+        # again one LUN at a time) is waited for, not read.
+        self.expected_capacities: dict[int, tuple[int, int]] = {}
         self.stats = {"commands": 0, "reconnects": 0, "retries": 0,
                       "reissued": 0}
 
@@ -448,10 +450,12 @@ class IscsiSession:
                     # Same credentials everywhere: say so at once.
                     return None, errors
                 continue
-            if self.expected_capacity is not None:
+            if self.expected_capacities:
                 try:
-                    await self._verify_capacity(conn, portal)
+                    for lun, want in self.expected_capacities.items():
+                        await self._verify_capacity(conn, portal, lun, want)
                 except BlockError as exc:
+                    LOG.debug("%s", exc)
                     conn.close()
                     errors.append(exc)
                     if exc.errno == errno.ESTALE:
@@ -461,13 +465,47 @@ class IscsiSession:
             return conn, errors
         return None, errors
 
-    async def _verify_capacity(self, conn: _Conn, portal: Portal) -> None:
-        """After a reconnect: is it still the LUN we were reading?"""
+    async def _verify_capacity(self, conn: _Conn, portal: Portal, lun: int,
+                               want: tuple[int, int]) -> None:
+        """After a reconnect: is ``lun`` back, and still the LUN we were
+        reading (``want``: its block size and blocks)?"""
+        for _ in range(MAX_RETRIES + 1):
+            got = await self._read_capacity_on(conn, portal, lun)
+            if got is not _UNIT_ATTENTION:
+                break
+            # A LUN added or reset reports UNIT ATTENTION once to each new
+            # login; libiscsi's connect clears it for the login's own LUN
+            # only.
+        else:
+            raise BlockError(errno.EIO, f"{self._at(portal)}: LUN {lun} "
+                             "answers READ CAPACITY with UNIT ATTENTION "
+                             "again and again")
+        if conn.closed:
+            raise BlockError(errno.EIO, f"{self._at(portal)}: connection "
+                             "lost after login")
+        if got != want:
+            raise BlockError(
+                errno.ESTALE,
+                f"{self._at(portal)}: LUN {lun} changed while "
+                f"reconnecting (was {want[1]} blocks of {want[0]} bytes, "
+                f"now {got[1]} of {got[0]}); refusing to read a different "
+                "volume")
+
+    async def _read_capacity_on(self, conn: _Conn, portal: Portal,
+                                lun: int):
+        """READ CAPACITY(16) of ``lun`` on ``conn`` (not through the
+        command queue: the connection is not in use yet); its
+        ``(block_size, blocks)``, or _UNIT_ATTENTION."""
         fut = self._loop.create_future()
 
         def done(status, task):
             try:
-                result = _capacity_result(status, task)
+                if status == libiscsi.STATUS_CHECK_CONDITION and task and \
+                        libiscsi.task_struct(task).sense.key \
+                        == libiscsi.SENSE_UNIT_ATTENTION:
+                    result = _UNIT_ATTENTION
+                else:
+                    result = _capacity_result(status, task)
             finally:
                 libiscsi.Context.free_task(task)
             if not fut.done():
@@ -477,28 +515,19 @@ class IscsiSession:
                     fut.set_result(result)
 
         try:
-            conn.ctx.readcapacity16(self.lun, done)
+            conn.ctx.readcapacity16(lun, done)
         except libiscsi.LibiscsiError as exc:
             raise BlockError(errno.EIO, f"{self._at(portal)}: {exc}") \
                 from None
         conn.update()
         try:
-            got = await asyncio.wait_for(asyncio.shield(fut),
-                                         max(self.timeout, 1.0))
+            return await asyncio.wait_for(asyncio.shield(fut),
+                                          max(self.timeout, 1.0))
         except asyncio.TimeoutError:
             fut.cancel()
             raise BlockError(errno.ETIMEDOUT, f"{self._at(portal)}: no "
-                             "answer to READ CAPACITY") from None
-        if conn.closed:
-            raise BlockError(errno.EIO, f"{self._at(portal)}: connection "
-                             "lost after login")
-        if got != self.expected_capacity:
-            raise BlockError(
-                errno.ESTALE,
-                f"{self._at(portal)}: LUN {self.lun} changed while "
-                f"reconnecting (was {self.expected_capacity[1]} blocks of "
-                f"{self.expected_capacity[0]} bytes, now {got[1]} of "
-                f"{got[0]}); refusing to read a different volume")
+                             f"answer to READ CAPACITY of LUN {lun}") \
+                from None
 
     def _no_portal_error(self, errors: list[BlockError],
                          context: str) -> BlockError:
@@ -667,9 +696,14 @@ class IscsiSession:
         else:
             ctx.readcapacity16(cmd.lun, done)
 
-    def set_block_size(self, lun: int, block_size: int) -> None:
-        """READ(16) of ``lun`` needs its block size (READ CAPACITY)."""
+    def set_block_size(self, lun: int, block_size: int,
+                       blocks: int | None = None) -> None:
+        """READ(16) of ``lun`` needs its block size (READ CAPACITY). With
+        ``blocks`` (its capacity), the LUN is checked after every
+        reconnect: waited for until it is back, refused if it changed."""
         self._block_sizes[lun] = block_size
+        if blocks is not None:
+            self.expected_capacities[lun] = (block_size, blocks)
 
     def _completed(self, conn: _Conn, cmd: _Command, status: int,
                    task: int) -> None:
@@ -780,6 +814,10 @@ def _status_text(status: int, task: int) -> str:
         return ("CHECK CONDITION, "
                 + libiscsi.sense_text(sense.key, sense.ascq))
     return f"SCSI status {libiscsi.status_name(status)}"
+
+
+# What _read_capacity_on returns for a UNIT ATTENTION (asked again).
+_UNIT_ATTENTION = object()
 
 
 def _capacity_result(status: int, task: int):

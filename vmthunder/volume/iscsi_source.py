@@ -118,8 +118,7 @@ class IscsiSource(blockdev.BlockDevice):
         try:
             block_size, blocks = await asyncio.wait_for(
                 session.read_capacity(url.lun), timeout)
-            session.expected_capacity = (block_size, blocks)
-            session.set_block_size(url.lun, block_size)
+            session.set_block_size(url.lun, block_size, blocks)
             manifest = None
             if manifest_lun is not None:
                 manifest = await asyncio.wait_for(
