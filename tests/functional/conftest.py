@@ -47,20 +47,11 @@ def make_image(path, size: int, *, seed: int = 0, hole_at: int | None = None):
     return str(path)
 
 
-@dataclasses.dataclass
-class Served:
+class DaemonProc:
+    """A daemon a test started (``proc``), its stderr in ``stderr_path``."""
+
     proc: subprocess.Popen
-    uris: dict
-    stats_file: str
-    cache_dir: str
     stderr_path: str
-
-    def uri(self, export: str) -> str:
-        return self.uris[export]
-
-    def stats(self) -> dict:
-        with open(self.stats_file) as f:
-            return json.load(f)
 
     def stop(self, sig=signal.SIGTERM, timeout: float = 20) -> int:
         if self.proc.poll() is None:
@@ -75,6 +66,22 @@ class Served:
     def stderr(self) -> str:
         with open(self.stderr_path) as f:
             return f.read()
+
+
+@dataclasses.dataclass
+class Served(DaemonProc):
+    proc: subprocess.Popen
+    uris: dict
+    stats_file: str
+    cache_dir: str
+    stderr_path: str
+
+    def uri(self, export: str) -> str:
+        return self.uris[export]
+
+    def stats(self) -> dict:
+        with open(self.stats_file) as f:
+            return json.load(f)
 
 
 def start_serve(image: str, cache_dir: str, *args: str,

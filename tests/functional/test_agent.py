@@ -20,7 +20,7 @@ import time
 
 import pytest
 
-from tests.functional.conftest import REPO, make_image, need
+from tests.functional.conftest import REPO, DaemonProc, make_image, need
 from vmthunder.agent.client import AgentClient, AgentError
 
 pytestmark = pytest.mark.timeout(120)
@@ -30,7 +30,7 @@ READY = "vmthunder-agent: ready"
 
 
 @dataclasses.dataclass
-class AgentProc:
+class AgentProc(DaemonProc):
     proc: subprocess.Popen
     workdir: str
     api_socket: str
@@ -50,20 +50,6 @@ class AgentProc:
     @property
     def client(self) -> AgentClient:
         return AgentClient(self.api_socket, timeout=30)
-
-    def stop(self, sig=signal.SIGTERM, timeout: float = 20) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(sig)
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        return self.proc.returncode
-
-    def stderr(self) -> str:
-        with open(self.stderr_path) as f:
-            return f.read()
 
     def state_bytes(self) -> bytes:
         with open(self.state_file, "rb") as f:
