@@ -1,6 +1,7 @@
 """Warming an image's cache on request (`vmthunder precache`): the whole
 image, or the chunks a recorded boot trace reads, in its order, through
-the normal fetch path."""
+the normal fetch path, as a copy of the transfer library (its engine's
+requests in flight, rate limit and progress) into a sink."""
 
 from __future__ import annotations
 
@@ -8,10 +9,13 @@ import asyncio
 import logging
 import time
 
-from vmthunder import blockdev
 from vmthunder import trace as trace_mod
 from vmthunder.agent.errors import message_of
 from vmthunder.cache.cache_layer import HELD, CacheLayer
+from vmthunder.transfer import engine
+from vmthunder.transfer.cachefill import CacheChunksSource
+from vmthunder.transfer.destinations import DiscardDestination
+from vmthunder.transfer.errors import TransferError
 
 LOG = logging.getLogger(__name__)
 
@@ -35,26 +39,37 @@ PRECACHE_TRACE_MAX_REQUESTS = 250_000
 
 class Precache:
     """Warming one image's cache: the chunks of ``order`` not held yet,
-    read through the cache (so the normal fetch path applies: peers
-    first, the origin last, every chunk verified), in that order, a few
-    runs at a time.
+    in that order, as a copy of the transfer library (its engine): the
+    source reads them through the cache (so the normal fetch path
+    applies: peers first, the origin last, every chunk verified; the
+    cache keeps them), the destination discards. PRECACHE_PARALLEL reads
+    of up to PRECACHE_RUN_BYTES in flight; ``rate_limit``: a shared
+    vmthunder.ratelimit.RateLimit (the agent's background fetch rate,
+    [agent] background_fetch_rate) or bytes per second, None for none.
 
     ``from_peers``/``from_origin`` are what the image's source fetched
     from each while this ran (VMs' fetches of the same time included).
     """
 
     def __init__(self, image: str, cache: CacheLayer, order: list[int],
-                 trace: str | None):
+                 trace: str | None, *, rate_limit=None):
         self.image = image
         self.cache = cache
         self.trace = trace
+        # Bytes per second (None: no limit), for the status.
+        self.rate_limit = getattr(rate_limit, "rate", rate_limit) or None
         self.chunks_selected = len(order)
-        self.todo = [i for i in order
-                     if cache.chunk_states(i, i + 1)[0] != HELD]
-        self.chunks_total = len(self.todo)
-        self.bytes_total = sum(self._chunk_bytes(i) for i in self.todo)
-        self.chunks_done = 0
-        self.bytes_fetched = 0
+        todo = [i for i in order
+                if cache.chunk_states(i, i + 1)[0] != HELD]
+        self.source = CacheChunksSource(
+            cache, todo, request_size=PRECACHE_RUN_BYTES,
+            max_in_flight=PRECACHE_PARALLEL)
+        self.copy = engine.Copy(self.source, DiscardDestination(),
+                                rate_limit=rate_limit or None,
+                                digest=None,
+                                detect_zeroes=False)
+        self.chunks_total = self.source.chunks_total
+        self.bytes_total = self.source.bytes_total
         self.state = "running"
         self.error: str | None = None
         self.started_at = time.time()
@@ -64,9 +79,13 @@ class Precache:
         self._source1: tuple[int, int] | None = None
         self.task: asyncio.Task | None = None
 
-    def _chunk_bytes(self, index: int) -> int:
-        cs = self.cache.chunk_size
-        return min(cs, self.cache.size - index * cs)
+    @property
+    def chunks_done(self) -> int:
+        return self.source.chunks_done
+
+    @property
+    def bytes_fetched(self) -> int:
+        return self.source.bytes_fetched
 
     def _source_bytes(self) -> tuple[int, int]:
         """(bytes from peers, bytes from the origin) the source reports
@@ -85,42 +104,16 @@ class Precache:
     def start(self) -> None:
         self.task = asyncio.ensure_future(self._run())
 
-    def _runs(self):
-        """Consecutive chunks of ``todo`` grouped into runs of at most
-        PRECACHE_RUN_BYTES (one chunk at least), in order."""
-        most = max(1, PRECACHE_RUN_BYTES // self.cache.chunk_size)
-        run: list[int] = []
-        for i in self.todo:
-            if run and (i != run[-1] + 1 or len(run) >= most):
-                yield run
-                run = []
-            run.append(i)
-        if run:
-            yield run
-
     async def _run(self) -> None:
-        runs = self._runs()
-        workers = [asyncio.ensure_future(self._worker(runs))
-                   for _ in range(PRECACHE_PARALLEL)]
         try:
-            try:
-                await asyncio.wait(workers,
-                                   return_when=asyncio.FIRST_EXCEPTION)
-            finally:
-                # The first failure (or a cancel) stops the others.
-                for w in workers:
-                    w.cancel()
-                await asyncio.gather(*workers, return_exceptions=True)
-            for w in workers:
-                if w.done() and not w.cancelled() and w.exception():
-                    raise w.exception()
+            await self.copy.run()
         except asyncio.CancelledError:
             self._end("cancelled")
             LOG.info("image %s: precache cancelled after %d of %d chunks",
                      self.image, self.chunks_done, self.chunks_total)
             raise
-        except Exception as exc:
-            self.error = message_of(exc)
+        except TransferError as exc:
+            self.error = exc.reason or message_of(exc)
             self._end("failed")
             LOG.error("image %s: precache failed after %d of %d chunks: %s",
                       self.image, self.chunks_done, self.chunks_total,
@@ -130,35 +123,6 @@ class Precache:
             LOG.info("image %s: precache done: %d chunks (%d bytes) "
                      "fetched in %.1f s", self.image, self.chunks_total,
                      self.bytes_fetched, self._t1 - self._t0)
-
-    async def _worker(self, runs) -> None:
-        # The runs generator is shared: each worker takes the next run in
-        # order (no await between next() calls of one worker and another).
-        cache = self.cache
-        cs = cache.chunk_size
-        for run in runs:
-            # A VM may have brought some of them meanwhile: read only the
-            # chunks still missing (or in flight: the read joins it).
-            states = cache.chunk_states(run[0], run[-1] + 1)
-            missing = [i for i, st in zip(run, states) if st != HELD]
-            self.chunks_done += len(run) - len(missing)
-            j = 0
-            while j < len(missing):
-                k = j + 1
-                while k < len(missing) and missing[k] == missing[k - 1] + 1:
-                    k += 1
-                first, last = missing[j], missing[k - 1]
-                offset = first * cs
-                length = min((last + 1) * cs, cache.size) - offset
-                try:
-                    await cache.read_parts(offset, length)
-                except blockdev.BlockError as exc:
-                    raise blockdev.BlockError(
-                        exc.errno, f"chunks {first}-{last}: "
-                        f"{message_of(exc)}") from None
-                self.chunks_done += k - j
-                self.bytes_fetched += length
-                j = k
 
     def _end(self, state: str) -> None:
         self.state = state
@@ -185,6 +149,7 @@ class Precache:
             "from_peers": max(0, now[0] - self._source0[0]),
             "from_origin": max(0, now[1] - self._source0[1]),
             "chunk_size": self.cache.chunk_size,
+            "rate_limit": self.rate_limit,
             "started_at": self.started_at,
             "elapsed_s": round(elapsed, 3),
             "error": self.error,

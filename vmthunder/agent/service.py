@@ -617,8 +617,11 @@ class Agent:
                 order = []
                 for first, end in trace_runs:
                     order.extend(range(first, end))
-            run = precache_mod.Precache(image.name, image.cache, order,
-                                       trace_path)
+            # [agent] background_fetch_rate: one bucket with the trace
+            # prefetches'.
+            run = precache_mod.Precache(
+                image.name, image.cache, order, trace_path,
+                rate_limit=self.prefetches.rate_limit)
             image.precache = run
             run.start()
             LOG.info("image %s: precache started%s: %d chunk(s) to fetch "

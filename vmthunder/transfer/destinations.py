@@ -295,4 +295,30 @@ class NbdDestination(Destination):
             await device.close()
 
 
-__all__ = ["FileDestination", "NbdDestination", "Qcow2FileDestination"]
+
+class DiscardDestination(Destination):
+    """Takes every byte and keeps none (nbdcopy's ``null:``): for copies
+    whose work is the reading, such as filling a cache (the agent's
+    precache), where the source keeps what it read."""
+
+    max_in_flight = 64
+
+    def __init__(self, uri: str = "null:", options: dict | None = None):
+        super().__init__(uri, options or {})
+        self.bytes_written = 0
+
+    async def open(self, size: int) -> None:
+        self.bytes_written = 0
+
+    async def write(self, offset: int, data) -> None:
+        self.bytes_written += memoryview(data).nbytes
+
+    async def commit(self) -> None:
+        pass
+
+    async def abort(self) -> None:
+        pass
+
+
+__all__ = ["DiscardDestination", "FileDestination", "NbdDestination",
+           "Qcow2FileDestination"]

@@ -40,10 +40,23 @@ try:
     import blake3
 except ImportError:                  # requirements.txt has it
     blake3 = None
-try:
-    import numpy as np               # with matplotlib; zero detection
-except ImportError:
-    np = None
+# numpy (with matplotlib) finds zero blocks; imported on first use, so
+# a process whose copies never look for zeros (the agent's precache) does
+# not carry it.
+np = None
+_numpy_tried = False
+
+
+def _numpy():
+    global np, _numpy_tried
+    if not _numpy_tried:
+        _numpy_tried = True
+        try:
+            import numpy
+        except ImportError:
+            numpy = None
+        np = numpy
+    return np
 
 LOG = logging.getLogger(__name__)
 
@@ -111,6 +124,7 @@ def data_runs(data, block: int = ZERO_BLOCK) -> list[tuple[int, int]]:
     if _all_zero(data, n):
         return []
     full = n // block
+    np = _numpy()
     if np is not None and block % 8 == 0:
         arr = np.frombuffer(data, dtype=np.uint8)
         nonzero = np.empty(full + (n % block > 0), dtype=bool)
@@ -297,7 +311,7 @@ class Copy:
     def __init__(self, source: Source, destination: Destination, *,
                  max_in_flight: int | None = None,
                  request_size: int | None = None,
-                 rate_limit: float | None = None,
+                 rate_limit: float | RateLimit | None = None,
                  digest: str | None = DEFAULT_DIGEST,
                  detect_zeroes: bool = True):
         self.source = source
@@ -306,7 +320,10 @@ class Copy:
         self.dst_where = destination.describe()
         self._max_in_flight = max_in_flight
         self._request_size = request_size
-        self.limit = RateLimit(rate_limit) if rate_limit else None
+        # A RateLimit is shared (the agent's one bucket for background
+        # fetches); a number is this copy's own limit.
+        self.limit = rate_limit if isinstance(rate_limit, RateLimit) \
+            else RateLimit(rate_limit) if rate_limit else None
         if digest is not None:
             new_hash(digest)                  # unknown names fail now
         self.digest_algorithm = digest
