@@ -216,3 +216,19 @@ def test_server_upload_limit_refuses_when_queue_full():
     assert server.upload_refused == len(refused)
     for i, got in served:
         assert got == data[i * 256 * 1024:(i + 1) * 256 * 1024]
+
+
+def test_status_text_upload_line():
+    from vmthunder.agent.client import format_status
+    base = {"uptime_s": 1, "hypervisor_nbd": "unix:/x", "images": {},
+            "vms": {}}
+    limited = {"rate": 50e6 / 8, "limit": format_rate(50e6 / 8),
+               "bytes_sent": 3 * MiB, "wait_s": 2.5, "refused": 1}
+    text = format_status({**base, "peer_nbd": "tcp:10.0.0.1:10810",
+                          "peer_upload": limited})
+    assert ("sent to peers 3.0 MiB, upload limit 50 Mbit/s (6.25 MB/s); "
+            "replies waited 2.5 s for it, 1 read(s) refused") in text
+    # No peer server: nothing sent, no line.
+    text = format_status({**base, "peer_nbd": None,
+                          "peer_upload": dict(limited, rate=0)})
+    assert "upload" not in text
