@@ -181,13 +181,18 @@ def _add_export_parsers(sub) -> None:
                     "none answers on [export] tgtd_control_port, and "
                     "re-creates the targets of all recorded exports that "
                     "tgtd lost. Exporting the same content under the same "
-                    "name again changes nothing. Needs root. With "
+                    "name again changes nothing. Needs root. IMAGE may "
+                    "be glance://IMAGE_ID: the Glance image (raw or qcow2) "
+                    "is fetched through the transfer library (its "
+                    "os_hash_value checked) into the export, then "
+                    "exported the same way. With "
                     "--cinder, IMAGE is glance://IMAGE_ID and the image "
                     "becomes a read-only, multi-attached Cinder volume "
                     "with its manifest in a second small volume (origin "
                     "cinder://VOLUME_ID; [cinder] options).")
-    export.add_argument("image", help="image file to export (with "
-                                      "--cinder: glance://IMAGE_ID)")
+    export.add_argument("image", help="image file to export, or "
+                                      "glance://IMAGE_ID (always with "
+                                      "--cinder)")
     export.add_argument("--name",
                         help="export name: lower-case letters, digits, "
                              "'.', '-' (part of the target IQN); needed "
@@ -197,6 +202,11 @@ def _add_export_parsers(sub) -> None:
                              "Cinder volume: create or find its volume, "
                              "wait for it, publish its manifest (see "
                              "[cinder] options)")
+    export.add_argument("--glance-endpoint", metavar="URL",
+                        help="glance://IMAGE_ID: Glance's endpoint "
+                             "(default [cinder] glance_endpoint, else "
+                             "$VMTHUNDER_GLANCE_ENDPOINT); a token from "
+                             "$OS_AUTH_TOKEN")
     export.add_argument("--chunk-size", type=parse_size, default=None,
                         metavar="BYTES",
                         help="manifest chunk size, a power of two (default "
@@ -338,9 +348,18 @@ def _cmd_export(args) -> int:
               "with glance://IMAGE_ID)", file=sys.stderr)
         return 2
     try:
-        export.export_image(_export_config(args), args.image, args.name,
-                            chunk_size=args.chunk_size, chap=args.chap,
-                            portal=args.portal)
+        if args.image.startswith("glance://"):
+            from vmthunder.volume import glance_export
+            glance_export.export_glance_image(
+                _export_config(args), args.image, args.name,
+                glance_endpoint=(args.glance_endpoint
+                                 or CONF.cinder.glance_endpoint),
+                chunk_size=args.chunk_size, chap=args.chap,
+                portal=args.portal)
+        else:
+            export.export_image(_export_config(args), args.image,
+                                args.name, chunk_size=args.chunk_size,
+                                chap=args.chap, portal=args.portal)
     except _export_errors() as exc:
         print(f"vmthunder export: error: {exc}", file=sys.stderr)
         return 1

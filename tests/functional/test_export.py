@@ -24,6 +24,8 @@ import time
 import pytest
 
 from tests.functional.conftest import REPO, make_image, need
+from tests.functional.test_transfer import http_server  # noqa: F401
+from tests.functional.transfer_servers import glance_app
 from vmthunder.volume import manifest as manifest_mod
 from vmthunder.volume import tgt as tgt_mod
 
@@ -398,3 +400,103 @@ def test_restore_repairs_half_made_target(origin, tmp_path):
     row = origin.exports()["half"]
     assert (row["state"], row["tid"]) == ("exported", tid)
     assert compare(image, origin.url("half")).returncode == 0
+
+
+# -- glance://IMAGE_ID through the transfer library ---------------------------
+
+def _leftovers(origin) -> list[str]:
+    """Files an export from Glance must not leave in the store."""
+    return [e for e in os.listdir(origin.export_dir)
+            if e.startswith((".glance-", "..glance-", ".staging-"))]
+
+
+def test_export_from_glance_stand_in(origin, tmp_path, http_server,  # noqa
+                                     monkeypatch):
+    """`vmthunder export glance://ID --name N` against a stand-in of
+    Glance's image API (tests/functional/transfer_servers.py; a real
+    Glance in tests/openstack/test_glance_export.py): the data comes from
+    Glance through the transfer library, checked against os_hash_value,
+    and lands sparse in the export's volume; a raw image is moved there,
+    a qcow2 one converted; again from [cinder] glance_endpoint: unchanged;
+    a wrong hash or a qcow2 naming a backing file: no export, nothing
+    left."""
+    size = 3 * 2**20 + 1000                 # padded to 512 in the export
+    image = make_image(tmp_path / "g.raw", size, seed=21, hole_at=2**20)
+    raw2 = make_image(tmp_path / "g2.raw", 2**20, seed=22)
+    qcow2 = tmp_path / "g2.qcow2"
+    subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "qcow2", raw2,
+                    str(qcow2)], check=True)
+    backed = tmp_path / "backed.qcow2"
+    subprocess.run(["qemu-img", "create", "-f", "qcow2", "-F", "raw", "-b",
+                    "/etc/hostname", str(backed), "1M"], check=True,
+                   capture_output=True)
+    server = http_server(glance_app(
+        {"img-1": image, "img-q": str(qcow2), "img-b": str(backed)},
+        token="secret", disk_formats={"img-q": "qcow2", "img-b": "qcow2"}))
+    monkeypatch.setenv("OS_AUTH_TOKEN", "secret")
+    endpoint = ("--glance-endpoint", server.url(""))
+
+    out = origin.export("glance://img-1", "glance1", *endpoint).stdout
+    assert "fetched glance://img-1 from Glance at " in out, out
+    assert "verified: sha512 of the whole image" in out, out
+    assert "stored glance://img-1 (raw, " in out and ": moved in" in out
+    assert server.ranged + server.plain >= 2        # record, then data
+    assert compare(image, origin.url("glance1")).returncode == 0
+    directory = os.path.join(origin.export_dir, "glance1")
+    record = json.load(open(os.path.join(directory, "export.json")))
+    assert record["source"] == "glance://img-1"
+    assert record["size"] == size + 24
+    volume = os.path.join(directory, "volume.raw")
+    assert os.stat(volume).st_blocks * 512 < size - 2**20 // 2   # sparse
+    assert _leftovers(origin) == []
+
+    # Again, the endpoint from [cinder] glance_endpoint: same content.
+    conf = tmp_path / "glance.conf"
+    conf.write_text(origin.conf.read_text()
+                    + f"[cinder]\nglance_endpoint = {server.url('')}\n")
+    requests = server.ranged + server.plain
+    proc = origin.vmt("export", "glance://img-1", "--name", "glance1",
+                      conf=conf, check_rc=0)
+    assert "same content, unchanged" in proc.stdout
+    assert server.ranged + server.plain > requests
+    assert _leftovers(origin) == []
+
+    # A qcow2 image is converted (Glance's disk_format, never probed).
+    out = origin.export("glance://img-q", "glance2", *endpoint).stdout
+    assert "(qcow2, " in out and "converted to raw" in out
+    assert compare(raw2, origin.url("glance2")).returncode == 0
+    assert _leftovers(origin) == []
+
+    cases = [
+        ("img-b", "names a backing or data file"),
+        ("nope", "no such image"),
+    ]
+    for image_id, words in cases:
+        proc = origin.vmt("export", f"glance://{image_id}", "--name", "g3",
+                          *endpoint, check_rc=1)
+        assert words in proc.stderr, proc.stderr
+        assert "Traceback" not in proc.stderr
+        assert not os.path.exists(os.path.join(origin.export_dir, "g3"))
+        assert _leftovers(origin) == []
+    monkeypatch.delenv("VMTHUNDER_GLANCE_ENDPOINT", raising=False)
+    proc = origin.vmt("export", "glance://img-1", "--name", "g3",
+                      check_rc=1)
+    assert "no Glance endpoint" in proc.stderr and \
+        "--glance-endpoint" in proc.stderr, proc.stderr
+
+
+def test_export_from_glance_wrong_hash_leaves_nothing(origin, tmp_path,
+                                                      http_server):  # noqa
+    """Glance's os_hash_value does not match the data: the export fails
+    naming the digests, and no export, volume or temporary file is
+    left."""
+    image = make_image(tmp_path / "w.raw", 2**20, seed=23)
+    server = http_server(glance_app({"img-w": image}, wrong_hash=True))
+    proc = origin.vmt("export", "glance://img-w", "--name", "wrong",
+                      "--glance-endpoint", server.url(""), check_rc=1)
+    assert "does not match the sha512 digest" in proc.stderr, proc.stderr
+    assert "nothing was committed" in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not os.path.exists(os.path.join(origin.export_dir, "wrong"))
+    assert _leftovers(origin) == []
+    assert "wrong" not in origin.exports()

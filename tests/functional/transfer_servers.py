@@ -126,11 +126,13 @@ def stream_app(path: str, **lies) -> web.Application:
 
 
 def glance_app(images: dict, *, token: str | None = None,
-               wrong_hash: bool = False) -> web.Application:
+               wrong_hash: bool = False,
+               disk_formats: dict | None = None) -> web.Application:
     """A stand-in of Glance's v2 image API, for what a download reads:
-    ``GET /v2/images/ID`` (the image record: status, size, checksum,
-    os_hash_algo, os_hash_value) and ``GET /v2/images/ID/file`` (the
-    data, with Range support). ``images``: id -> path."""
+    ``GET /v2/images/ID`` (the image record: status, size, disk_format,
+    checksum, os_hash_algo, os_hash_value) and ``GET /v2/images/ID/file``
+    (the data, with Range support). ``images``: id -> path;
+    ``disk_formats``: id -> disk_format (raw otherwise)."""
     app = web.Application()
 
     def record(image_id: str, path: str) -> dict:
@@ -139,7 +141,8 @@ def glance_app(images: dict, *, token: str | None = None,
         if wrong_hash:
             value = hashlib.sha512(data + b"x").hexdigest()
         return {"id": image_id, "status": "active", "size": len(data),
-                "disk_format": "raw", "container_format": "bare",
+                "disk_format": (disk_formats or {}).get(image_id, "raw"),
+                "container_format": "bare",
                 "checksum": hashlib.md5(data).hexdigest(),
                 "os_hash_algo": "sha512", "os_hash_value": value}
 

@@ -164,6 +164,17 @@ class ImageInfo:
     path: str
     format: str
     virtual_size: int
+    # What the export records as its source (the path, unless set: e.g.
+    # glance://ID for an image fetched from Glance).
+    source: str = ""
+    # A temporary file made for the export (an image fetched from
+    # Glance): a raw one is moved into the export, not copied, and it is
+    # removed once the export is done, whatever happened.
+    owned: bool = False
+
+    @property
+    def label(self) -> str:
+        return self.source or self.path
 
 
 # --- helpers --------------------------------------------------------------
@@ -271,7 +282,9 @@ def inspect_image(path: str) -> ImageInfo:
 
 def _store_volume(info: ImageInfo, dest: str) -> int:
     """Copy or convert the image to a raw file padded to 512; its size."""
-    if info.format == "raw":
+    if info.format == "raw" and info.owned:
+        os.rename(info.path, dest)          # same file system: no copy
+    elif info.format == "raw":
         # Reflinks where the filesystem can, keeps holes; never a hard
         # link: later edits of the original must not reach the export.
         _run(["cp", "--reflink=auto", "--sparse=auto", info.path, dest],
@@ -282,7 +295,7 @@ def _store_volume(info: ImageInfo, dest: str) -> int:
              f"converting {info.path} ({info.format}) to raw")
     size = _pad(os.path.getsize(dest))
     if size != _pad(info.virtual_size):
-        raise ExportError(f"image {info.path} changed while it was copied "
+        raise ExportError(f"image {info.label} changed while it was copied "
                           f"({info.virtual_size} bytes before, {size} "
                           "after); export it again when it is not written")
     with open(dest, "r+b") as f:
@@ -529,6 +542,16 @@ def export_image(cfg: ExportConfig, image: str, name: str, *,
     nothing (and re-creates its target if tgtd lost it); other content
     under an existing name is an error.
     """
+    check_arguments(cfg, name, chunk_size, portal)
+    info = inspect_image(image)
+    privileged.require_root("vmthunder export")
+    return export_prepared(cfg, lambda: info, name, chunk_size=chunk_size,
+                           chap=chap, portal=portal, out=out)
+
+
+def check_arguments(cfg: ExportConfig, name: str, chunk_size: int | None,
+                    portal: str | None) -> None:
+    """ExportError unless the name, chunk size and portal are usable."""
     check_name(name)
     if chunk_size is not None:
         check_chunk_size(chunk_size)
@@ -536,20 +559,38 @@ def export_image(cfg: ExportConfig, image: str, name: str, *,
     if portal is not None:
         check_portal(portal)
     check_portal(cfg.portal)
-    info = inspect_image(image)
-    privileged.require_root("vmthunder export")
+
+
+def export_prepared(cfg: ExportConfig, prepare, name: str, *,
+                    chunk_size: int | None = None, chap: bool = False,
+                    portal: str | None = None,
+                    out=_print) -> ExportResult:
+    """export_image() of the image ``prepare()`` gives (an ImageInfo),
+    called once this export holds the store's lock (an image fetched for
+    the export is fetched there). An ``owned`` image file is removed at
+    the end, whatever happened. Arguments checked, root required by the
+    caller."""
     tgt = cfg.tgt(portal)
     with _locked(cfg, out):
-        tgt.ensure_running()
-        problems = _restore(cfg, tgt, out, skip=name)
-        for problem in problems:
-            print(f"vmthunder export: warning: {problem}", file=sys.stderr)
-        record = read_record(cfg, name)
-        if record is not None:
-            return _reexport(cfg, tgt, record, info, chunk_size, chap,
-                             portal, out)
-        return _new_export(cfg, tgt, info, name, chunk_size or
-                           cfg.chunk_size, chap, portal or cfg.portal, out)
+        info = None
+        try:
+            info = prepare()
+            tgt.ensure_running()
+            problems = _restore(cfg, tgt, out, skip=name)
+            for problem in problems:
+                print(f"vmthunder export: warning: {problem}",
+                      file=sys.stderr)
+            record = read_record(cfg, name)
+            if record is not None:
+                return _reexport(cfg, tgt, record, info, chunk_size, chap,
+                                 portal, out)
+            return _new_export(cfg, tgt, info, name, chunk_size or
+                               cfg.chunk_size, chap, portal or cfg.portal,
+                               out)
+        finally:
+            if info is not None and info.owned:
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(info.path)
 
 
 def _other_content(record: Record, info: ImageInfo, why: str) -> ExportError:
@@ -557,7 +598,7 @@ def _other_content(record: Record, info: ImageInfo, why: str) -> ExportError:
         f"export {record.name} exists with other content ({why}; it holds "
         f"{record.source}, exported {record.created}); unexport it first "
         f"(`vmthunder unexport {record.name}`) or pick another name for "
-        f"{info.path}")
+        f"{info.label}")
 
 
 def _stored_format(cfg: ExportConfig, name: str) -> dict:
@@ -642,8 +683,9 @@ def _new_export(cfg, tgt, info: ImageInfo, name: str, chunk_size: int,
         started = time.monotonic()
         volume = os.path.join(staging, VOLUME)
         size = _store_volume(info, volume)
-        how = "copied" if info.format == "raw" else "converted to raw"
-        out(f"stored {info.path} ({info.format}, {human(size)}) as "
+        how = ("moved" if info.owned else "copied") \
+            if info.format == "raw" else "converted to raw"
+        out(f"stored {info.label} ({info.format}, {human(size)}) as "
             f"{os.path.join(final, VOLUME)}: {how} in "
             f"{time.monotonic() - started:.1f} s")
         started = time.monotonic()
@@ -668,7 +710,7 @@ def _new_export(cfg, tgt, info: ImageInfo, name: str, chunk_size: int,
             name=name, iqn=cfg.iqn_of(name), portal=portal,
             tid=_free_tid(cfg, tgt.targets()), size=size,
             chunk_size=chunk_size, manifest_identity=manifest.identity(),
-            source=info.path, source_format=info.format,
+            source=info.label, source_format=info.format,
             created=datetime.datetime.now(datetime.timezone.utc).isoformat(
                 timespec="seconds"),
             chap_user=chap_user)
