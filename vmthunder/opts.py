@@ -439,6 +439,17 @@ agent_opts = [
         min=0.1,
         help="The prefetch stops when no guest of the image read anything "
              "for this long (booted, or idle)."),
+    cfg.FloatOpt(
+        "prefetch_settle_seconds",
+        default=1.5,
+        min=0,
+        help="With peers, the prefetch fetches the chunks this host owns "
+             "(from the origin) only this long after it starts, and only "
+             "the chunks other hosts hold before: hosts attaching an "
+             "image at once learn of each other (the chunks' owners) "
+             "through a membership round ([coordination] "
+             "heartbeat_interval), and a host prefetching from the origin "
+             "before would fetch the others' chunks too."),
 ]
 
 coordination_opts = [

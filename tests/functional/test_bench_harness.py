@@ -54,7 +54,8 @@ def test_every_strategy_boots_every_vm_and_leaves_nothing(tmp_path,
                                   "--vms-per-host", "2", "--no-sim")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert set(summary["strategies"]) == {"copy", "precache", "direct",
-                                          "lazy", "vmthunder", "tree"}
+                                          "lazy", "vmthunder",
+                                          "vmthunder-prefetch", "tree"}
     ws = summary["working_set_bytes"]
     image = report["image_allocated_bytes"]
     for name, row in report["strategies"].items():
@@ -72,12 +73,19 @@ def test_every_strategy_boots_every_vm_and_leaves_nothing(tmp_path,
         <= 1.1 * 2 * report["working_set_chunk_bytes"]
     # vmthunder and tree: each chunk leaves the origin about once, the
     # rest goes between the hosts.
-    for peer in ("vmthunder", "tree"):
+    for peer in ("vmthunder", "vmthunder-prefetch", "tree"):
         assert report["working_set_chunk_bytes"] <= origin[peer] \
             <= 1.2 * report["working_set_chunk_bytes"], peer
         assert report["strategies"][peer]["host_sent_bytes"] \
             >= 0.9 * report["working_set_chunk_bytes"], peer
     assert report["strategies"]["precache"]["precache_s"] > 0
+    # The trace published with the export, prefetched by both hosts'
+    # agents (each chunk by its owner), used by their guests; none
+    # without prefetch.
+    prefetch = report["strategies"]["vmthunder-prefetch"]["prefetch"]
+    assert prefetch["hosts"] == 2, prefetch
+    assert prefetch["chunks_prefetched"] > 0 and prefetch["chunks_used"] > 0
+    assert report["strategies"]["vmthunder"]["prefetch"] is None
     # Clean: no namespace, no leftover process of the run, no workdir.
     assert namespaces_of(proc.pid) == set()
     assert not [p for p in os.listdir(tmp_path)

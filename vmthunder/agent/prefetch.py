@@ -19,7 +19,9 @@ serves all the VMs booting on it:
   their bytes per second.
 - **one fetch per chunk across hosts**: a chunk another host owns and
   nobody holds yet is left to its owner's own prefetch (asked again a
-  little later; after ``defer_s`` it goes through the owner anyway).
+  little later; after ``defer_s`` it goes through the owner anyway); the
+  chunks this host owns wait ``settle_s`` (hosts attaching at once see
+  each other as owners only after a membership round).
 - **stops** when the trace ends, when its guests read nothing for
   ``idle_s`` (booted, or idle), when its last VM is deleted or the image
   detached. A prefetch read that fails is counted and skipped: it never
@@ -57,6 +59,10 @@ class PrefetchOptions:
     parallel: int = 2
     idle_s: float = 30.0
     defer_s: float = 2.0
+    # Chunks this host owns are prefetched only this long after the
+    # start: owners are those membership names, and hosts attaching at
+    # once see each other only after a round of it.
+    settle_s: float = 1.5
     # Bytes per second for background fetches (0: no limit).
     rate: float = 0.0
 
@@ -68,6 +74,7 @@ class PrefetchOptions:
                    run_bytes=group.prefetch_run_bytes,
                    parallel=group.prefetch_parallel,
                    idle_s=group.prefetch_idle_seconds,
+                   settle_s=group.prefetch_settle_seconds,
                    rate=getattr(group, "background_fetch_rate", 0) or 0.0)
 
 
@@ -292,7 +299,9 @@ class Prefetch:
         if not want:
             return
         if self.volume is not None:
-            ready = await self.volume.prefetch_ready(want[0], want[-1] + 1)
+            settled = time.monotonic() - self._t0 >= self.options.settle_s
+            ready = await self.volume.prefetch_ready(want[0], want[-1] + 1,
+                                                     own=settled)
             now = time.monotonic()
             go = []
             for i in want:

@@ -337,7 +337,9 @@ class _AgentStrategy(Strategy):
                     f"backend_url = {self.origin.coordination_url}\n"
                     f"member_id = {host.name}\nheartbeat_interval = 0.25\n"
                     "[agent]\npeer_timeout = 2.0\n"
-                    f"prefetch = {str(self.prefetch).lower()}\n")
+                    f"prefetch = {str(self.prefetch).lower()}\n"
+                    # Membership rounds every 0.25 s here (above).
+                    "prefetch_settle_seconds = 0.6\n")
         api = os.path.join(st.sockdir, "api.sock")
         argv = [sys.executable, "-m", "vmthunder.agent", "--config-file",
                 conf, "--state-dir", os.path.join(st.workdir, "state"),

@@ -397,7 +397,8 @@ class ImageVolume(blockdev.BlockDevice):
         them still queued in a lane go at once (p2p/priority.py)."""
         return self.lanes.promote(first, last)
 
-    async def prefetch_ready(self, first: int, last: int) -> list[bool]:
+    async def prefetch_ready(self, first: int, last: int, *,
+                             own: bool = True) -> list[bool]:
         """For each chunk of [first, last): may a prefetch read it now
         without making another host fetch it for us? True for the chunks
         this host owns (it reads them from the origin itself, behind its
@@ -407,7 +408,9 @@ class ImageVolume(blockdev.BlockDevice):
         prefetch brings it (each chunk still leaves the origin about
         once, and at the owner it never goes before demand reads); ask
         again later. Uses the owners' block status (cached for
-        ``status_ttl``)."""
+        ``status_ttl``). ``own`` False: the chunks this host owns are not
+        ready either (the owners named now may be only those seen so far:
+        a host that just joined would find its chunks fetched twice)."""
         ready = [True] * (last - first)
         if self.mode != "mesh" or first >= last:
             return ready
@@ -421,7 +424,10 @@ class ImageVolume(blockdev.BlockDevice):
         for i in range(first, last):
             key = table.owner(keyed, i)
             uri = keyed.get(key)
-            if key == me or uri is None or self._peer(uri).avoided(now):
+            if key == me:
+                ready[i - first] = own
+                continue
+            if uri is None or self._peer(uri).avoided(now):
                 continue
             by_owner.setdefault(uri, []).append(i)
         if not by_owner:
