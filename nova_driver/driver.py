@@ -22,6 +22,9 @@ What differs from LibvirtDriver:
   not carry the parent's origin property.
 - ``cache_image`` (the compute API's image precache): attach the image on
   the agent and warm its cache.
+- ``[vmthunder] precache_base``: root disks are Nova's own (a qcow2 over
+  ``_base``), and the base is filled through the agent instead of
+  downloaded from Glance (spawn and cache_image; precache_base.py).
 - live migration, cold migration and resize of an instance with a
   vmthunder root disk: refused before anything moves
   (MigrationPreCheckError), as Nova does for LVM-backed instances.
@@ -45,6 +48,7 @@ from nova.virt.libvirt import driver as libvirt_driver
 from nova.virt.libvirt import utils as libvirt_utils
 
 from nova_driver import imagebackend
+from nova_driver import precache_base
 from vmthunder.agent import client as agent_client
 
 CONF = nova.conf.CONF
@@ -123,12 +127,27 @@ class VMThunderLibvirtDriver(libvirt_driver.LibvirtDriver):
                                            image_file, purge_props=True)
         LOG.info("Snapshot image upload complete", instance=instance)
 
+    # -- Nova's image cache through the swarm ([vmthunder] precache_base) ---
+
+    def _try_fetch_image_cache(self, image, fetch_func, context, filename,
+                               image_id, instance, size,
+                               fallback_from_host=None):
+        if precache_base.enabled() and fetch_func is libvirt_utils.fetch_image:
+            fetch_func = precache_base.fetch_base
+        return super()._try_fetch_image_cache(
+            image, fetch_func, context, filename, image_id, instance, size,
+            fallback_from_host=fallback_from_host)
+
     # -- precache -----------------------------------------------------------
 
     def cache_image(self, context, image_id):
         """Attach ``image_id`` on the agent and warm its cache (the whole
         image, or the chunks of its recorded boot trace); True when chunks
-        were fetched, False when the host held them all already."""
+        were fetched, False when the host held them all already. With
+        [vmthunder] precache_base: fill Nova's image cache (_base) with it
+        through the agent (nova_driver/precache_base.py)."""
+        if precache_base.enabled():
+            return precache_base.cache_image(context, image_id)
         origin, _image = imagebackend.image_origin(context, image_id)
         fallback = CONF.vmthunder.fallback_to_download
         if origin is None:

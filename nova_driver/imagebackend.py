@@ -592,7 +592,11 @@ class Backend(imagebackend.Backend):
                 disk_info_mapping=None):
         image_type = image_type or CONF.libvirt.images_type
         if name == ROOT_DISK and image_type == CONF.libvirt.images_type \
-                and not self._local_root_exists(instance, image_type):
+                and not self._local_root_exists(instance, image_type) \
+                and (not CONF.vmthunder.precache_base
+                     or has_root_disk(instance)):
+            # ([vmthunder] precache_base: new root disks are Nova's own,
+            # over a base filled through the agent; precache_base.py.)
             return VMThunderImage(instance, name,
                                   disk_info_mapping=disk_info_mapping)
         return super().by_name(instance, name, image_type,

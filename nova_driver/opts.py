@@ -89,6 +89,25 @@ vmthunder_opts = [
              "agent to finish warming an image before it reports an "
              "error; 0 starts the precache and returns at once."),
     cfg.BoolOpt(
+        "precache_base",
+        default=False,
+        help="Pre-caching mode, for deployers who prefer local copies: "
+             "instances get Nova's ordinary root disks ([libvirt] "
+             "images_type: a qcow2 over the image's base file with the "
+             "defaults), not vmthunder disks, and the base file "
+             "(<instances_path>/_base/<sha1 of the image id>) is filled "
+             "through this host's vmthunder-agent instead of downloaded "
+             "from Glance: peers that hold the image first, its vmthunder "
+             "origin last (the same origin rules as vmthunder disks), "
+             "every chunk checked, so the origin sends each image once "
+             "per swarm, not once per host. Applies to spawn and to the "
+             "image precache API (cache_image), each fill bounded by "
+             "precache_timeout (0: none); the base is written under "
+             "a temporary name and renamed when complete. Instances that "
+             "have vmthunder disks keep them. An image without a "
+             "vmthunder origin, or an unreachable agent, is downloaded "
+             "only with fallback_to_download."),
+    cfg.BoolOpt(
         "cinder_origin",
         default=False,
         help="Boot an image that has no origin_property from a Cinder "

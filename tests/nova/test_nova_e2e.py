@@ -37,7 +37,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import dataclasses
+import filecmp
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -817,6 +819,78 @@ def test_fallback_to_download_boots_a_local_disk(env):
         env.assert_nothing_left(inst, vms)
     finally:
         conf.clear_override("fallback_to_download", "vmthunder")
+
+
+def test_precache_base_fills_nova_image_cache_through_the_swarm(env):
+    """[vmthunder] precache_base (Nova's pre-caching mode): cache_image()
+    fills Nova's own image cache (_base/<sha1 of the image id>) through
+    the agent (the image attached from its origin, warmed, read whole),
+    never through the image service; the file equals the image, sparse.
+    The instance then gets Nova's ordinary qcow2 root disk whose backing
+    file is that base, and boots from it; with the base gone, spawn fills
+    it again the same way (from the agent's cache: the origin sends
+    nothing more)."""
+    import nova.conf
+    from nova_driver import imagebackend, precache_base
+    conf = nova.conf.CONF
+    # Content of its own: the agent keeps one cache per content.
+    disk = os.path.join(env.base, "base.img")
+    subprocess.run(["cp", "--sparse=always", env.guest["path"], disk],
+                   check=True)
+    with open(disk, "ab") as f:
+        f.write(os.urandom(1 << 20))
+    size = os.path.getsize(disk)
+    env.origin.export(disk, "nova-base")
+    image_id = env.glance.add("guest-base",
+                              {"vmthunder_origin": "export:nova-base"}, disk)
+    downloads = []
+    download = env.glance.download
+
+    def counted(*args, **kwargs):
+        downloads.append(args)
+        return download(*args, **kwargs)
+
+    vms = env.vms()
+    conf.set_override("precache_base", True, "vmthunder")
+    try:
+        with mock.patch.object(env.glance, "download", counted):
+            assert env.driver.cache_image(env.ctx, image_id) is True
+            base = precache_base.base_path(image_id)
+            assert os.path.dirname(base) == os.path.join(
+                conf.instances_path, "_base")
+            assert filecmp.cmp(base, disk, shallow=False)
+            assert os.stat(base).st_blocks * 512 < size // 2      # sparse
+            image = env.agent.status()["images"][image_id]
+            assert image["chunks_held"] == image["chunks_total"], image
+            assert image["bytes_from_origin"] >= image["size"] == size
+            assert downloads == []
+            assert env.vms() == vms         # its read-out disk is gone
+            assert not [e for e in os.listdir(os.path.dirname(base))
+                        if e.startswith(".")]
+            assert env.driver.cache_image(env.ctx, image_id) is False
+
+            inst = env.instance(image_id)
+            os.unlink(base)
+            env.spawn(inst)
+            assert filecmp.cmp(base, disk, shallow=False)
+            root = os.path.join(env.instance_dir(inst), "disk")
+            assert f"<source file='{root}'" in env.domain_xml(inst)
+            env.wait_boot(inst, 1)
+            info = json.loads(subprocess.run(
+                ["qemu-img", "info", "--output=json", root], check=True,
+                capture_output=True, text=True).stdout)
+            assert info["format"] == "qcow2", info
+            assert info["full-backing-filename"] == base, info
+            assert downloads == []
+            assert inst.uuid not in env.vms()
+            assert imagebackend.read_record(inst) is None
+            after = env.agent.status()["images"][image_id]
+            assert after["bytes_from_origin"] == image["bytes_from_origin"]
+            env.destroy(inst)
+            assert env.domain_state(inst) == "absent"
+            assert not os.path.exists(root) and os.path.exists(base)
+    finally:
+        conf.clear_override("precache_base", "vmthunder")
 
 
 def test_console_script_runs_nova_compute():

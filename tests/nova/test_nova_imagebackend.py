@@ -45,6 +45,7 @@ from nova.tests.unit.virt.libvirt import test_imagebackend as nova_ib_tests
 from nova.virt import fake
 from nova.virt.libvirt import blockinfo
 from nova.virt.libvirt import config as vconfig
+from nova.virt.libvirt import driver as libvirt_driver
 from nova.virt.libvirt import imagebackend as nova_imagebackend
 
 from nova_driver import cmd
@@ -549,6 +550,17 @@ class BackendTestCase(test.NoDBTestCase):
         self.backend.by_name(self.instance, "disk")
         self.assertEqual([], os.listdir(CONF.instances_path))
 
+    def test_precache_base_root_disk_is_novas_unless_vmthunder_made(self):
+        """[vmthunder] precache_base: a new root disk is Nova's qcow2 (its
+        base filled through the agent); one the agent made stays so."""
+        self.flags(precache_base=True, group="vmthunder")
+        self.assertIsInstance(self.backend.by_name(self.instance, "disk"),
+                              nova_imagebackend.Qcow2)
+        imagebackend.write_record(self.instance, state="ready",
+                                  image="img", size=1)
+        self.assertIsInstance(self.backend.by_name(self.instance, "disk"),
+                              imagebackend.VMThunderImage)
+
 
 class DriverTestCase(_AgentMixin, test.NoDBTestCase):
     """The driver with Nova's fake libvirt (LibvirtFixture), as Nova's own
@@ -734,6 +746,41 @@ class DriverTestCase(_AgentMixin, test.NoDBTestCase):
             self.assertTrue(self.drvr.cache_image(self.context,
                                                   self.image_without_origin))
         fetch.assert_called_once()
+
+    def test_precache_base_fetches_bases_through_the_agent(self):
+        """[vmthunder] precache_base: Nova's base fetch (fetch_image) is
+        the agent's (precache_base.fetch_base), spawn and cache_image
+        alike; other fetches stay Nova's. (The copy itself, against a
+        real agent: test_nova_e2e.py.)"""
+        from nova.virt.libvirt import utils as libvirt_utils
+        from nova_driver import precache_base
+        self.flags(precache_base=True, group="vmthunder")
+        image = mock.Mock()
+        with mock.patch.object(libvirt_driver.LibvirtDriver,
+                               "_try_fetch_image_cache") as parent:
+            self.drvr._try_fetch_image_cache(
+                image, libvirt_utils.fetch_image, self.context, "f", "id",
+                self.instance, None)
+            self.drvr._try_fetch_image_cache(
+                image, libvirt_utils.fetch_raw_image, self.context, "k",
+                "kid", self.instance, None)
+        self.assertIs(precache_base.fetch_base, parent.call_args_list[0][0][1])
+        self.assertIs(libvirt_utils.fetch_raw_image,
+                      parent.call_args_list[1][0][1])
+        with mock.patch.object(precache_base, "fetch_base") as fetch, \
+                mock.patch("nova.privsep.path.utime") as utime:
+            fetch.side_effect = lambda ctx, path, image_id: open(
+                path, "w").close()
+            self.assertTrue(self.drvr.cache_image(self.context,
+                                                  self.image_with_origin))
+            utime.assert_not_called()
+            self.assertFalse(self.drvr.cache_image(self.context,
+                                                   self.image_with_origin))
+        path = precache_base.base_path(self.image_with_origin)
+        utime.assert_called_once_with(path)
+        fetch.assert_called_once_with(self.context, path,
+                                      self.image_with_origin)
+        self.assertTrue(os.path.exists(path))
 
     def test_moves_are_refused_early(self):
         self.spawn_disk()

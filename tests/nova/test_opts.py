@@ -23,7 +23,8 @@ def test_list_opts_and_defaults():
     assert len(names) == len(set(names))
     assert {"agent_socket", "agent_timeout", "origin_property",
             "origin_template", "fallback_to_download", "nbd_transport",
-            "precache_trace_dir", "precache_timeout", "cinder_origin",
+            "precache_trace_dir", "precache_timeout", "precache_base",
+            "cinder_origin",
             "vmthunder_config_file", "coordination_url",
             "cinder_lock_timeout"} == set(names)
     for opt in group_opts:
@@ -37,6 +38,7 @@ def test_list_opts_and_defaults():
     assert conf.vmthunder.fallback_to_download is False
     assert conf.vmthunder.nbd_transport == "auto"
     assert conf.vmthunder.cinder_origin is False
+    assert conf.vmthunder.precache_base is False
     assert conf.vmthunder.coordination_url is None
 
 
