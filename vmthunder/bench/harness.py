@@ -662,6 +662,12 @@ def build_parser() -> argparse.ArgumentParser:
                         "cores); 'qemu': real QEMU (TCG) boots, for small N")
     p.add_argument("--trace", help="boot trace to replay (default: the one "
                                    "shipped for --guest)")
+    p.add_argument("--prefetch-trace", metavar="TRACE",
+                   help="boot trace published with the image's export "
+                        "(what vmthunder-prefetch's agents prefetch); "
+                        "default: the trace replayed. Give another boot's "
+                        "trace to see a trace that does not match the "
+                        "boot exactly")
     p.add_argument("--tree-degree", type=int, default=2,
                    help="children per host in the 'tree' strategy (host i's "
                         "parent is host (i-1)//degree; host0 reads the "
@@ -759,6 +765,7 @@ def main(argv=None) -> int:
         "origin_rate": args.origin_rate, "host_rate": args.host_rate,
         "strategies": names, "guest": args.guest, "workload": args.workload,
         "trace": os.path.relpath(trace_path, REPO),
+        "prefetch_trace": args.prefetch_trace,
         "chunk_size": args.chunk_size, "vm_timeout_s": args.vm_timeout,
         "tree_degree": args.tree_degree,
         "config_file": args.config_file},
@@ -785,7 +792,7 @@ def main(argv=None) -> int:
         log(f"exporting {image} ({report['image_size'] / 1e6:.0f} MB) on "
             "the origin")
         origin = OriginHost(topo, workdir, image, args.chunk_size,
-                            trace_path)
+                            args.prefetch_trace or trace_path)
         origin.coordination = (origin.start_redis(workdir)
                                if NEEDS_REDIS & set(names) else None)
         report["single_local_boot_s"] = single_local_boot(
