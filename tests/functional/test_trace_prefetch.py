@@ -14,6 +14,7 @@ Needs root and tgt (skips otherwise).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import random
 import subprocess
@@ -82,6 +83,8 @@ def test_published_trace_is_prefetched_and_a_changed_one_refused(
     done = vmt(conf, "trace", "publish", "img", trace)
     assert done.returncode == 0, done.stderr
     assert "published as LUN 3" in done.stdout
+    exports = json.loads(vmt(conf, "exports", "--json").stdout)
+    assert [row["state"] for row in exports] == ["exported"], exports
     url = f"iscsi://{cfg.portal}/{PREFIX}:img/1"
 
     agent = agents(None, "--peer-listen", f"unix:{tmp_path}/peer.sock",
@@ -104,6 +107,10 @@ def test_published_trace_is_prefetched_and_a_changed_one_refused(
     assert st["read_misses"] == 0 and st["read_hits"] >= len(READS)
     assert st["prefetch"]["chunks_used"] == TRACE_CHUNKS
     assert st["prefetch"]["chunks_wasted"] == 0
+    shown = agent.cli("status")
+    assert (f"image img: prefetch done (trace ended): {TRACE_CHUNKS} of "
+            f"{TRACE_CHUNKS} trace chunks prefetched, {TRACE_CHUNKS} used, "
+            "0 wasted") in shown.stdout, shown.stdout
 
     # The trace changed on the origin behind the manifest's back.
     client.delete_vm("vm1")

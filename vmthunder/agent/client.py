@@ -388,6 +388,10 @@ def format_status(status: dict) -> str:
               i.get("stalled_reads", "-")] for i in images],
             ["IMAGE", "STATE", "CHUNKS", "FROM ORIGIN", "FROM PEERS",
              "TO PEERS", "STALLED"]))
+        for i in images:
+            line = format_prefetch(i["name"], i.get("prefetch"))
+            if line:
+                lines.append(line)
     vms = status["vms"].values()
     if vms:
         lines.append("")
@@ -399,6 +403,23 @@ def format_status(status: dict) -> str:
     if not images and not vms:
         lines.append("no images, no VMs")
     return "\n".join(lines)
+
+
+def format_prefetch(image: str, p: dict | None) -> str | None:
+    """One line on an image's trace prefetch (agent/prefetch.py)."""
+    if not p:
+        return None
+    if p.get("state") == "none":
+        return f"image {image}: {p.get('note')}"
+    ended = p["state"] != "running"
+    return (f"image {image}: prefetch {p['state']}"
+            + (f" ({p['stop_reason']})" if p.get("stop_reason") else "")
+            + f": {p['chunks_prefetched']} of {p['trace_chunks']} trace "
+            f"chunks prefetched, {p['chunks_used']} used, "
+            f"{p['chunks_unused']} {'wasted' if ended else 'not yet used'}"
+            f", {p['chunks_held_already']} held already, "
+            f"{p['chunks_deferred']} left to their owner, "
+            f"{p['promoted']} promoted")
 
 
 # -- `vmthunder precache` ------------------------------------------------
