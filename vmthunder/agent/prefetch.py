@@ -145,6 +145,9 @@ class Prefetch:
         self._reads: set[asyncio.Task] = set()
         self._t0 = time.monotonic()
         self._t1: float | None = None
+        # Once ended, chunks still unused are wasted for good after
+        # idle_s more: guest reads then cost the watch nothing more.
+        self._final = False
         self._last_guest = time.monotonic()
         # Guest reads in progress (begun, not ended), and when one last
         # ended: without an ImageVolume (no lanes: peers off), prefetch
@@ -166,7 +169,8 @@ class Prefetch:
         if not length:
             return
         self._last_guest = time.monotonic()
-        if self.state != "running" and not self.unused:
+        if self.state != "running" and (
+                not self.unused or self._final):
             return
         cs = self.cache.chunk_size
         first = offset // cs
@@ -230,6 +234,8 @@ class Prefetch:
         self.state = state
         self.stop_reason = self.stop_reason or reason
         self._t1 = time.monotonic()
+        asyncio.get_running_loop().call_later(self.options.idle_s,
+                                              self._finalise)
         LOG.info("image %s: prefetch %s (%s): %d of %d trace chunks "
                  "prefetched, %d used, %d held already", self.image, state,
                  self.stop_reason, self.counters["chunks_prefetched"],
@@ -366,6 +372,9 @@ class Prefetch:
             self.inflight.difference_update(missing)
             self._slots.release()
 
+    def _finalise(self) -> None:
+        self._final = True
+
     # -- views -------------------------------------------------------------
 
     def progress(self) -> dict:
@@ -377,7 +386,8 @@ class Prefetch:
             guest_position=self.guest_pos + 1,
             window_chunks=self.window, chunk_size=self.cache.chunk_size,
             chunks_unused=len(self.unused),
-            # Prefetched and never read by a guest, once it has ended.
+            # Prefetched and not read by a guest, once it has ended (final
+            # prefetch_idle_seconds after the end).
             chunks_wasted=len(self.unused) if ended else None,
             rate_limited_s=round(self.rate_limit.waited, 3)
             if self.rate_limit is not None else None,
