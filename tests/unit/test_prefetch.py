@@ -24,11 +24,13 @@ from vmthunder import blockdev
 from vmthunder import stack
 from vmthunder import trace as trace_mod
 from vmthunder.agent.prefetch import Prefetch, PrefetchOptions, Prefetches
-from vmthunder.cache.cache_layer import CacheLayer
+from vmthunder.cache.cache_layer import HELD, CacheLayer
 from vmthunder.cache.read_watch import ImageReads, VmReads
 from vmthunder.p2p import priority
 from vmthunder.p2p.volume import ImageVolume, StaticPeers
 from vmthunder.volume import manifest as mf
+# The image fixture of the mesh test (test_peer_volume's hosts).
+from tests.unit.test_peer_volume import image  # noqa: F401
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -237,10 +239,10 @@ def test_prefetches_without_a_published_trace_do_nothing(tmp_path):
 
         class Image:
             name = "n"
-        image = Image()
-        image.cache, image.volume, image.source = cache, volume, volume
+        img = Image()
+        img.cache, img.volume, img.source = cache, volume, volume
         prefetches = Prefetches(PrefetchOptions())
-        prefetches.vm_created(image, "vm1", snap)
+        prefetches.vm_created(img, "vm1", snap)
         await asyncio.gather(*prefetches._starting.values())
         assert prefetches.status("n") == {
             "state": "none",
@@ -315,4 +317,38 @@ def test_a_guest_read_of_a_queued_prefetch_chunk_promotes_it(tmp_path):
         # The queue's 15 reads take ~150 ms; promoted, ~2 reads' worth.
         assert took < 4 * (latency + 64 * KiB / rate), took
         await close(cache, snap, run)
+    asyncio.run(main())
+
+
+def test_three_hosts_prefetch_through_owners_each_chunk_from_the_origin_once(
+        tmp_path, image):  # noqa: F811 (the fixture)
+    """Three hosts (test_peer_volume's MeshHost: ImageVolume with owners,
+    CacheLayer, PeerExport over NBD) prefetch the same trace (the whole
+    image) at once: each fetches the chunks it owns from the origin and
+    leaves the others' to their owners, then reads them from those; each
+    chunk leaves the origin about once and every host ends holding all."""
+    from tests.unit.test_peer_volume import mesh
+
+    async def main():
+        counts = {}
+        hosts = await mesh(tmp_path, image, ["h0", "h1", "h2"], counts)
+        try:
+            runs = [Prefetch("img", h.cache, h.volume, list(range(256)),
+                             PrefetchOptions(window_bytes=256 * 4096,
+                                             settle_s=0, idle_s=5))
+                    for h in hosts]
+            for r in runs:
+                r.start()
+            await until(lambda: all(r.state != "running" for r in runs),
+                        "the three prefetches done", timeout=20)
+            for r, h in zip(runs, hosts):
+                assert r.state == "done", r.progress()
+                assert h.cache.chunk_states(0, 256) == [HELD] * 256
+                assert r.counters["chunks_deferred"] > 0
+                assert h.volume.stats()["chunks_from_peers"] > 0
+            assert sorted(counts) == list(range(256))
+            assert sum(counts.values()) <= 1.1 * 256, counts
+        finally:
+            for h in hosts:
+                await h.stop()
     asyncio.run(main())
