@@ -567,6 +567,9 @@ def compare_with_simulator(report: dict, trace) -> dict:
     out = {}
     p = report["params"]
     for name, r in report["strategies"].items():
+        if name not in sim.STRATEGIES:
+            out[name] = {"error": "not modelled by the simulator"}
+            continue
         # VMs began when their host's attach returned (after its copy, for
         # copy): the simulator starts them spread the same way. Identical
         # VMs started in lockstep would share the origin in lockstep too,
