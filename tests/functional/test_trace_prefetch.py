@@ -79,6 +79,14 @@ def test_published_trace_is_prefetched_and_a_changed_one_refused(
     image = tmp_path / "image.raw"
     image.write_bytes(data)
     export_mod.export_image(cfg, str(image), "img", out=lambda t: None)
+    # Refused, saying why: another image's trace, an unknown export.
+    bigger = make_trace(tmp_path / "big.trace", 2 * len(data), READS)
+    done = vmt(conf, "trace", "publish", "img", bigger)
+    assert done.returncode == 1 and "is it a trace of this image?" \
+        in done.stderr, done.stderr
+    done = vmt(conf, "trace", "publish", "nope", bigger)
+    assert done.returncode == 1 and "no export named 'nope'" \
+        in done.stderr, done.stderr
     trace = make_trace(tmp_path / "boot.trace.gz", len(data), READS)
     done = vmt(conf, "trace", "publish", "img", trace)
     assert done.returncode == 0, done.stderr
