@@ -7,10 +7,11 @@
 # Nova pins many OpenStack libraries of its own and importing nova.tests
 # monkey-patches the whole process with eventlet, hence a venv of its own
 # rather than the project's .venv. Everything pip resolves is pinned in
-# scripts/nova-constraints.txt; wheels are cached in <repo>/.cache/pip-nova
-# (git-ignored), so a fresh venv installs in about a minute once the cache
-# is warm and a re-run with nothing changed takes a second (a stamp of the
-# pins).
+# scripts/nova-constraints.txt; wheels are kept in <repo>/.cache/wheels-nova
+# (git-ignored, filled by `pip wheel` the first time, libvirt-python built
+# once), and the venv is installed from there without an index, so a fresh
+# venv installs in about a minute once the wheelhouse is there and a re-run
+# with nothing changed takes a second (a stamp of the pins).
 #
 # Called at the end of scripts/install.sh; runs on its own too.
 # Environment:
@@ -21,7 +22,7 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$REPO/.venv-nova"
-PIP_CACHE="$REPO/.cache/pip-nova"
+WHEELS="$REPO/.cache/wheels-nova"
 CONSTRAINTS="$REPO/scripts/nova-constraints.txt"
 PYTHON="${PYTHON:-python3}"
 
@@ -67,17 +68,10 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] \
     exit 0
 fi
 
-if ! git -C "$REPO" rev-parse -q --verify HEAD >/dev/null 2>&1; then
-    export PBR_VERSION="${PBR_VERSION:-0.0.0}"
-fi
-mkdir -p "$PIP_CACHE"
-log "pip install ${PINS[0]} and its test dependencies into $VENV" \
-    "(cache $PIP_CACHE)"
+log "pip install ${PINS[0]} and its test dependencies into $VENV"
 start=$SECONDS
-"$VENV/bin/python" -m pip install -q --disable-pip-version-check \
-    --cache-dir "$PIP_CACHE" -c "$CONSTRAINTS" "${PINS[@]}" -e "$REPO" \
-    || die "pip install failed (libvirt-python needs libvirt-dev and" \
-           "pkg-config: apt-get install libvirt-dev pkg-config)"
+install_pins "libvirt-python needs libvirt-dev and pkg-config:" \
+    "apt-get install libvirt-dev pkg-config"
 "$VENV/bin/python" -I -c 'import nova, libvirt, nova_driver' \
     || die "the Nova venv does not import nova, libvirt and nova_driver"
 printf '%s\n' "$WANT" >"$STAMP"

@@ -71,32 +71,8 @@ if [[ -f "$STAMP" && "$(cat "$STAMP")" == "$WANT" ]] && check_imports; then
     exit 0
 fi
 
-if ! git -C "$REPO" rev-parse -q --verify HEAD >/dev/null 2>&1; then
-    export PBR_VERSION="${PBR_VERSION:-0.0.0}"
-fi
-mkdir -p "$WHEELS"
-CONSTRAINT_ARGS=()
-[[ -f "$CONSTRAINTS" ]] && CONSTRAINT_ARGS=(-c "$CONSTRAINTS")
-PIP=("$VENV/bin/python" -m pip --disable-pip-version-check)
 start=$SECONDS
-# From the wheelhouse alone first (no index: quick, and the same bytes
-# every time); fill it from the index only when something is missing.
-install_offline() {
-    "${PIP[@]}" install -q --no-index --find-links "$WHEELS" \
-        "${CONSTRAINT_ARGS[@]}" "${PINS[@]}" -e "$REPO" 2>"$VENV/.pip-offline.log"
-}
-if install_offline; then
-    log "installed from the wheelhouse $WHEELS"
-else
-    log "filling the wheelhouse $WHEELS: pip wheel ${PINS[*]} and" \
-        "vmthunder's requirements (a few minutes the first time)"
-    "${PIP[@]}" wheel -q --wheel-dir "$WHEELS" --find-links "$WHEELS" \
-        "${CONSTRAINT_ARGS[@]}" "${PINS[@]}" -r "$REPO/requirements.txt" \
-        pbr setuptools wheel \
-        || die "pip wheel failed"
-    install_offline || die "pip install from $WHEELS failed:" \
-        "$(tail -5 "$VENV/.pip-offline.log")"
-fi
+install_pins
 check_imports \
     || die "the OpenStack venv does not import cinder, glance, gunicorn," \
            "the clients and vmthunder.cinder.file_driver"

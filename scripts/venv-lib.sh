@@ -1,6 +1,10 @@
 # Shell functions shared by scripts/install-nova.sh and
 # scripts/install-openstack.sh (sourced, not run). Each expects log and die
 # defined, and the variables it names below.
+#
+# A venv is installed from a wheelhouse under <repo>/.cache (git-ignored)
+# without an index: quick, and the same bytes every time; the wheelhouse is
+# filled from the index (pip wheel) only when something is missing.
 
 # PACKAGES: the Debian packages to have; installs the missing ones (apt-get,
 # as root or through sudo) unless VMTHUNDER_SKIP_APT=1 or not on Debian.
@@ -50,4 +54,33 @@ stamp_value() {
         printf '%s\n' "${PINS[@]}"
         cat "${STAMP_FILES[@]}" 2>/dev/null || true
     } | sha256sum | cut -d' ' -f1
+}
+
+# REPO, VENV, WHEELS, PINS, CONSTRAINTS: PINS and vmthunder (editable) into
+# the venv, from the wheelhouse WHEELS alone, filling it first if needed.
+# Arguments: what to say if building the wheels fails (a hint), optional.
+install_pins() {
+    local pip=("$VENV/bin/python" -m pip --disable-pip-version-check)
+    local constraints=()
+    [[ -f "$CONSTRAINTS" ]] && constraints=(-c "$CONSTRAINTS")
+    if ! git -C "$REPO" rev-parse -q --verify HEAD >/dev/null 2>&1; then
+        export PBR_VERSION="${PBR_VERSION:-0.0.0}"  # pbr needs a version
+    fi
+    mkdir -p "$WHEELS"
+    if "${pip[@]}" install -q --no-index --find-links "$WHEELS" \
+        "${constraints[@]}" "${PINS[@]}" -e "$REPO" \
+        2>"$VENV/.pip-offline.log"; then
+        log "installed from the wheelhouse $WHEELS"
+        return 0
+    fi
+    log "filling the wheelhouse $WHEELS: pip wheel ${PINS[*]} and" \
+        "vmthunder's requirements (a few minutes the first time)"
+    "${pip[@]}" wheel -q --wheel-dir "$WHEELS" --find-links "$WHEELS" \
+        "${constraints[@]}" "${PINS[@]}" -r "$REPO/requirements.txt" \
+        pbr setuptools wheel || die "pip wheel failed${*:+ ($*)}"
+    "${pip[@]}" install -q --no-index --find-links "$WHEELS" \
+        "${constraints[@]}" "${PINS[@]}" -e "$REPO" \
+        2>"$VENV/.pip-offline.log" \
+        || die "pip install from $WHEELS failed:" \
+               "$(tail -5 "$VENV/.pip-offline.log")"
 }
