@@ -266,7 +266,13 @@ class Prefetch:
         pos = 0
         deferred: dict[int, float] = {}     # chunk -> deferred since
         retry_at = 0.0
+        turns = 0
         while pos < len(order) or deferred:
+            turns += 1
+            if turns % 256 == 0:
+                # A long stretch of held chunks takes no await: let the
+                # loop serve the guests meanwhile.
+                await asyncio.sleep(0)
             if deferred and time.monotonic() >= retry_at:
                 # Owners' status is cached for a moment: ask again then.
                 retry_at = time.monotonic() + RETRY_S
