@@ -25,8 +25,10 @@ def sha256(path: str) -> str:
     return h.hexdigest()
 
 
-def qemu_boot(guest_dir: str, uri: str, timeout: float = 90) -> str:
-    """Boot the test guest from ``uri``; return its console output."""
+def qemu_boot(guest_dir: str, uri: str, timeout: float = 90,
+              wrap=None) -> str:
+    """Boot the test guest from ``uri``; return its console output.
+    ``wrap``: argv -> the argv to run (e.g. in a network namespace)."""
     with open(os.path.join(guest_dir, "guest.json")) as f:
         meta = json.load(f)
     argv = ["qemu-system-x86_64", "-accel", "tcg", "-m", "512", "-smp", "1",
@@ -35,7 +37,8 @@ def qemu_boot(guest_dir: str, uri: str, timeout: float = 90) -> str:
             "-initrd", os.path.join(guest_dir, meta["initrd"]),
             "-append", meta["append"],
             "-drive", f"file={uri},format=raw,if=virtio,cache=none"]
-    proc = subprocess.run(argv, stdin=subprocess.DEVNULL,
+    proc = subprocess.run(wrap(argv) if wrap else argv,
+                          stdin=subprocess.DEVNULL,
                           stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                           timeout=timeout)
     return proc.stdout.decode("utf-8", "replace")

@@ -10,6 +10,7 @@ tests' fixtures.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 
@@ -19,17 +20,26 @@ from tests.functional.conftest import guest_dir, serve  # noqa: F401
 from tests.openstack import services
 
 
-@pytest.fixture(scope="module")
-def openstack(tmp_path_factory):
+@contextlib.contextmanager
+def running_services(tmp_path_factory, host: str = services.HOST):
+    """The services on ``host`` (skip when they cannot run here), all
+    stopped at the end, pass or fail."""
     why = services.missing()
     if why:
         pytest.skip(why)
-    s = services.start_services(str(tmp_path_factory.mktemp("openstack")))
+    s = services.start_services(str(tmp_path_factory.mktemp("openstack")),
+                                host)
     print(f"OpenStack services started: {s.timings}")
     try:
         yield s
     finally:
         s.close()
+
+
+@pytest.fixture(scope="module")
+def openstack(tmp_path_factory):
+    with running_services(tmp_path_factory) as s:
+        yield s
 
 
 def settings_of(s: services.Services, **overrides):

@@ -68,14 +68,14 @@ def missing() -> str | None:
     return None
 
 
-def free_port() -> int:
+def free_port(host: str = HOST) -> int:
     with socket.socket() as s:
-        s.bind((HOST, 0))
+        s.bind((host, 0))
         return s.getsockname()[1]
 
 
 def wait_port(port: int, proc: subprocess.Popen, what: str, log: str,
-              timeout: float) -> None:
+              timeout: float, host: str = HOST) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -83,7 +83,7 @@ def wait_port(port: int, proc: subprocess.Popen, what: str, log: str,
                                f"listening on {port}: {tail(log)}")
         with socket.socket() as s:
             s.settimeout(0.5)
-            if s.connect_ex((HOST, port)) == 0:
+            if s.connect_ex((host, port)) == 0:
                 return
         time.sleep(0.2)
     raise ServiceError(f"{what} did not listen on {port} within "
@@ -109,9 +109,11 @@ class Proc:
 @dataclasses.dataclass
 class Services:
     """What is running; ``cinder_url`` is the v3 endpoint (no project in
-    URLs with noauth)."""
+    URLs with noauth). ``host``: the address tgtd's portal, Cinder's API
+    and Glance listen on (RabbitMQ stays on loopback)."""
 
     base: str
+    host: str = HOST
     procs: list[Proc] = dataclasses.field(default_factory=list)
     tgt_port: int = 0
     tgt_control: int = 0
@@ -123,15 +125,15 @@ class Services:
 
     @property
     def cinder_url(self) -> str:
-        return f"http://{HOST}:{self.cinder_port}/v3"
+        return f"http://{self.host}:{self.cinder_port}/v3"
 
     @property
     def glance_url(self) -> str:
-        return f"http://{HOST}:{self.glance_port}"
+        return f"http://{self.host}:{self.glance_port}"
 
     @property
     def portal(self) -> str:
-        return f"{HOST}:{self.tgt_port}"
+        return f"{self.host}:{self.tgt_port}"
 
     @property
     def volumes_dir(self) -> str:
@@ -292,12 +294,12 @@ def _wrappers(s: Services) -> str:
 
 def _start_tgtd(s: Services) -> None:
     for _ in range(20):
-        s.tgt_port = free_port()
+        s.tgt_port = free_port(s.host)
         s.tgt_control = 20000 + int.from_bytes(os.urandom(2), "big") % 10000
         if os.path.exists(f"/var/run/tgtd/socket.{s.tgt_control}"):
             continue
         proc = s.spawn("tgtd", ["tgtd", "-f", "--iscsi",
-                                f"portal={HOST}:{s.tgt_port}",
+                                f"portal={s.host}:{s.tgt_port}",
                                 "-C", str(s.tgt_control)])
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline and proc.popen.poll() is None:
@@ -352,7 +354,7 @@ def _start_glance(s: Services, py: str) -> None:
             for d in ("images", "staging", "tasks", "cache")}
     for d in data.values():
         os.makedirs(d, exist_ok=True)
-    s.glance_port = free_port()
+    s.glance_port = free_port(s.host)
     shutil.copy(os.path.join(VENV, "etc", "glance", "glance-api-paste.ini"),
                 conf_dir)
     _write(os.path.join(conf_dir, "glance-api.conf"), f"""\
@@ -386,10 +388,10 @@ def _start_glance(s: Services, py: str) -> None:
     s.timings["glance_db_sync"] = round(time.monotonic() - t0, 1)
     proc = s.spawn("glance-api", [
         os.path.join(VENV_BIN, "gunicorn"), "--workers", "1",
-        "--bind", f"{HOST}:{s.glance_port}", "--timeout", "300",
+        "--bind", f"{s.host}:{s.glance_port}", "--timeout", "300",
         "glance.wsgi.api:application"], env=env)
     wait_port(s.glance_port, proc.popen, "glance-api (gunicorn)", proc.log,
-              120)
+              120, s.host)
 
 
 def _cinder_conf(s: Services) -> str:
@@ -401,23 +403,23 @@ def _cinder_conf(s: Services) -> str:
         "volume:multiattach_bootable_volume": ""
         "volume:multiattach": ""
         """)
-    s.cinder_port = free_port()
+    s.cinder_port = free_port(s.host)
     return _write(os.path.join(root, "cinder.conf"), f"""\
         [DEFAULT]
         state_path = {root}
         auth_strategy = noauth
         transport_url = rabbit://guest:guest@{HOST}:{s.rabbit_port}/
-        osapi_volume_listen = {HOST}
+        osapi_volume_listen = {s.host}
         osapi_volume_listen_port = {s.cinder_port}
         osapi_volume_workers = 1
         api_paste_config = {root}/api-paste.ini
         enabled_backends = {BACKEND}
         glance_api_servers = {s.glance_url}
-        my_ip = {HOST}
+        my_ip = {s.host}
         host = vmthunder-tests
         log_dir = {os.path.join(s.base, 'logs')}
         debug = True
-        report_interval = 2
+        report_interval = 10
         periodic_interval = 5
         scheduler_driver_init_wait_time = 1
         rpc_response_timeout = 60
@@ -440,7 +442,7 @@ def _cinder_conf(s: Services) -> str:
         vmthunder_file_volumes_dir = {root}/file-volumes
         target_helper = tgtadm
         target_protocol = iscsi
-        target_ip_address = {HOST}
+        target_ip_address = {s.host}
         target_port = {s.tgt_port}
         volumes_dir = {root}/volumes
         """)
@@ -456,11 +458,19 @@ def _start_cinder(s: Services) -> None:
     if proc.returncode != 0:
         raise ServiceError(f"cinder-manage db sync: {proc.stderr[-3000:]}")
     s.timings["cinder_db_sync"] = round(time.monotonic() - t0, 1)
+    # Write-ahead log: readers no longer block the writer, so a request's
+    # read-then-write (a quota reservation) rarely meets the services'
+    # heartbeats' writes (in rollback-journal mode such a meeting is an
+    # immediate "database is locked" and an HTTP 500, seen here).
+    import sqlite3
+    with contextlib.closing(sqlite3.connect(
+            os.path.join(s.base, "cinder", "cinder.sqlite"))) as db:
+        db.execute("PRAGMA journal_mode=WAL")
     api = s.spawn("cinder-api", [os.path.join(VENV_BIN, "cinder-api"),
                                  *args])
     s.spawn("cinder-volume", [os.path.join(VENV_BIN, "cinder-volume"),
                               *args])
-    wait_port(s.cinder_port, api.popen, "cinder-api", api.log, 120)
+    wait_port(s.cinder_port, api.popen, "cinder-api", api.log, 120, s.host)
     # The scheduler asks every volume service for its capabilities when
     # it starts; a volume service that starts later reports them only
     # with its periodic task (every 60 s). So: volume first.
@@ -518,11 +528,13 @@ def _wait_cinder_ready(s: Services, timeout: float,
     raise ServiceError(f"Cinder not ready within {timeout:g} s ({last})")
 
 
-def start_services(base: str) -> Services:
-    """Start everything under ``base``; on failure what started is
+def start_services(base: str, host: str = HOST) -> Services:
+    """Start everything under ``base``, tgtd's portal, Cinder and Glance
+    on ``host`` (an address of this namespace: loopback, or one that
+    hosts in network namespaces reach); on failure what started is
     stopped and the error carries the logs."""
     os.makedirs(os.path.join(base, "logs"), exist_ok=True)
-    s = Services(base)
+    s = Services(base, host)
     t_all = time.monotonic()
     try:
         path = os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")

@@ -8,30 +8,123 @@ the attachments API and CHAP, serves the guest's disk over NBD and QEMU
 boots it. The origin volume is never written, no attachment is left
 after serve stops, wrong CHAP credentials and each export failure give a
 clear error.
+
+The services listen on the root namespace's address on a bridge
+(``storage_net``) that two compute hosts in network namespaces reach: an
+agent in each attaches the volume with CHAP and boots a VM, the second
+from the first. The Nova driver's resolution of an image to its Cinder
+volume (one volume for several hosts at once) is tested here too.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import errno
 import glob
+import json
 import os
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import time
+import types
 
 import pytest
 
+from tests.functional import test_peer_faults as _pf
 from tests.functional.conftest import REPO, need
 from tests.functional.test_boot import qemu_boot, sha256
 from tests.openstack import services
-from tests.openstack.conftest import (config_file, settings_of,
-                                      upload_image, volume_file)
+from tests.openstack.conftest import (config_file, running_services,
+                                      settings_of, upload_image,
+                                      volume_file)
 
 pytestmark = pytest.mark.timeout(600)
+INITIATOR = "iqn.2024-01.org.vmthunder.test"
+
+
+@dataclasses.dataclass
+class StorageNet:
+    topo: object            # vmthunder.bench.topology.Topology
+    address: str            # the root namespace's address on its bridge
+    interface: str          # the root namespace's end of the veth
+
+    @property
+    def hosts(self):
+        return self.topo.hosts
+
+
+def _free_subnet() -> str:
+    """A /24 of 10.0.0.0/8 that no address or route of the root
+    namespace overlaps."""
+    import ipaddress
+    import random
+    from pyroute2 import IPRoute
+    with IPRoute() as ipr:
+        used = [ipaddress.ip_network(
+            f"{r.get_attr('RTA_DST')}/{r['dst_len']}", strict=False)
+            for r in ipr.get_routes(family=socket.AF_INET)
+            if r.get_attr("RTA_DST")]
+        used += [ipaddress.ip_network(
+            f"{a.get_attr('IFA_ADDRESS')}/{a['prefixlen']}", strict=False)
+            for a in ipr.get_addr(family=socket.AF_INET)]
+    for _ in range(100):
+        net = ipaddress.ip_network(
+            f"10.{random.randint(100, 199)}.{random.randint(0, 255)}.0/24")
+        if not any(net.overlaps(u) for u in used
+                   if not u.is_loopback and u.prefixlen > 0):
+            return str(net)
+    raise RuntimeError("no free /24 in 10.100-199.x for the storage net")
+
+
+@pytest.fixture(scope="module")
+def storage_net():
+    """Two compute hosts, each a network namespace on a bridge (the
+    benchmark's topology, unshaped), and a veth from the root namespace
+    into that bridge: the OpenStack services listen on its address, so
+    the hosts reach Cinder's API and target as compute hosts reach a
+    storage network. All removed at the end (deleting the switch
+    namespace removes the veth too)."""
+    if os.geteuid() != 0:
+        pytest.skip("network namespaces need root")
+    import ipaddress
+    from pyroute2 import IPRoute
+    from vmthunder import privileged
+    from vmthunder.bench import topology as topo_mod
+    subnet = _free_subnet()
+    topo = topo_mod.Topology(2, origin_rate=None, host_rate=None,
+                             prefix="vmtcin", subnet=subnet)
+    interface = "vmtcin" + topo.run_id.rsplit("-", 1)[1]
+    address = str(ipaddress.ip_network(subnet)[-2])
+    try:
+        topo.create()
+        with IPRoute() as ipr:
+            ipr.link("add", ifname=interface, kind="veth",
+                     peer={"ifname": "p-root",
+                           "net_ns_fd": topo.switch_netns})
+            index = ipr.link_lookup(ifname=interface)[0]
+            ipr.addr("add", index=index, address=address, prefixlen=24)
+            ipr.link("set", index=index, state="up")
+        privileged.link_set(topo.switch_netns, "p-root",
+                            master=topo_mod.BRIDGE, no_ipv6_ll=True, up=True)
+        yield StorageNet(topo, address, interface)
+    finally:
+        with contextlib.suppress(Exception), IPRoute() as ipr:
+            for index in ipr.link_lookup(ifname=interface):
+                ipr.link("del", index=index)
+        topo.destroy()
+
+
+@pytest.fixture(scope="module")
+def openstack(storage_net, tmp_path_factory):
+    """The services of tests/openstack/conftest.py, on the storage net's
+    address (the root namespace reaches it too)."""
+    with running_services(tmp_path_factory, storage_net.address) as s:
+        yield s
 
 
 def vmthunder(*args: str, timeout: float = 300
@@ -222,67 +315,131 @@ def test_agent_attaches_cinder_origin_boots_and_detaches(
     assert sha256(path) == before, "the origin volume was written"
 
 
-def test_second_agent_reads_the_cinder_origin_from_the_first(
-        openstack, exported, tmp_path):
-    """Two agents (peers on loopback TCP, membership through tooz's file
-    backend) attach the same cinder://ID: once the first holds the image,
-    the second's chunks come from it, not from the volume; both detach
-    and no attachment is left."""
-    need("qemu-img")
-    from tests.functional.test_agent import start_agent
-    vol, manifest_id, path, before = origin_volumes(openstack, exported)
-    with open(exported["conf"]) as f:
-        section = f.read()
-    coordination = f"file://{tmp_path / 'coordination'}"
-    agents = []
-    try:
-        for name in ("host-a", "host-b"):
-            port = services.free_port()
-            agents.append(start_agent(
-                str(tmp_path / name), "--peer-listen",
-                f"tcp:127.0.0.1:{port}", "--peer-mode", "mesh",
-                config=section + "[coordination]\n"
-                f"backend_url = {coordination}\nmember_id = {name}\n"
-                "heartbeat_interval = 0.25\n"))
-        a, b = agents
-        a.client.attach_image("guest", f"cinder://{vol}")
-        vm_a = a.client.create_vm("vm-a", "guest")
-        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw",
-                        vm_a["nbd"], str(tmp_path / "a.raw")], check=True,
-                       timeout=120)
-        sa = a.client.status()["images"]["guest"]
-        # All but the holes the origin reports (qemu-img skips them).
-        assert sa["chunks_held"] >= sa["chunks_total"] * 3 // 4, sa
+class NsAgent(_pf.Agent):
+    """A vmthunder-agent in a host's network namespace (test_peer_faults'
+    Agent: mesh mode, peers on tcp:ADDRESS:10810, tooz membership) with
+    the [cinder] section of ``conf`` and the host's own iSCSI initiator
+    name."""
 
-        b.client.attach_image("guest", f"cinder://{vol}")
-        vm_b = b.client.create_vm("vm-b", "guest")
-        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw",
-                        vm_b["nbd"], str(tmp_path / "b.raw")], check=True,
-                       timeout=120)
-        assert head_sha256(str(tmp_path / "b.raw"), exported["size"]) == \
-            exported["digest"]
-        sb = b.client.status()["images"]["guest"]
-        # Most from the first host (seen here: ~63%; the rest are regions
-        # the second one owns, fetched from the origin).
-        assert sb["bytes_from_peers"] > sb["bytes_from_origin"], sb
-        assert sb["fetch_errors"] == 0, sb
-        # The first host detaches: the volume stays exported for the
-        # second (the driver reports the shared export to Cinder).
+    def __init__(self, host, root: str, conf: str, coordination: str):
+        base = os.path.join(root, f"{host.name}.conf")
+        with open(conf) as f, open(base, "w") as out:
+            # conf ends with its [cinder] section.
+            out.write(f.read() + f"initiator_name = {INITIATOR}:"
+                      f"{host.name}\n")
+        super().__init__(types.SimpleNamespace(
+            config_file=base, coordination=coordination), host, root)
+
+
+def nexuses(s: services.Services, volume_id: str) -> list[dict]:
+    """The sessions (initiator, IP address) on the volume's target, and
+    whether the target asks for CHAP (an account is bound to it)."""
+    out = s.tgtadm("--lld", "iscsi", "--mode", "target", "--op",
+                   "show").stdout
+    found = []
+    for block in re.split(r"^Target \d+: ", out, flags=re.M)[1:]:
+        if volume_id not in block.splitlines()[0]:
+            continue
+        account = re.search(r"Account information:\n((?:\s+\S+\n)*)",
+                            block + "\n")
+        chap = bool(account and account.group(1).strip())
+        for m in re.finditer(r"Initiator: (\S+).*?IP Address: (\S+)",
+                             block, re.S):
+            found.append(dict(initiator=m.group(1), ip=m.group(2),
+                              chap=chap))
+    return found
+
+
+def test_two_hosts_in_namespaces_boot_through_cinder_second_from_first(
+        openstack, storage_net, exported, guest_dir, tmp_path):
+    """Issue 15's must-show: two compute hosts, each a network namespace
+    with its own vmthunder-agent (mesh mode, tooz membership) and its own
+    initiator name, attach the same cinder://ID (both volumes read-only,
+    logging in to Cinder's target with CHAP from their own addresses)
+    and boot a real VM (QEMU TCG, in the host's namespace) each. The
+    second host's chunks come from the first, not from the volume; the
+    first detaches while the second keeps its VM (the export stays for
+    it); once both detach no attachment (nor target) is left in Cinder,
+    and the origin volume was never written."""
+    need("qemu-system-x86_64")
+    vol, manifest_id, path, before = origin_volumes(openstack, exported)
+    coordination = f"file://{tmp_path / 'coordination'}"
+    hosts = storage_net.hosts
+    agents = [NsAgent(h, str(tmp_path), exported["conf"], coordination)
+              for h in hosts]
+    try:
+        for agent in agents:
+            agent.start()
+        a, b = agents
+
+        def boot(agent, vm: str) -> dict:
+            agent.client.attach_image(_pf.IMAGE, f"cinder://{vol}")
+            nbd = agent.client.create_vm(vm, _pf.IMAGE)["nbd"]
+            t0 = time.monotonic()
+            console = qemu_boot(guest_dir, nbd, wrap=agent.host.argv)
+            why = (f"{agent.host.name}: {console[-3000:]}\nagent:\n"
+                   + agent.log()[-3000:])
+            assert "VMTHUNDER-BOOT-OK" in console, why
+            assert "VMTHUNDER-WRITE-OK" in console, why
+            assert "I/O error" not in console, why
+            status = agent.status()
+            status["boot_s"] = round(time.monotonic() - t0, 1)
+            return status
+
+        sa = boot(a, "vm-a")
+        assert sa["bytes_from_origin"] > 0 and sa["fetch_errors"] == 0, sa
+        # Both hosts' agents see each other before the second boots.
+        _pf.wait_for(lambda: b.client.status()["coordination"]["members"]
+                     >= 2, "the second host to see the first", timeout=15)
+        sb = boot(b, "vm-b")
+        print(f"host0: {sa['bytes_from_origin']} bytes from the origin, "
+              f"boot {sa['boot_s']} s; host1: {sb['bytes_from_peers']} "
+              f"bytes from peers, {sb['bytes_from_origin']} from the "
+              f"origin, boot {sb['boot_s']} s")
+        # The second boot reads what the first read: from the first host.
+        assert sb["bytes_from_peers"] > 0 and sb["fetch_errors"] == 0, sb
+        assert sb["bytes_from_origin"] <= sb["bytes_from_peers"] // 10, sb
+        assert a.status()["bytes_served_to_peers"] >= \
+            sb["bytes_from_peers"]
+
+        # Each host logged in to Cinder's target of each volume with CHAP,
+        # from its own address, as its own initiator.
+        for volume_id in (vol, manifest_id):
+            seen = nexuses(openstack, volume_id)
+            assert {(n["initiator"], n["ip"]) for n in seen} == {
+                (f"{INITIATOR}:{h.name}", h.address) for h in hosts}, seen
+            assert all(n["chap"] for n in seen), seen
+        held = attachments_of(openstack, vol, manifest_id)
+        assert len(held) == 4 and all(x.status == "attached"
+                                      for x in held), held
+
+        # The first host leaves: the volume stays exported for the second,
+        # whose VM keeps reading (a whole read of its disk).
         a.client.delete_vm("vm-a")
-        a.client.detach_image("guest")
-        assert [x.volume_id for x in attachments_of(openstack, vol)] == [vol]
-        assert any(vol in iqn for iqn in openstack.targets().values())
-        subprocess.run(["qemu-img", "convert", "-f", "raw", "-O", "raw",
-                        vm_b["nbd"], str(tmp_path / "b2.raw")], check=True,
-                       timeout=120)
-        assert "connection lost" not in b.stderr(), b.stderr()[-3000:]
+        a.client.detach_image(_pf.IMAGE)
+        assert sorted(x.volume_id for x in attachments_of(
+            openstack, vol, manifest_id)) == sorted([vol, manifest_id])
+        assert nexuses(openstack, vol) and all(
+            n["ip"] == hosts[1].address for n in nexuses(openstack, vol))
+        vm_b = b.client.vms()[0]["nbd"]
+        copy = b.host.run(["qemu-img", "convert", "-f", "raw", "-O", "raw",
+                           vm_b, str(tmp_path / "b.raw")],
+                          capture_output=True, text=True, timeout=180)
+        assert copy.returncode == 0, copy.stderr + b.log()[-3000:]
         b.client.delete_vm("vm-b")
-        b.client.detach_image("guest")
+        b.client.detach_image(_pf.IMAGE)
         assert attachments_of(openstack, vol, manifest_id) == []
-        assert not any(vol in iqn for iqn in openstack.targets().values())
+        assert not any(vol in iqn or manifest_id in iqn
+                       for iqn in openstack.targets().values())
+        secrets = chap_secrets(openstack)
+        for agent in agents:
+            log = agent.log()
+            assert not any(secret in log for secret in secrets)
+            assert " ERROR " not in log and "Traceback" not in log, \
+                log[-3000:]
     finally:
         for agent in agents:
-            agent.stop()
+            agent.cleanup()
     assert sha256(path) == before, "the origin volume was written"
 
 
@@ -427,3 +584,118 @@ def test_export_errors_say_what_is_wrong(openstack, tmp_path):
                      "export", f"glance://{broken}", "--cinder")
     assert proc.returncode == 1
     assert "is in error" in proc.stderr and "cinder delete" in proc.stderr
+
+
+RESOLVE = """
+import json, sys, time
+from nova_driver import cinder_origin
+image_id, conf, start = sys.argv[1], sys.argv[2], float(sys.argv[3])
+resolver = cinder_origin.Resolver.from_files(conf, lock_timeout=240)
+while time.time() < start:          # all hosts at once
+    time.sleep(0.01)
+result = resolver.resolve(image_id)
+print(json.dumps(dict(origin=result.origin, changed=result.changed)))
+"""
+
+
+def test_nova_resolves_an_image_to_one_cinder_volume_under_a_lock(
+        openstack, tmp_path):
+    """[vmthunder] cinder_origin of the Nova driver: three processes, each
+    like the nova-compute of one host in a mass boot, resolve the same
+    Glance image at the same moment (nova_driver/cinder_origin.py: the
+    export under a tooz lock, here tooz's file backend shared by the
+    processes): Cinder makes one image volume and one manifest volume,
+    every host gets the same cinder:// origin, exactly one made it; a
+    later resolution finds it and changes nothing."""
+    from nova_driver import cinder_origin
+    from vmthunder.cinder import client as cc
+    from vmthunder.cinder import export as cinder_export
+    image = tmp_path / "mass.raw"
+    image.write_bytes(os.urandom(2 << 20))
+    image_id = upload_image(openstack, str(image), name="mass-boot")
+    conf = config_file(openstack, str(tmp_path / "vmthunder.conf"))
+    with open(conf, "a") as f:
+        f.write(f"[coordination]\nbackend_url = "
+                f"file://{tmp_path / 'locks'}\n")
+    start = time.time() + 4
+    procs = [subprocess.Popen([sys.executable, "-c", RESOLVE, image_id,
+                               conf, str(start)], cwd=REPO, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for _ in range(3)]
+    results = []
+    for proc in procs:
+        try:
+            out, err = proc.communicate(timeout=300)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        assert proc.returncode == 0, err[-3000:] + openstack.logs()
+        results.append(json.loads(out.splitlines()[-1]))
+    client = cc.volume_client(settings_of(openstack))
+
+    def named(name: str) -> list:
+        return [v for v in client.volumes.list(search_opts={"name": name})
+                if v.name == name]
+    [volume] = named(cinder_export.IMAGE_VOLUME.format(image_id))
+    assert len(named(cinder_export.MANIFEST_VOLUME.format(image_id))) == 1
+    assert {r["origin"] for r in results} == {f"cinder://{volume.id}"}
+    assert sorted(r["changed"] for r in results) == [False, False, True]
+    assert client.volumes.get(volume.id).status == "available"
+
+    again = cinder_origin.Resolver.from_files(conf).resolve(image_id)
+    assert again.origin == f"cinder://{volume.id}" and not again.changed
+    assert len(named(cinder_export.IMAGE_VOLUME.format(image_id))) == 1
+
+
+def test_export_quota_and_volume_type_errors_say_what_to_do(openstack,
+                                                            tmp_path):
+    """A volume type without multiattach, and a project out of volume
+    quota: the export fails with what was wrong (the type's name; the
+    project, the quota and its value) and what to do, and makes
+    nothing."""
+    from vmthunder.cinder import client as cc
+    from vmthunder.cinder import export as cinder_export
+    from vmthunder.cinder.client import CinderError
+    settings = settings_of(openstack, create_timeout=120)
+    client = cc.volume_client(settings)
+    small = tmp_path / "small.raw"
+    small.write_bytes(os.urandom(1 << 20))
+    image_id = upload_image(openstack, str(small), name="errors")
+
+    def image_volumes() -> list:
+        name = cinder_export.IMAGE_VOLUME.format(image_id)
+        return [v for v in client.volumes.list(search_opts={"name": name})
+                if v.name == name]
+
+    plain = client.volume_types.create("vmthunder-test-plain")
+    try:
+        with pytest.raises(CinderError) as info:
+            cinder_export.export_glance_image(
+                dataclasses.replace(settings,
+                                    volume_type="vmthunder-test-plain"),
+                image_id, out=print)
+        text = str(info.value)
+        assert "volume type vmthunder-test-plain exists without the extra " \
+            "spec multiattach='<is> True'" in text, text
+        assert "cinder type-key vmthunder-test-plain set" in text, text
+        assert image_volumes() == []
+    finally:
+        client.volume_types.delete(plain)
+
+    project = services.PROJECT
+    usage = client.quotas.get(project, usage=True).volumes
+    old = client.quotas.get(project).volumes
+    client.quotas.update(project, volumes=usage["in_use"]
+                         + usage.get("reserved", 0))
+    try:
+        with pytest.raises(CinderError) as info:
+            cinder_export.export_glance_image(settings, image_id, out=print)
+        text = str(info.value)
+        assert f"quota of project {project} exceeded" in text, text
+        assert f"({usage['in_use'] + usage.get('reserved', 0)})" in text, \
+            text
+        assert "cinder quota-update" in text, text
+        assert image_volumes() == []
+    finally:
+        client.quotas.update(project, volumes=old)

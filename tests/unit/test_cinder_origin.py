@@ -75,3 +75,44 @@ def test_connector_ip_is_this_hosts_address_toward_cinder():
     # A name that does not resolve: loopback, no exception.
     assert cc.local_address(cc.CinderSettings(
         endpoint="http://no-such-host.invalid:8776/v3")) == "127.0.0.1"
+
+
+class _StandInAttachments:
+    """A stand-in for cinderclient's attachments manager (a Cinder API
+    that answers server errors on demand cannot run in a unit test; the
+    real services test detaches through real Cinder)."""
+
+    def __init__(self, errors):
+        self.errors = list(errors)
+        self.calls = 0
+
+    def delete(self, attachment_id):
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+
+
+def test_detach_retries_server_errors_with_a_stand_in_client(monkeypatch):
+    from types import SimpleNamespace
+
+    from cinderclient import exceptions as cexc
+    monkeypatch.setattr(cc, "DETACH_RETRIES", (0.01, 0.01))
+    # Two server errors, then deleted.
+    att = _StandInAttachments([cexc.ClientException(500, "busy"),
+                               cexc.ClientException(503, "busy")])
+    cc.detach(SimpleNamespace(attachments=att), "a", VOL)
+    assert att.calls == 3
+    # Gone already: done at once.
+    att = _StandInAttachments([cexc.NotFound(404)])
+    cc.detach(SimpleNamespace(attachments=att), "a", VOL)
+    assert att.calls == 1
+    # Server errors every time: the last one is the caller's.
+    att = _StandInAttachments([cexc.ClientException(500, "busy")] * 3)
+    with pytest.raises(cexc.ClientException):
+        cc.detach(SimpleNamespace(attachments=att), "a", VOL)
+    assert att.calls == 3
+    # A client error is not tried again.
+    att = _StandInAttachments([cexc.Forbidden(403)])
+    with pytest.raises(cexc.Forbidden):
+        cc.detach(SimpleNamespace(attachments=att), "a", VOL)
+    assert att.calls == 1

@@ -19,6 +19,7 @@ import dataclasses
 import logging
 import platform
 import socket
+import time
 
 LOG = logging.getLogger(__name__)
 
@@ -246,13 +247,32 @@ def attach(client, volume_id: str, conn: dict, *, mode: str = "ro"
     return attachment
 
 
+# Seconds between the tries of an attachment's deletion that Cinder
+# answered with a server error (5xx: a busy database, a restarting API
+# behind its load balancer); then the error is the caller's.
+DETACH_RETRIES = (0.5, 1.0, 2.0, 4.0)
+
+
 def detach(client, attachment_id: str, volume_id: str = "?") -> None:
-    """Delete an attachment; one already gone is not an error."""
+    """Delete an attachment; one already gone is not an error, a server
+    error is tried again (DETACH_RETRIES: deleting is idempotent), since
+    an attachment left behind keeps the volume exported to this host."""
     from cinderclient import exceptions as cexc
-    try:
-        client.attachments.delete(attachment_id)
-    except cexc.NotFound:
-        pass
+    for delay in (*DETACH_RETRIES, None):
+        try:
+            client.attachments.delete(attachment_id)
+            break
+        except cexc.NotFound:
+            break
+        except cexc.ClientException as exc:
+            code = getattr(exc, "code", None)
+            if delay is None or not isinstance(code, int) \
+                    or not 500 <= code < 600:
+                raise
+            LOG.warning("volume %s: deleting attachment %s: %s; trying "
+                        "again in %g s", volume_id, attachment_id, exc,
+                        delay)
+            time.sleep(delay)
     LOG.info("volume %s: attachment %s deleted", volume_id, attachment_id)
 
 

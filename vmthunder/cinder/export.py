@@ -98,9 +98,13 @@ def export_glance_image(settings: cc.CinderSettings, image_id: str, *,
     except (ksexc.ConnectFailure, ksexc.DiscoveryFailure) as exc:
         raise CinderError(cc.describe_error(exc, settings)) from None
     except cexc.OverLimit as exc:
-        raise CinderError(f"Cinder refused the volume: quota exceeded "
-                          f"({exc}); free quota or raise it, then export "
-                          "again") from None
+        project = settings.project_name or settings.project_id
+        raise CinderError(
+            f"Cinder refused a volume for image {image_id}: quota of "
+            f"project {project} exceeded ({exc}); delete volumes it no "
+            f"longer needs or raise its quota (cinder quota-update "
+            f"--volumes N --gigabytes N {project}), then export again") \
+            from None
     except cexc.ClientException as exc:
         raise CinderError(f"Cinder: {exc}") from None
     except ksexc.HttpError as exc:
