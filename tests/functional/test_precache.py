@@ -179,6 +179,36 @@ def test_precache_trace_chunks_only(agents, tmp_path):
     assert held_chunks(img["cache_dir"]) == sorted(order)
 
 
+# -- [agent] background_fetch_rate ---------------------------------------
+
+def test_precache_within_background_fetch_rate(tmp_path):
+    """The precache is a copy of the transfer engine: [agent]
+    background_fetch_rate (one bucket with the trace prefetches) caps it.
+    4 MiB at 2 MiB/s in 1 MiB reads: at least 1.25 s after a quarter
+    second of burst (a file origin alone: ~0.05 s); the status names the
+    limit."""
+    size = 4 * MiB
+    image = make_image(tmp_path / "base.raw", size, seed=16)
+    agent = start_agent(str(tmp_path / "agent"),
+                        config="[agent]\nbackground_fetch_rate = 2M\n")
+    try:
+        client = agent.client
+        client.attach_image("base", image)
+        t0 = time.monotonic()
+        client.precache("base")
+        progress = wait_precache(client, "base")
+        took = time.monotonic() - t0
+        assert progress["state"] == "done", progress
+        assert progress["bytes_fetched"] == size
+        assert progress["rate_limit"] == 2 * MiB
+        assert took >= 1.0, took
+    finally:
+        with contextlib.suppress(Exception):
+            agent.stop()
+        with contextlib.suppress(Exception):
+            agent.proc.stdout.close()
+
+
 # -- bad input -----------------------------------------------------------
 
 def test_precache_bad_input_is_refused_and_changes_nothing(agents,
