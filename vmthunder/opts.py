@@ -495,8 +495,11 @@ cinder_opts = [
     cfg.StrOpt(
         "glance_endpoint",
         help="Glance's endpoint (http://HOST:9292), for `vmthunder export "
-             "glance://ID --cinder`. Needed with auth_strategy = noauth; "
-             "with keystone, unset takes it from the catalog."),
+             "glance://ID`. With --cinder: needed with auth_strategy = "
+             "noauth; with keystone, unset takes it from the catalog. "
+             "Without --cinder (the image fetched into a tgtd export): "
+             "--glance-endpoint wins, unset falls back to "
+             "$VMTHUNDER_GLANCE_ENDPOINT, a token from $OS_AUTH_TOKEN."),
     cfg.StrOpt(
         "auth_strategy",
         default="keystone",
