@@ -62,6 +62,40 @@ cache_opts = [
              "many seconds of refetching, never wrong data. A sync makes "
              "the kernel write back at once, taking CPU from booting VMs; "
              "0 syncs as soon as possible (group commit)."),
+    cfg.IntOpt(
+        "max_bytes",
+        default=0,
+        min=0,
+        help="Most bytes the image caches under cache_dir may hold on "
+             "disk together (the agent; VMs' overlays are not counted). "
+             "A fetched chunk that does not fit is served, not kept. "
+             "Above high_watermark, caches are evicted down to "
+             "low_watermark: images no VM uses first, least recently used "
+             "first; then chunks of idle images that their VMs never "
+             "read. A pinned image (`vmthunder image pin`) and an image "
+             "a VM read within idle_seconds never lose a chunk. 0: no "
+             "cap."),
+    cfg.IntOpt(
+        "high_watermark",
+        default=90,
+        min=1,
+        max=100,
+        help="Percent of max_bytes above which the agent evicts."),
+    cfg.IntOpt(
+        "low_watermark",
+        default=80,
+        min=0,
+        max=100,
+        help="Percent of max_bytes an eviction brings the caches down to "
+             "(at most high_watermark)."),
+    cfg.FloatOpt(
+        "idle_seconds",
+        default=600.0,
+        min=0,
+        help="An image whose VMs read nothing for this long is idle: "
+             "under pressure it loses the chunks its VMs never read "
+             "(precached, prefetched, fetched for peers). An image a VM "
+             "read more recently loses nothing."),
 ]
 
 snapshot_opts = [

@@ -167,6 +167,9 @@ def _metric_of(path: tuple) -> tuple[str, dict]:
     if path[0] == "peer_upload":
         metric, _, counter = m.PEER_UPLOAD[path[1]]
         return "vmthunder_" + metric + ("_total" if counter else ""), {}
+    if path[0] == "cache_capacity":
+        metric, _, counter = m.CACHE_CAPACITY[path[1]]
+        return "vmthunder_" + metric + ("_total" if counter else ""), {}
     kind, name, key, *rest = path
     if kind == "vms":
         metric, _, counter = m.VM_METRICS[key]

@@ -18,6 +18,14 @@
                                 {"name", "image", "state", "nbd": URI,
                                 "size": BYTES}
     DELETE /vms/V               removes the VM's snapshot files
+    POST   /images/N/pin        never evict N's cache (recorded)
+    DELETE /images/N/pin        evictable again
+    GET    /cache               the cap, what is held, evictions; per
+                                cache: image, bytes held, last use, VMs,
+                                pinned, state (agent/capacity.py)
+    POST   /cache/evict         {"image": N or a cache key} or
+                                {"all_unused": true}  200 {"evicted":
+                                [...]}; 409 while VMs use it or pinned
     GET    /status              counters per image and per VM
     GET    /healthz             200 {"status": "ok", "checks": ...} when
                                 healthy, 503 {"status": "unhealthy",
@@ -50,13 +58,14 @@ MAX_BODY = 64 * 1024
 # and a 64 KiB body holds 32768 of them.
 MAX_JSON_DEPTH = 32
 _JSON_SPECIAL = re.compile(rb'[\[\]{}"\\]')
-PATHS = ("/images, /images/NAME, /images/NAME/precache, /vms, /vms/NAME, "
-         "/status, /healthz")
+PATHS = ("/images, /images/NAME, /images/NAME/precache, /images/NAME/pin, "
+         "/vms, /vms/NAME, /cache, /cache/evict, /status, /healthz")
 EXAMPLES = {
     "POST /images": '{"name": "debian", "origin": "export:debian"}',
     "POST /vms": '{"name": "vm1", "image": "debian"}',
     "POST /images/NAME/precache": '{"trace": "/var/lib/boot.trace.gz"} or '
                                   '{"trace": null}',
+    "POST /cache/evict": '{"image": "debian"} or {"all_unused": true}',
 }
 
 
@@ -243,6 +252,30 @@ def make_app(agent: Agent) -> web.Application:
     async def status(request):
         return _json(200, agent.status())
 
+    async def cache_list(request):
+        return _json(200, agent.capacity.listing())
+
+    async def cache_evict(request):
+        body = await _body(request, (), optional=("image", "all_unused"))
+        image, all_unused = body.get("image"), body.get("all_unused", False)
+        example = EXAMPLES["POST /cache/evict"]
+        if image is not None and not isinstance(image, str):
+            raise InvalidRequest(f"field 'image' must be a string, not "
+                                 f"{type(image).__name__}; e.g. {example}")
+        if not isinstance(all_unused, bool):
+            raise InvalidRequest(f"field 'all_unused' must be true or "
+                                 f"false, not {all_unused!r}; e.g. "
+                                 f"{example}")
+        return _json(200, await agent.capacity.evict(image, all_unused))
+
+    async def pin(request):
+        return _json(200, await agent.capacity.pin(
+            request.match_info["name"], True))
+
+    async def unpin(request):
+        return _json(200, await agent.capacity.pin(
+            request.match_info["name"], False))
+
     async def health(request):
         return await healthz(agent)
 
@@ -255,6 +288,10 @@ def make_app(agent: Agent) -> web.Application:
     app.router.add_get("/vms", list_vms)
     app.router.add_post("/vms", create_vm)
     app.router.add_delete("/vms/{name}", delete_vm)
+    app.router.add_post("/images/{name}/pin", pin)
+    app.router.add_delete("/images/{name}/pin", unpin)
+    app.router.add_get("/cache", cache_list)
+    app.router.add_post("/cache/evict", cache_evict)
     app.router.add_get("/status", status)
     app.router.add_get("/healthz", health)
     return app

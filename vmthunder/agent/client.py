@@ -146,6 +146,21 @@ class AgentClient:
     def precache_progress(self, name: str) -> dict:
         return self.request("GET", f"/images/{self._quote(name)}/precache")
 
+    def pin_image(self, name: str, pinned: bool = True) -> dict:
+        """Pin (never evict) or unpin image ``name``'s cache."""
+        return self.request("POST" if pinned else "DELETE",
+                            f"/images/{self._quote(name)}/pin")
+
+    def cache(self) -> dict:
+        """The cache capacity and, per cache, what it holds (GET /cache)."""
+        return self.request("GET", "/cache")
+
+    def evict(self, image: str | None = None,
+              all_unused: bool = False) -> dict:
+        """Evict image ``image``'s cache, or every unused one."""
+        body = {"all_unused": True} if all_unused else {"image": image}
+        return self.request("POST", "/cache/evict", body)
+
     def health(self) -> tuple[bool, dict]:
         """(healthy, the body of GET /healthz: its problems and checks)."""
         try:
@@ -158,7 +173,7 @@ class AgentClient:
 
 # -- the `vmthunder` subcommands ----------------------------------------
 
-COMMANDS = ("image", "vm", "status", "precache", "health")
+COMMANDS = ("image", "vm", "status", "precache", "health", "cache")
 
 
 def add_parsers(sub) -> None:
@@ -191,6 +206,41 @@ def add_parsers(sub) -> None:
     socket_arg(p)
     p = isub.add_parser("list", help="list attached images")
     p.add_argument("--json", action="store_true", help="print JSON")
+    socket_arg(p)
+    for action, text in (("pin", "never evict the image's cache (kept "
+                                 "across restarts)"),
+                         ("unpin", "let the image's cache be evicted "
+                                   "again")):
+        p = isub.add_parser(action, help=text, description=text[0].upper()
+                            + text[1:] + ". See `vmthunder cache list`.")
+        p.add_argument("name")
+        socket_arg(p)
+
+    cache = sub.add_parser(
+        "cache", help="what the host cache holds; evict images from it",
+        description="The host cache ([cache] max_bytes, watermarks): per "
+                    "image, the bytes its cache holds on disk, its last "
+                    "use by a VM, its VMs, whether it is pinned. Images no "
+                    "VM uses are evicted least recently used first when "
+                    "the cache passes its high watermark; see "
+                    "docs/design.md, \"Cache capacity\".")
+    csub = cache.add_subparsers(dest="action", metavar="ACTION",
+                                required=True)
+    p = csub.add_parser("list", help="list the caches on this host")
+    p.add_argument("--json", action="store_true", help="print JSON")
+    socket_arg(p)
+    p = csub.add_parser("evict", help="evict an image's cache, or all "
+                                      "unused ones",
+                        description="Evict IMAGE's cache (an attached "
+                                    "image no VM uses, not pinned; or a "
+                                    "cache key from `vmthunder cache "
+                                    "list`), or with --all-unused every "
+                                    "cache no VM uses. The image stays "
+                                    "attached: its chunks are fetched "
+                                    "again when read.")
+    p.add_argument("image", nargs="?", help="image name or cache key")
+    p.add_argument("--all-unused", action="store_true",
+                   help="every cache no VM uses (and not pinned)")
     socket_arg(p)
 
     vm = sub.add_parser(
@@ -300,6 +350,9 @@ def run(args, conf) -> int:
             elif args.action == "detach":
                 client.detach_image(args.name)
                 out(f"image {args.name} detached")
+            elif args.action in ("pin", "unpin"):
+                client.pin_image(args.name, args.action == "pin")
+                out(f"image {args.name} {args.action}ned")
             else:
                 images = client.images()
                 if args.json:
@@ -334,6 +387,8 @@ def run(args, conf) -> int:
                                ["NAME", "IMAGE", "STATE", "SIZE", "NBD"]))
                 else:
                     out("no VMs")
+        elif args.command == "cache":
+            return run_cache(client, args, out)
         elif args.command == "health":
             healthy, body = client.health()
             if args.json:
@@ -354,6 +409,62 @@ def run(args, conf) -> int:
         print(f"vmthunder: error: {exc}", file=sys.stderr)
         return 1
     return 0
+
+
+def run_cache(client: AgentClient, args, out) -> int:
+    """`vmthunder cache list|evict`."""
+    if args.action == "evict":
+        if (args.image is None) == (not args.all_unused):
+            print("vmthunder cache evict: error: give an IMAGE or "
+                  "--all-unused", file=sys.stderr)
+            return 2
+        reply = client.evict(args.image, args.all_unused)
+        for e in reply["evicted"]:
+            out(f"evicted {e['image'] or e['key']}: "
+                f"{_size(e['freed_bytes'])} freed")
+        if not reply["evicted"]:
+            out("nothing to evict")
+        out(f"cache holds {_size(reply['held_bytes'])}")
+        return 0
+    listing = client.cache()
+    if args.json:
+        out(json.dumps(listing, indent=1))
+        return 0
+    out(format_cache(listing))
+    return 0
+
+
+def format_cache(listing: dict, now: float | None = None) -> str:
+    cap = listing["max_bytes"]
+    head = (f"cache holds {_size(listing['held_bytes'])}"
+            + (f" of {_size(cap)} (evicts above "
+               f"{_size(listing['high_watermark_bytes'])} down to "
+               f"{_size(listing['low_watermark_bytes'])})" if cap
+               else " (no cap: [cache] max_bytes = 0)")
+            + f"; evicted {listing['evicted_images']} image(s), "
+              f"{listing['evicted_chunks']} chunk(s), "
+              f"{_size(listing['evicted_bytes'])}")
+    now = time.time() if now is None else now
+    rows = []
+    for c in listing["caches"]:
+        age = now - c["last_use"] if c["last_use"] else None
+        rows.append([c["image"] or f"({c['key']})", c["state"],
+                     _size(c["held_bytes"]),
+                     "-" if age is None else _ago(age),
+                     ",".join(c["vms"]) or "-",
+                     "yes" if c["pinned"] else "no"])
+    if not rows:
+        return head + "\nno caches"
+    return head + "\n" + _table(rows, ["IMAGE", "STATE", "HELD",
+                                       "LAST USE", "VMS", "PINNED"])
+
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, seconds)
+    for unit, size in (("d", 86400), ("h", 3600), ("min", 60)):
+        if seconds >= size:
+            return f"{seconds / size:.0f} {unit} ago"
+    return f"{seconds:.0f} s ago"
 
 
 def format_status(status: dict) -> str:

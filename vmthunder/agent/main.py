@@ -113,6 +113,7 @@ def load_config(path: str | None) -> cfg.ConfigOpts:
 
 def make_config(args, conf):
     from vmthunder import stack
+    from vmthunder.agent.capacity import CapacityConfig
     from vmthunder.agent.prefetch import PrefetchOptions
     from vmthunder.agent.service import AgentConfig
     from vmthunder.volume import export
@@ -127,6 +128,10 @@ def make_config(args, conf):
             if a.metrics_listen else None)
     except ValueError as exc:
         raise SystemExit(f"vmthunder-agent: error: [agent] option: {exc}")
+    try:
+        capacity = CapacityConfig.from_conf(conf.cache)
+    except ValueError as exc:
+        raise SystemExit(f"vmthunder-agent: error: {exc}")
     return AgentConfig(
         state_dir=args.state_dir or a.state_dir,
         api_socket=os.path.abspath(args.api_socket or a.api_socket),
@@ -149,7 +154,8 @@ def make_config(args, conf):
         metrics_listen=metrics,
         stalled_read_seconds=a.stalled_read_seconds,
         health_min_free_bytes=a.health_min_free_mib * 1024 * 1024,
-        prefetch=PrefetchOptions.from_conf(a))
+        prefetch=PrefetchOptions.from_conf(a),
+        capacity=capacity)
 
 
 async def run(config) -> int:

@@ -68,6 +68,12 @@ IMAGE_COUNTERS = {
                   "held in the cache as they arrived."),
     "read_misses": ("guest_read_misses",
                     "Guest reads that started or joined a fetch."),
+    "chunks_evicted": ("cache_evicted_chunks",
+                       "Chunks evicted from the image's cache (host cache "
+                       "capacity, or asked: vmthunder cache evict)."),
+    "chunks_not_kept": ("cache_not_kept_chunks",
+                        "Fetched chunks served but not kept: the host "
+                        "cache was at [cache] max_bytes."),
     "stalled_reads": ("stalled_reads",
                       "Guest reads that waited [agent] stalled_read_seconds "
                       "or longer (each logged once)."),
@@ -145,6 +151,33 @@ PEER_UPLOAD = {
                  "limit now.", False),
 }
 
+# The host cache's capacity (status "cache_capacity", agent/capacity.py):
+# key -> (metric name without prefix, help, counter?).
+CACHE_CAPACITY = {
+    "held_bytes": ("cache_host_bytes",
+                   "Bytes the image caches hold on disk together (their "
+                   "allocated blocks, plus writes in progress).", False),
+    "max_bytes": ("cache_max_bytes",
+                  "[cache] max_bytes: most bytes the caches may hold (0: "
+                  "no cap).", False),
+    "high_watermark_bytes": ("cache_high_watermark_bytes",
+                             "Eviction starts above this many bytes.",
+                             False),
+    "low_watermark_bytes": ("cache_low_watermark_bytes",
+                            "Eviction stops at this many bytes.", False),
+    "evicted_images": ("cache_evictions",
+                       "Caches of images evicted whole (unused images, "
+                       "least recently used first, or asked).", True),
+    "evicted_chunks": ("cache_host_evicted_chunks",
+                       "Chunks evicted from all caches (whole images and "
+                       "idle images' unread chunks).", True),
+    "evicted_bytes": ("cache_evicted_bytes",
+                      "Bytes on disk freed by evictions.", True),
+    "not_kept_bytes": ("cache_not_kept_bytes",
+                       "Bytes of fetched chunks served but not kept: no "
+                       "room under max_bytes.", True),
+}
+
 
 def _name(text: str) -> str:
     return "".join(ch if ch.isalnum() or ch == "_" else "_" for ch in text)
@@ -192,6 +225,11 @@ class AgentCollector(Collector):
                 len(status["vms"]))
         for key, (name, help_text, counter) in PEER_UPLOAD.items():
             value = (status.get("peer_upload") or {}).get(key)
+            if _number(value):
+                out.add(CounterMetricFamily if counter else
+                        GaugeMetricFamily, name, help_text, {}, value)
+        for key, (name, help_text, counter) in CACHE_CAPACITY.items():
+            value = (status.get("cache_capacity") or {}).get(key)
             if _number(value):
                 out.add(CounterMetricFamily if counter else
                         GaugeMetricFamily, name, help_text, {}, value)

@@ -30,6 +30,7 @@ import time
 from vmthunder import blockdev
 from vmthunder import stack
 from vmthunder.process_stats import process_figures
+from vmthunder.agent import capacity as capacity_mod
 from vmthunder.agent import health as health_mod
 from vmthunder.agent import precache as precache_mod
 from vmthunder.agent import prefetch as prefetch_mod
@@ -40,7 +41,7 @@ from vmthunder.agent.errors import (
     OriginUnavailable, message_of)
 from vmthunder.cache import snapshot as snapshot_mod
 from vmthunder.cache.cache_layer import CacheInUse, CacheLayer
-from vmthunder.cache.read_watch import ImageReads, VmReads
+from vmthunder.cache.read_watch import ImageReads
 from vmthunder.cache.snapshot import SnapshotLayer
 from vmthunder.nbd.address import Address
 from vmthunder.nbd.server import NbdLimits, NbdServer
@@ -96,6 +97,9 @@ class AgentConfig:
     health_min_free_bytes: int = 0
     # Trace prefetch at VM create (agent/prefetch.py).
     prefetch: prefetch_mod.PrefetchOptions = prefetch_mod.PrefetchOptions()
+    # [cache] max_bytes and its watermarks (agent/capacity.py).
+    capacity: capacity_mod.CapacityConfig = dataclasses.field(
+        default_factory=capacity_mod.CapacityConfig)
 
 
 @dataclasses.dataclass
@@ -115,9 +119,14 @@ class Image:
     precache: precache_mod.Precache | None = None
     # Its VMs' reads: latency, hits and misses, reads in progress.
     reads: ImageReads = dataclasses.field(default_factory=ImageReads)
+    # Never evicted (agent/capacity.py); recorded.
+    pinned: bool = False
 
     def record(self) -> dict:
-        return {"name": self.name, "origin": self.origin}
+        rec = {"name": self.name, "origin": self.origin}
+        if self.pinned:
+            rec["pinned"] = True
+        return rec
 
 
 @dataclasses.dataclass
@@ -197,6 +206,8 @@ class Agent:
         self.stall_watch = health_mod.StallWatch(
             self.images, config.stalled_read_seconds)
         self.prefetches = prefetch_mod.Prefetches(config.prefetch)
+        self.capacity = capacity_mod.Capacity(self, config.capacity,
+                                              config.cache.directory)
         self.health = health_mod.Health(
             self, min_free_bytes=config.health_min_free_bytes)
 
@@ -222,11 +233,13 @@ class Agent:
         await self.peering.start_server(self.images.values())
         await self._announce()
         self.stall_watch.start()
+        self.capacity.start()
 
     async def stop(self) -> None:
         """Stop serving, flush and close every snapshot and cache, write
         the state (unchanged by a stop: the VMs come back at next start)."""
         await self.hypervisor_server.close()
+        await self.capacity.stop()
         await self.stall_watch.stop()
         await self.prefetches.stop()
         await self.peering.stop()
@@ -264,8 +277,10 @@ class Agent:
             LOG.info("restoring %d image(s) and %d VM(s) from %s",
                      len(state["images"]), len(state["vms"]),
                      self.store.path)
+        self.capacity.restoring = {rec["image"] for rec in state["vms"]}
         for rec in state["images"]:
-            image = Image(rec["name"], rec["origin"])
+            image = Image(rec["name"], rec["origin"],
+                          pinned=rec.get("pinned", False))
             self.images[image.name] = image
             try:
                 await self._open_image(image)
@@ -355,6 +370,7 @@ class Agent:
         image.error = None
         image.attached_at = time.time()
         self.peering.export(image)
+        self.capacity.attached(image)
 
     def _snapshot_dir(self, image: Image) -> str:
         return stack.snapshot_dir(image.cache)
@@ -364,7 +380,7 @@ class Agent:
         snap = stack.open_snapshot(image.cache, name,
                                    block_size=self.config.block_size,
                                    size=size)
-        snap.watch = VmReads(name, image.reads, snap)
+        snap.watch = self.capacity.watch(name, image, snap)
         return snap
 
     @property
@@ -492,6 +508,7 @@ class Agent:
             if image.cache is not None:
                 await image.cache.close()
                 image.cache = None
+            self.capacity.detached(name)
             LOG.info("image %s detached (its cache stays on disk for a "
                      "later attach)", name)
             await self._announce()
@@ -689,6 +706,7 @@ class Agent:
     def image_info(self, image: Image) -> dict:
         info = {"name": image.name, "origin": redact_url(image.origin),
                 "state": "attached" if image.cache else "error",
+                "pinned": image.pinned,
                 "vms": sorted(v.name for v in self.vms.values()
                               if v.image == image.name)}
         if image.cache is not None:
@@ -758,6 +776,8 @@ class Agent:
             cache_bytes=_held_bytes(image.cache),
             chunks_fetched=cache["chunks_fetched"],
             store_errors=cache["store_errors"],
+            chunks_evicted=cache["chunks_evicted"],
+            chunks_not_kept=cache["chunks_not_kept"],
             prefetch=self.prefetches.status(image.name),
             precache=image.precache.progress() if image.precache
             else None)
@@ -798,6 +818,7 @@ class Agent:
             else None,
             "stalled_read_seconds": self.config.stalled_read_seconds,
             "stalled_reads_now": self.stall_watch.stalled_now(),
+            "cache_capacity": self.capacity.summary(),
             "peer_upload": self.peering.upload_stats(),
             "coordination": None if membership is None else {
                 "backend": redact_url(membership.backend_url),

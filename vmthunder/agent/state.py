@@ -5,14 +5,18 @@ file, fsync, rename, fsync of the directory) after every change, so a
 crash leaves either the old or the new state, never a torn one::
 
     {"version": 1,
-     "images": [{"name": "debian", "origin": "export:debian"}],
+     "images": [{"name": "debian", "origin": "export:debian"},
+                {"name": "centos", "origin": "export:centos",
+                 "pinned": true}],
      "vms": [{"name": "vm1", "image": "debian"},
              {"name": "vm2", "image": "debian", "size": 21474836480}]}
 
-Only names, origins and a VM's disk size (its snapshot's virtual size in
-bytes, recorded only when one was asked for; none means the image's
-size) are stored: the data lives in the cache and snapshot directories,
-which the layers find again by themselves.
+Only names, origins, whether an image is pinned (never evicted from the
+cache: agent/capacity.py; recorded only when it is) and a VM's disk size
+(its snapshot's virtual size in bytes, recorded only when one was asked
+for; none means the image's size) are stored: the data lives in the
+cache and snapshot directories, which the layers find again by
+themselves.
 """
 
 from __future__ import annotations
@@ -91,13 +95,19 @@ class StateStore:
                     f"{self.path}: {key!r} must be a list of objects with "
                     f"string fields {', '.join(fields)}; fix or move the "
                     "file away")
-            # A VM's optional disk size, in bytes.
-            optional = ("size",) if key == "vms" else ()
+            # A VM's optional disk size, in bytes; an image's pin.
+            optional = ("size",) if key == "vms" else ("pinned",)
             for e in entries:
                 for f in optional:
-                    if f in e and (isinstance(e[f], bool)
-                                   or not isinstance(e[f], int)
-                                   or e[f] <= 0):
+                    if f == "pinned" and f in e \
+                            and not isinstance(e[f], bool):
+                        raise StateError(
+                            f"{self.path}: image {e['name']!r}: 'pinned' "
+                            f"must be true or false, not {e[f]!r}; fix or "
+                            "move the file away")
+                    if f == "size" and f in e and (
+                            isinstance(e[f], bool)
+                            or not isinstance(e[f], int) or e[f] <= 0):
                         raise StateError(
                             f"{self.path}: {key[:-1]} {e['name']!r}: "
                             f"{f!r} must be a positive integer, not "
