@@ -96,34 +96,43 @@ class CapacityConfig:
 class NeedWatch(VmReads):
     """A VM's read watch that also records which chunks of its image's
     cache the VM read (``needed``: one byte per chunk): those an idle
-    image keeps. Used only with a cap (one more slice store per read)."""
+    image keeps. Used only with a cap: it costs 0.25-0.3 us per guest
+    read (in process, 20 000 warm random 4 KiB reads through snapshot
+    and cache, best of 15: 4.19 -> 4.44 us a read), about 1 % of a
+    read's server time over NBD."""
 
-    __slots__ = ("_needed", "_ncs")
+    __slots__ = ("_needed", "_ncs", "_nlen")
 
     def __init__(self, vm, reads, snapshot, needed: bytearray,
                  chunk_size: int):
         super().__init__(vm, reads, snapshot)
         self._needed = needed
         self._ncs = chunk_size
+        self._nlen = len(needed)
 
     def _mark(self, offset: int, length: int) -> None:
         cs = self._ncs
         a = offset // cs
-        b = min((offset + length - 1) // cs + 1, len(self._needed))
-        if b - a == 1:
-            self._needed[a] = 1
-        elif a < b:
+        b = min((offset + length - 1) // cs + 1, self._nlen)
+        if a < b:
             self._needed[a:b] = b"\x01" * (b - a)
 
-    def begin(self, offset: int, length: int) -> int:
+    def begin(self, offset: int, length: int,
+              _begin=VmReads.begin) -> int:
+        # Inlined (every guest read): most reads are within one chunk.
+        cs = self._ncs
+        a = offset // cs
+        if a == (offset + length - 1) // cs:
+            if a < self._nlen:
+                self._needed[a] = 1
+        elif length:
+            self._mark(offset, length)
+        return _begin(self, offset, length)
+
+    def instant(self, offset: int = 0, length: int = 0) -> None:
         if length:
             self._mark(offset, length)
-        return VmReads.begin(self, offset, length)
-
-    def instant(self, *args) -> None:
-        if len(args) == 2 and args[1]:
-            self._mark(*args)
-        VmReads.instant(self, *args)
+        VmReads.instant(self, offset, length)
 
 
 @dataclasses.dataclass
