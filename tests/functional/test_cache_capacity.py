@@ -208,6 +208,14 @@ def test_cap_holds_with_three_images_while_a_vm_reads(agents,  # noqa: F811
     with pytest.raises(AgentError) as err:
         agent.client.evict("nosuch")
     assert err.value.status == 404
+    for body in ({"image": "b", "all_unused": True}, {"image": 5},
+                 {"all_unused": "yes"}, {}, {"images": "b"}):
+        with pytest.raises(AgentError) as err:
+            agent.client.request("POST", "/cache/evict", body)
+        assert err.value.status == 400, (body, err.value)
+    text = agent.cli("status")
+    assert text.returncode == 0, text.stderr
+    assert "of 6.0 MiB; evicted" in text.stdout, text.stdout
     agent.client.delete_vm("vm2")
     res = agent.cli("cache", "evict", "--all-unused")
     assert res.returncode == 0, res.stderr

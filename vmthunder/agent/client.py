@@ -487,6 +487,16 @@ def format_status(status: dict) -> str:
             + (f"; replies waited {upload['wait_s']:.1f} s for it, "
                f"{upload['refused']} read(s) refused (queue full)"
                if upload["rate"] else ""))
+    cap = status.get("cache_capacity")
+    if cap:
+        lines.append(
+            f"cache holds {_size(cap['held_bytes'])}"
+            + (f" of {_size(cap['max_bytes'])}" if cap["max_bytes"]
+               else " (no cap)")
+            + f"; evicted {cap['evicted_images']} image(s), "
+              f"{_size(cap['evicted_bytes'])}"
+            + (f"; {_size(cap['not_kept_bytes'])} fetched and not kept"
+               if cap["not_kept_bytes"] else ""))
     images = status["images"].values()
     if images:
         lines.append("")
