@@ -58,19 +58,30 @@ def test_marks_are_durable_before_the_punch(tmp_path, monkeypatch):
     """At the moment of the punch, the map on disk no longer marks the
     chunks punched (a crash there leaves data without marks)."""
     seen = []
+    synced = []
     real = fileio.punch_holes
+    real_sync = os.fdatasync
+
+    def fdatasync(fd):
+        synced.append(fd)
+        real_sync(fd)
 
     async def watching(fd, ranges):
-        seen.append((disk_marks(layer), list(ranges)))
+        # The map file was synced since the eviction began.
+        seen.append((disk_marks(layer), list(ranges),
+                     layer.map._fd in synced))
         await real(fd, ranges)
 
     monkeypatch.setattr(fileio, "punch_holes", watching)
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
 
     async def main():
         nonlocal layer
         layer, data = await filled(tmp_path)
+        synced.clear()
         await layer.evict([(3, 7), (20, 22)])
-        [(marks, ranges)] = seen
+        [(marks, ranges, map_synced)] = seen
+        assert map_synced
         assert ranges == [(3 * CS, 4 * CS), (20 * CS, 2 * CS)]
         for i in range(layer.chunks):
             assert marks[i] == (0 if 3 <= i < 7 or 20 <= i < 22 else 1), i
