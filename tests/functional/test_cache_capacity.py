@@ -13,6 +13,7 @@ read equals the source.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import random
@@ -301,12 +302,22 @@ def test_sigkill_during_evictions_never_leaves_a_wrong_byte(
         precache(agent, victim)
         assert agent.stop() == 0
     # Random moments of a churn: b and c precached in turn over the cap
-    # (each evicts the other), killed at once.
+    # (each evicts the other), killed at the Nth pass through a point of
+    # an eviction, or from outside at a random moment.
     rng = random.Random(17)
+    churned = []
+    points = ("evict-marks-cleared", "evict-marks-durable", "evict-punched")
     for _ in range(5):
+        monkeypatch.setenv("VMTHUNDER_TEST_CRASH_AT",
+                           f"{rng.choice(points)}@{rng.randint(1, 3)}")
         agent = agents(workdir, config=CONFIG)
+        monkeypatch.delenv("VMTHUNDER_TEST_CRASH_AT")
+        churned.append(agent)
         for name in ("b", "c", "b", "c"):
-            agent.client.precache(name)
+            if agent.proc.poll() is not None:
+                break                           # the hook killed it
+            with contextlib.suppress(Exception):
+                agent.client.precache(name)
             time.sleep(rng.uniform(0, 0.05))
         time.sleep(rng.uniform(0, 0.1))
         agent.proc.send_signal(signal.SIGKILL)
@@ -316,8 +327,12 @@ def test_sigkill_during_evictions_never_leaves_a_wrong_byte(
     agent = agents(workdir, config=CONFIG)
     checked += check_marks(directories, imgs)
     reads_right(agent, imgs)
-    # Marked chunks were there to check (held across the kills).
+    # Marked chunks were there to check (held across the kills), and
+    # the churn evicted.
     assert checked > 0
+    assert any("evicted" in a.stderr() for a in churned)
+    # Some kills came from inside an eviction (1 to 3 of 5 seen).
+    assert any("test hook: SIGKILL" in a.stderr() for a in churned)
     assert kills == 8
     assert agent.stop() == 0
 

@@ -158,14 +158,19 @@ class _Unsynced:
 
 # A test hook (tests/functional/test_cache_capacity.py): the process
 # kills itself with SIGKILL when it reaches the point of an eviction
-# named by this variable; never set in production.
-_CRASH_AT = os.environ.get("VMTHUNDER_TEST_CRASH_AT")
+# named by this variable ("NAME", or "NAME@N": the Nth time); never set
+# in production.
+_CRASH_AT, _, _CRASH_NTH = (os.environ.get("VMTHUNDER_TEST_CRASH_AT")
+                            or "").partition("@")
+_crash_count = [int(_CRASH_NTH or 1)]
 
 
 def _crash_point(name: str) -> None:
     if _CRASH_AT == name:
-        LOG.warning("test hook: SIGKILL at %s", name)
-        os.kill(os.getpid(), signal.SIGKILL)
+        _crash_count[0] -= 1
+        if _crash_count[0] <= 0:
+            LOG.warning("test hook: SIGKILL at %s", name)
+            os.kill(os.getpid(), signal.SIGKILL)
 
 
 def cache_key(identity: str) -> str:
