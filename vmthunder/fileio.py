@@ -117,11 +117,30 @@ def punch_hole(fd: int, offset: int, length: int) -> None:
 
 async def punch_holes(fd: int, ranges) -> None:
     """punch_hole() of each (offset, length) of ``ranges``, in a worker
-    thread."""
+    thread (waited for even when the caller is cancelled)."""
     def punch():
         for offset, length in ranges:
             punch_hole(fd, offset, length)
-    await asyncio.get_running_loop().run_in_executor(None, punch)
+    await finish(asyncio.get_running_loop().run_in_executor(None, punch))
+
+
+async def finish(future: asyncio.Future):
+    """Await ``future`` (work in a worker thread) to its end even when
+    the caller is cancelled meanwhile, then raise the cancellation: the
+    thread keeps using its file descriptor, which the caller must not
+    close (and see reused) before it is done."""
+    cancelled = False
+    while True:
+        try:
+            result = await asyncio.shield(future)
+            break
+        except asyncio.CancelledError:
+            if future.done():
+                raise
+            cancelled = True
+    if cancelled:
+        raise asyncio.CancelledError
+    return result
 
 
 class ResidencyMap:

@@ -215,3 +215,39 @@ def test_capacity_refusal_serves_without_keeping(tmp_path):
         await drain(layer)
         await layer.close()
     run(main())
+
+
+def test_a_cancelled_eviction_waits_for_its_punch(tmp_path, monkeypatch):
+    """The punch runs in a thread on the cache file's descriptor: a
+    cancelled eviction returns only once it is done (the file may be
+    closed right after, and its descriptor number reused)."""
+    import threading
+    import time
+    started, done = threading.Event(), []
+    real = fileio.punch_hole
+
+    def slow(fd, offset, length):
+        started.set()
+        time.sleep(0.2)
+        real(fd, offset, length)
+        done.append(offset)
+
+    monkeypatch.setattr(fileio, "punch_hole", slow)
+
+    async def main():
+        layer, data = await filled(tmp_path)
+        eviction = asyncio.ensure_future(layer.evict([(2, 3)]))
+        for _ in range(1000):
+            if started.is_set():
+                break
+            await asyncio.sleep(0.005)
+        assert started.is_set()
+        eviction.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await eviction
+        assert done == [2 * CS]
+        assert not layer.map.present(2)
+        assert layer._zero_copy_off == 0 and not layer._evictions
+        assert await layer.read(0, SIZE) == data
+        await layer.close()
+    run(main())

@@ -23,6 +23,8 @@ import errno
 import logging
 import os
 
+from vmthunder import fileio
+
 LOG = logging.getLogger(__name__)
 
 ABSENT = 0
@@ -152,9 +154,12 @@ class ChunkMap:
             try:
                 if before is not None:
                     await before()
-                await asyncio.get_running_loop().run_in_executor(
+                # Waited for even when cancelled: the lock (and close())
+                # must not be had while the thread still writes.
+                await fileio.finish(asyncio.get_running_loop()
+                                    .run_in_executor(
                     None, _write_map, self._fd, self.count, chunk, lo, sync,
-                    self._to_reserve)
+                    self._to_reserve))
             except BaseException:
                 self._keep_dirty(lo, hi)
                 raise
