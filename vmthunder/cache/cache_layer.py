@@ -846,24 +846,28 @@ class CacheLayer(blockdev.BlockDevice):
             raise blockdev.BlockError(errno.EBADF,
                                       f"{self.describe()} is closed")
         runs = [(0, self.chunks)] if runs is None else runs
-        # Busy: in flight, or written and not yet durable.
-        busy = bytearray(self._unsynced._map)
-        for i in self._inflight:
-            busy[i] = 1
-        for evicting, _ in self._evictions:
-            for a, b in evicting:
-                busy[a:b] = b"\x01" * (b - a)
-        todo = []
-        for a, b in runs:
-            a, b = max(0, a), min(self.chunks, b)
-            while a < b:
-                x = busy.find(0, a, b)
-                if x < 0:
-                    break
-                y = busy.find(1, x, b)
-                y = b if y < 0 else y
-                todo.append((x, y))
-                a = y
+        runs = [(max(0, a), min(self.chunks, b)) for a, b in runs]
+        if self._unsynced or self._inflight or self._evictions:
+            # Busy: in flight, written and not yet durable, or being
+            # evicted already: left out.
+            busy = bytearray(self._unsynced._map)
+            for i in self._inflight:
+                busy[i] = 1
+            for evicting, _ in self._evictions:
+                for a, b in evicting:
+                    busy[a:b] = b"\x01" * (b - a)
+            todo = []
+            for a, b in runs:
+                while a < b:
+                    x = busy.find(0, a, b)
+                    if x < 0:
+                        break
+                    y = busy.find(1, x, b)
+                    y = b if y < 0 else y
+                    todo.append((x, y))
+                    a = y
+        else:
+            todo = [(a, b) for a, b in runs if a < b]
         if not todo:
             return 0
         cs = self.chunk_size
