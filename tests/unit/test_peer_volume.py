@@ -873,6 +873,103 @@ def test_export_fetches_owned_chunks_and_refuses_the_others(tmp_path,
     run(main())
 
 
+def test_export_serves_chunks_being_written_without_waiting(tmp_path,
+                                                           image):
+    """A chunk the host has read and checked, while its cache still
+    writes it to the cache file (the volume handed it over, the chunk is
+    still "in flight" in the cache): peers get it at once from the
+    cache's memory, owned or not. Before, an owned one waited 5 ms steps
+    (PeerExport._later) and an unowned one was refused. The write is held
+    back by wrapping the cache's _store (the window is otherwise one
+    thread hop, too short to look at)."""
+    data = image[1]
+
+    async def main():
+        counts = {}
+        h, other = await mesh(tmp_path, image, ["h0", "h1"], counts)
+        gate = asyncio.Event()
+        store = h.cache._store
+
+        async def held_store(*args):
+            await gate.wait()
+            await store(*args)
+        h.cache._store = held_store
+        i = next(k for k in range(256) if h.volume.owns(k))
+        j = next(k for k in range(256) if not h.volume.owns(k))
+        try:
+            for k in (i, j):
+                assert await h.cache.read(k * CS, CS) == \
+                    data[k * CS:(k + 1) * CS]
+            assert h.cache.chunk_states(i, i + 1) == [cache_layer.FETCHING]
+            assert h.cache.landed(i) and h.cache.landed(j)
+            assert h.volume.landing(i) is None
+            client = await open_nbd(
+                h.uri, meta_contexts=[blockdev.VMTHUNDER_CACHE])
+            for k in (i, j):
+                t0 = time.monotonic()
+                assert await client.read(k * CS, CS) == \
+                    data[k * CS:(k + 1) * CS]
+                assert time.monotonic() - t0 < 0.5
+            stats = h.export.stats()
+            assert stats["waits_for_owned"] == 0
+            assert stats["refused"] == 0
+            assert counts == {i: 1, j: 1}
+            await client.close()
+        finally:
+            gate.set()
+            await drain(h.cache)
+            await h.stop()
+            await other.stop()
+    run(main())
+
+
+def test_peer_waits_for_an_owned_fetch_that_has_not_reached_the_volume(
+        tmp_path, image):
+    """An owned chunk whose cache fetch has begun but waits (for write
+    slots here, held back by wrapping the cache's _take_slots): a peer's
+    read of it waits on the chunk's landing future, which the fetch
+    resolves when it reaches the volume, not by looking again every 5 ms;
+    the origin is read once."""
+    data = image[1]
+
+    async def main():
+        counts = {}
+        h, other = await mesh(tmp_path, image, ["h0", "h1"], counts)
+        gate = asyncio.Event()
+        take = h.cache._take_slots
+
+        async def held_take(count):
+            await gate.wait()
+            await take(count)
+        h.cache._take_slots = held_take
+        i = next(k for k in range(256) if h.volume.owns(k))
+        try:
+            local = asyncio.ensure_future(h.cache.read(i * CS, CS))
+            await until(lambda: h.cache.chunk_states(i, i + 1)
+                        == [cache_layer.FETCHING], "the fetch begun")
+            client = await open_nbd(
+                h.uri, meta_contexts=[blockdev.VMTHUNDER_CACHE])
+            remote = asyncio.ensure_future(client.read(i * CS, CS))
+            await until(lambda: h.volume.landing(i) is not None,
+                        "the peer's read waiting")
+            gate.set()
+            want = data[i * CS:(i + 1) * CS]
+            assert await remote == want
+            assert await local == want
+            stats = h.export.stats()
+            assert stats["waits_for_owned"] == 1
+            assert set(stats["serve_ms"]) == {"expected"}
+            assert counts == {i: 1}
+            assert stats["refused"] == 0
+            await client.close()
+        finally:
+            gate.set()
+            await drain(h.cache)
+            await h.stop()
+            await other.stop()
+    run(main())
+
+
 def test_rendezvous_owners_are_stable_and_balanced():
     keys = [f"host{k}" for k in range(8)]
     n = 4000

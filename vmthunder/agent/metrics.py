@@ -77,6 +77,9 @@ IMAGE_COUNTERS = {
     "stalled_reads": ("stalled_reads",
                       "Guest reads that waited [agent] stalled_read_seconds "
                       "or longer (each logged once)."),
+    "peer_reads_waiting": ("peer_reads_waiting",
+                           "Peers' reads of a chunk this host owns that "
+                           "waited for its fetch here to begin reading."),
 }
 # Image status key -> (metric name without prefix, help).
 IMAGE_GAUGES = {
@@ -102,6 +105,20 @@ IMAGE_LABELLED_COUNTERS = {
                         "Chunks that did not match the manifest, by where "
                         "they came from (never stored nor served).",
                         "source"),
+    "fetches": ("fetches",
+                "Reads of the image's volume from one source (origin, "
+                "owner, peer, parent) that brought their chunks.",
+                "source"),
+    "fetch_chunks": ("fetch_chunks", "Chunks those fetches brought.",
+                     "source"),
+    "fetch_seconds": ("fetch_seconds",
+                      "Seconds those fetches took, queue to checked data "
+                      "(an owner's or parent's own fetch included).",
+                      "source"),
+    "fetch_digest_wait_seconds": (
+        "fetch_digest_wait_seconds",
+        "Of fetch_seconds: the data there, waiting for the chunks' "
+        "manifest digests.", "source"),
 }
 # The origin source's own numbers (origin_io): gauges among them.
 ORIGIN_GAUGES = {"in_flight"}

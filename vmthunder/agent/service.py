@@ -759,10 +759,17 @@ class Agent:
                                          source.get("bytes_read", 0)),
             bytes_from_peers=source.get("bytes_from_peers", 0),
             bytes_served_to_peers=peer.get("bytes_served", 0),
+            # Peers' reads of owned chunks in flight that waited for the
+            # fetch to reach the volume (p2p/export.py).
+            peer_reads_waiting=peer.get("waits_for_owned", 0),
             # Peer health as the image's source sees it: failures by kind
             # (timeout, mismatch, io, not_held) and peers avoided now.
             peer_errors=source.get("peer_errors", {}),
             peers_avoided=source.get("avoided", []),
+            # Fetches by where they went (origin, owner, peer, parent;
+            # p2p/volume.py fetch_latency): how many, their chunks, their
+            # seconds and, of those, the wait for the chunks' digests.
+            **_fetch_figures(source.get("fetch_latency") or {}),
             bytes_read=cache["bytes_read"],
             verify_errors=cache["verify_errors"],
             fetch_errors=cache["fetch_errors"],
@@ -829,6 +836,16 @@ class Agent:
                        for i in self.images.values()},
             "vms": {v.name: self.vm_status(v) for v in self.vms.values()},
         }
+
+
+def _fetch_figures(latency: dict) -> dict:
+    """An image volume's fetch_latency as the status's counters by
+    source (one dict per figure, as peer_errors)."""
+    return {"fetches": {k: v["fetches"] for k, v in latency.items()},
+            "fetch_chunks": {k: v["chunks"] for k, v in latency.items()},
+            "fetch_seconds": {k: v["seconds"] for k, v in latency.items()},
+            "fetch_digest_wait_seconds": {
+                k: v["digest_wait_s"] for k, v in latency.items()}}
 
 
 def _held_bytes(cache: CacheLayer) -> int:

@@ -487,6 +487,17 @@ class CacheLayer(blockdev.BlockDevice):
                 states.append(MISSING)
         return states
 
+    def landed(self, index: int) -> bool:
+        """True when chunk ``index`` is FETCHING only because its fetch is
+        being written to the cache file: its bytes are read and checked,
+        and read_parts() serves them from memory at once (no wait)."""
+        fetch = self._inflight.get(index)
+        if fetch is None or not fetch.future.done() \
+                or fetch.future.cancelled():
+            return False
+        return fetch.future.exception() is None \
+            and index not in fetch.errors
+
     def chunk_state_runs(self, first: int, last: int) -> list[tuple]:
         """chunk_states() of [first, last) as (start, end, state) runs.
 

@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import asyncio
 import errno
+import time
 import typing
 
 from vmthunder import blockdev
@@ -46,6 +47,10 @@ MODES = ("held", "through")
 # An owned chunk in flight, not yet in the volume: looked at again this
 # many times, this many seconds apart.
 _PATIENCE, _PATIENCE_STEP = 20, 0.005
+# The first looks again come at once (the next turns of the event loop):
+# the cache's fetch task, created in this turn, usually reaches the volume
+# in the next, and a 5 ms step was most of an owner fetch's time.
+_PATIENCE_NOW = 2
 
 
 @typing.runtime_checkable
@@ -88,11 +93,20 @@ class PeerExport(blockdev.BlockDevice):
             if isinstance(source, RootedFetches) else None
         self._landing = source.landing \
             if isinstance(source, LandingChunks) else None
+        # expect_owned(index): a landing future for an owned chunk whose
+        # fetch has not reached the source yet (ImageVolume), or None.
+        self._expect_owned = getattr(source, "expect_owned", None)
         # owns(index): chunks fetched for peers in ``held`` mode (None:
         # none).
         self.owns = owns
         self.counters = {"reads": 0, "bytes_served": 0, "refused": 0,
-                         "status_queries": 0, "chunks_fetched_for_peers": 0}
+                         "status_queries": 0, "chunks_fetched_for_peers": 0,
+                         # _PATIENCE_STEP waits for an owned chunk in
+                         # flight that had not reached the volume yet.
+                         "waits_for_owned": 0}
+        # held mode over a volume: how long reads took, by the slowest
+        # way they were served (held, landing, later, owned): [n, s].
+        self.serve_times: dict[str, list] = {}
 
     def describe(self) -> str:
         return f"peer export ({self.mode}) of {self.cache.describe()}"
@@ -154,18 +168,34 @@ class PeerExport(blockdev.BlockDevice):
                 kind, future = "held", None
             elif state == cache_layer.FETCHING:
                 kind, future = "landing", self._landing(i)
-                if future is None:
+                if future is None and self.cache.landed(i):
+                    # Read and checked, being written to the cache file
+                    # (the volume has handed it over): served from the
+                    # cache's memory now. Before, such a chunk (most
+                    # chunks a boot storm's hosts ask an owner for just
+                    # after it fetched them) waited 5 ms steps.
+                    kind = "held"
+                elif future is None:
                     if patience <= 0 or self.owns is None \
                             or not self.owns(i):
                         self._refuse(f"{self.cache.describe()}: chunk {i} "
                                      "is being fetched from a peer")
-                    kind = "later"
+                    future = self._expect_owned(i) \
+                        if self._expect_owned is not None else None
+                    if future is None:
+                        kind = "later"
+                    else:
+                        # Landing as soon as the fetch brings it, bounded
+                        # by the patience the polling had (_landed).
+                        self.counters["waits_for_owned"] += 1
+                        kind = "expected"
             elif self.owns is not None and self.owns(i):
                 kind, future = "owned", None
             else:
                 self._refuse(f"{self.cache.describe()} does not hold "
                              f"chunk {i}")
-            if segments and kind != "landing" and segments[-1][0] == kind:
+            if segments and kind not in ("landing", "expected") \
+                    and segments[-1][0] == kind:
                 segments[-1][2] = i + 1
             else:
                 segments.append([kind, i, i + 1, future])
@@ -176,17 +206,34 @@ class PeerExport(blockdev.BlockDevice):
                 pieces.append(self.cache.read_parts(lo, hi - lo))
             elif kind == "landing":
                 pieces.append(self._landed(future, a, lo, hi))
+            elif kind == "expected":
+                pieces.append(self._landed(future, a, lo, hi,
+                                           _PATIENCE * _PATIENCE_STEP))
             elif kind == "later":
                 pieces.append(self._later(lo, hi, patience - 1))
             else:
                 pieces.append(self._fetch_owned(lo, hi))
+        t0 = time.monotonic()
         parts = []
         for got in await asyncio.gather(*pieces):
             parts.extend(got)
+        if patience == _PATIENCE:
+            # The read's time, under the slowest way it was served.
+            kinds = {seg[0] for seg in segments}
+            slowest = next(k for k in ("owned", "later", "expected",
+                                       "landing", "held") if k in kinds)
+            row = self.serve_times.setdefault(slowest, [0, 0.0])
+            row[0] += 1
+            row[1] += time.monotonic() - t0
         return parts
 
-    async def _landed(self, future, index: int, lo: int, hi: int) -> list:
-        view = await asyncio.shield(future)
+    async def _landed(self, future, index: int, lo: int, hi: int,
+                      timeout: float | None = None) -> list:
+        try:
+            view = await asyncio.wait_for(asyncio.shield(future), timeout)
+        except asyncio.TimeoutError:
+            self._refuse(f"{self.cache.describe()}: chunk {index}, owned "
+                         f"here, was not fetched within {timeout} s")
         if view is None:
             self._refuse(f"{self.cache.describe()}: the fetch of chunk "
                          f"{index} failed")
@@ -194,7 +241,9 @@ class PeerExport(blockdev.BlockDevice):
         return [view[lo - base:hi - base]]
 
     async def _later(self, lo: int, hi: int, patience: int) -> list:
-        await asyncio.sleep(_PATIENCE_STEP)
+        self.counters["waits_for_owned"] += 1
+        await asyncio.sleep(0 if patience >= _PATIENCE - _PATIENCE_NOW
+                            else _PATIENCE_STEP)
         return await self._held_parts(lo, hi - lo, patience)
 
     async def _fetch_owned(self, lo: int, hi: int) -> list:
@@ -257,7 +306,9 @@ class PeerExport(blockdev.BlockDevice):
         return extents
 
     def stats(self) -> dict:
-        return dict(self.counters, mode=self.mode)
+        return dict(self.counters, mode=self.mode, serve_ms={
+            k: {"reads": n, "mean_ms": round(t / n * 1e3, 3)}
+            for k, (n, t) in sorted(self.serve_times.items())})
 
     async def close(self) -> None:
         """Nothing to release: the cache belongs to the host's image (the

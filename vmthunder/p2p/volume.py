@@ -43,6 +43,7 @@ that mismatches twice fails the read with EIO naming image and chunk.
 from __future__ import annotations
 
 import asyncio
+import collections
 import errno
 import functools
 import logging
@@ -246,6 +247,9 @@ class ImageVolume(blockdev.BlockDevice):
         # Where reads queue, per source: demand reads before prefetch
         # (p2p/priority.py).
         self.lanes = Lanes()
+        # How long fetches take, by where they go (origin, owner, peer,
+        # parent): from the queue to the checked data (fetch_latency()).
+        self._latency: dict[str, _Latency] = {}
 
     # -- identity and status ------------------------------------------
 
@@ -270,6 +274,18 @@ class ImageVolume(blockdev.BlockDevice):
         rooted read (it waits for nobody), or for a chunk this host owns
         (never read from another owner; at most from a rooted read)."""
         return self._landing.get(index)
+
+    def expect_owned(self, index: int) -> asyncio.Future | None:
+        """For a chunk this host owns whose fetch has begun here but has
+        not reached this volume yet (the cache's fetch task not started,
+        or waiting for write slots): its landing() future now, resolved
+        when the fetch's read of it is checked (None if it fails), as the
+        read's own would be. None for a chunk owned elsewhere. PeerExport
+        waits on it (bounded) instead of looking again every 5 ms."""
+        if not self.owns(index):
+            return None
+        self._expect((index,))
+        return self._landing[index]
 
     def owns(self, index: int) -> bool:
         """True when this host owns chunk ``index``: it fetches the chunk
@@ -297,13 +313,30 @@ class ImageVolume(blockdev.BlockDevice):
         now = time.monotonic()
         return dict(
             self.counters, mode=self.mode, image=self.image,
-            lanes=self.lanes.stats(),
+            lanes=self.lanes.stats(), fetch_latency=self.fetch_latency(),
             peer_errors=dict(self.peer_errors),
             avoided=sorted(p.uri for p in self._peers.values()
                            if p.avoided(now)),
             peers={p.uri: dict(p.counters, connections=len(p.clients),
                                avoided=p.avoided(now))
                    for p in self._peers.values()})
+
+    def fetch_latency(self) -> dict:
+        """{where: {"fetches", "chunks", "seconds", "digest_wait_s",
+        "mean_ms", "p50_ms", "p90_ms"}}
+        of the fetches so far, where is origin, owner, peer or parent; a
+        fetch is one read of consecutive chunks from one source, timed
+        from its queue (lanes) to its checked data (an owner's own
+        origin fetch included). Percentiles over the last
+        _Latency.KEEP fetches."""
+        return {k: v.summary() for k, v in sorted(self._latency.items())}
+
+    def _timed(self, what: str, t0: float, chunks: int,
+               digest_wait: float = 0.0) -> None:
+        lat = self._latency.get(what)
+        if lat is None:
+            lat = self._latency[what] = _Latency()
+        lat.add(time.monotonic() - t0, chunks, digest_wait)
 
     async def block_status(self, offset, length,
                            context=blockdev.BASE_ALLOCATION):
@@ -741,18 +774,25 @@ class ImageVolume(blockdev.BlockDevice):
         """Read chunks [a, b) from ``peer`` (a ``what``: peer, owner or
         parent) into ``part``; the chunks still missing (all if the read
         failed, the wrong ones otherwise)."""
+        t0 = time.monotonic()
         lane = self.lanes.lane(peer.uri)
         kind = await lane.enter(a, b)
         token = self._reading(a, b, f"{what} {peer.uri}")
+        waits: list[float] = []
         try:
-            return await self._read_peer(peer, a, b, part, timeout)
+            missing = await self._read_peer(peer, a, b, part, timeout,
+                                            waits)
         finally:
             del self._reads_now[token]
             lane.leave(kind)
+        if not missing:
+            self._timed(what, t0, b - a, sum(waits))
+        return missing
 
     async def _read_peer(self, peer: _Peer, a: int, b: int,
                          part: memoryview,
-                         timeout: float | None = None) -> list[int]:
+                         timeout: float | None = None,
+                         waits: list | None = None) -> list[int]:
         cs = self.chunk_size
         nbytes = part.nbytes
         timeout = self.peer_timeout if timeout is None else timeout
@@ -773,7 +813,10 @@ class ImageVolume(blockdev.BlockDevice):
             return list(range(a, b))
         finally:
             peer.load -= nbytes
+        t_data = time.monotonic()
         await loading
+        if waits is not None:
+            waits.append(time.monotonic() - t_data)
         bad = await self._verify(a, part)
         self._deliver(a, part, (i for i in range(a, b) if i not in bad))
         if bad:
@@ -825,23 +868,30 @@ class ImageVolume(blockdev.BlockDevice):
     # -- origin ------------------------------------------------------------
 
     async def _from_origin(self, a: int, b: int, part: memoryview) -> None:
+        t0 = time.monotonic()
         lane = self.lanes.lane("origin")
         kind = await lane.enter(a, b)
         token = self._reading(a, b, "the origin")
+        waits: list[float] = []
         try:
-            await self._read_origin(a, b, part)
+            await self._read_origin(a, b, part, waits)
         finally:
             del self._reads_now[token]
             lane.leave(kind)
+        self._timed("origin", t0, b - a, sum(waits))
 
-    async def _read_origin(self, a: int, b: int, part: memoryview) -> None:
+    async def _read_origin(self, a: int, b: int, part: memoryview,
+                           waits: list | None = None) -> None:
         cs = self.chunk_size
         self._root(a, b, 1)
         self._expect(range(a, b))
         loading = self._load_digests(a, b, from_origin=True)
         try:
             await self.origin.read_into(a * cs, part)
+            t_data = time.monotonic()
             await loading
+            if waits is not None:
+                waits.append(time.monotonic() - t_data)
             bad = await self._verify(a, part)
             for i in bad:
                 self.counters["origin_mismatches"] += 1
@@ -891,6 +941,44 @@ class ImageVolume(blockdev.BlockDevice):
         (an unloaded digest fails the check, never passes it)."""
         return sorted(await aio.run_hashing(functools.partial(
             self.manifest.verify_run, first, view), self.chunk_size))
+
+
+class _Latency:
+    """Durations of one kind of fetch: count and sum of all, the last
+    KEEP for percentiles."""
+
+    KEEP = 4096
+    __slots__ = ("fetches", "chunks", "seconds", "digest_wait", "recent")
+
+    def __init__(self):
+        self.fetches = self.chunks = 0
+        self.seconds = self.digest_wait = 0.0
+        self.recent: collections.deque = collections.deque(maxlen=self.KEEP)
+
+    def add(self, seconds: float, chunks: int,
+            digest_wait: float = 0.0) -> None:
+        self.fetches += 1
+        self.chunks += chunks
+        self.seconds += seconds
+        self.digest_wait += digest_wait
+        self.recent.append(seconds)
+
+    def summary(self) -> dict:
+        recent = sorted(self.recent)
+
+        def pct(q: float) -> float | None:
+            if not recent:
+                return None
+            return round(recent[min(len(recent) - 1,
+                                    int(q * len(recent)))] * 1e3, 3)
+        return {"fetches": self.fetches, "chunks": self.chunks,
+                "seconds": round(self.seconds, 6),
+                # Of those: waiting, data there, for the chunks' digests
+                # (a lazily read manifest's table).
+                "digest_wait_s": round(self.digest_wait, 6),
+                "mean_ms": round(self.seconds / self.fetches * 1e3, 3)
+                if self.fetches else None,
+                "p50_ms": pct(0.5), "p90_ms": pct(0.9)}
 
 
 def _kind(exc: Exception) -> str:
