@@ -79,6 +79,16 @@ def test_every_strategy_boots_every_vm_and_leaves_nothing(tmp_path,
         assert report["strategies"][peer]["host_sent_bytes"] \
             >= 0.9 * report["working_set_chunk_bytes"], peer
     assert report["strategies"]["precache"]["precache_s"] > 0
+    # The agents' fetch latency by source, added up over the hosts (what
+    # the simulator learns its per-fetch costs from): tree hosts read
+    # their parent (host1) or the origin (host0); vmthunder hosts read
+    # their chunks from the origin and the other's from it, its owner.
+    tree = report["strategies"]["tree"]["fetch_latency"]
+    assert set(tree) == {"origin", "parent"}, tree
+    mesh = report["strategies"]["vmthunder"]["fetch_latency"]
+    assert {"origin", "owner"} <= set(mesh), mesh
+    for row in (*tree.values(), *mesh.values()):
+        assert row["fetches"] > 0 and row["mean_ms"] > 0, row
     # The trace published with the export, prefetched by both hosts'
     # agents (each chunk by its owner), used by their guests; none
     # without prefetch.

@@ -40,6 +40,26 @@ def test_think_times_and_fetch_time_exact():
     assert r["boot_max_s"] == pytest.approx(1.0 + fetch + (2.0 - 1.001))
 
 
+def test_origin_and_peer_fetch_costs_are_per_hop():
+    """One read, two hosts (tree: host 1 reads through host 0, which
+    reads the origin): the chunk reaches host 1 after the origin hop's
+    cost and the peer hop's; host 0 pays only the origin's."""
+    t = sim.trace_from_tuples([(1.0, 1.001, "read", 0, CHUNK)], 2.0,
+                              4 * CHUNK)
+    r = sim.simulate(t, 2.0, 4 * CHUNK, 4 * CHUNK, 2, 1, "tree", 8e6, 8e6,
+                     origin_fetch_s=0.003, peer_fetch_s=0.010)
+    hop = CHUNK / 1e6
+    tail = 2.0 - 1.001
+    assert r["boot_p50_s"] == pytest.approx(1.0 + hop + 0.003 + tail)
+    assert r["boot_max_s"] == pytest.approx(
+        1.0 + 2 * hop + 0.003 + 0.010 + tail)
+    # Unset, each is rtt_s.
+    r = sim.simulate(t, 2.0, 4 * CHUNK, 4 * CHUNK, 2, 1, "tree", 8e6, 8e6,
+                     rtt_s=0.002, peer_fetch_s=0.010)
+    assert r["boot_max_s"] == pytest.approx(
+        1.0 + 2 * hop + 0.002 + 0.010 + tail)
+
+
 def test_dependency_is_latest_completion_before_issue():
     rows = [(0.0, 1.0, "read", 0, 4096),          # A
             (0.5, 0.6, "write", 0, 4096),         # B, concurrent with A

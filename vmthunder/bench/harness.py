@@ -285,6 +285,7 @@ def run_strategy(args, topo, origin: OriginHost, name: str, workdir: str,
     if precache_s is not None:
         log(f"{name}: precache took {precache_s:.1f} s")
 
+    profiler = _start_profiler(args, strategy, hosts, name)
     progress = Progress(name, sum(len(v) for v in vms.values()))
     before = topo.link_bytes()
     coord_before = origin.coordination_sent()
@@ -341,6 +342,7 @@ def run_strategy(args, topo, origin: OriginHost, name: str, workdir: str,
         each_host(do_boot)
     finally:
         sampler.stop()
+        _stop_profiler(profiler)
         progress.done()
         for proc in drivers:
             if proc.poll() is None:
@@ -388,9 +390,85 @@ def run_strategy(args, topo, origin: OriginHost, name: str, workdir: str,
                     for q in ("p50", "p90", "p99", "max")},
         "origin_series": series, "hosts": host_stats,
         "prefetch": _prefetch_totals(host_stats),
+        "fetch_latency": _latency_totals(host_stats),
         "attach_s": attach_s,
         "host_errors": host_errors,
     }
+
+
+def _latency_totals(host_stats: dict) -> dict | None:
+    """The agents' fetches by source (origin, owner, peer, parent; their
+    status's fetches, fetch_chunks, fetch_seconds,
+    fetch_digest_wait_seconds) over every host: {source: {fetches,
+    chunks, mean_ms, digest_wait_ms}}, means over all fetches (None: no
+    agent said)."""
+    out: dict[str, dict] = {}
+    for stats in host_stats.values():
+        for where, n in (stats.get("fetches") or {}).items():
+            if not n:
+                continue
+            acc = out.setdefault(where, {"fetches": 0, "chunks": 0,
+                                         "_s": 0.0, "_digest_s": 0.0})
+            acc["fetches"] += n
+            acc["chunks"] += stats["fetch_chunks"][where]
+            acc["_s"] += stats["fetch_seconds"][where]
+            acc["_digest_s"] += stats["fetch_digest_wait_seconds"][where]
+    for acc in out.values():
+        acc["mean_ms"] = round(acc.pop("_s") / acc["fetches"] * 1e3, 3)
+        acc["digest_wait_ms"] = round(acc.pop("_digest_s")
+                                      / acc["fetches"] * 1e3, 3)
+    return out or None
+
+
+def profile_path(path: str, strategy: str) -> str:
+    """--profile-out FILE for one strategy: FILE with the strategy's name
+    before its extension (prof.txt -> prof.vmthunder.txt)."""
+    root, ext = os.path.splitext(path)
+    return f"{root}.{strategy}{ext}"
+
+
+def _start_profiler(args, strategy, hosts, name: str):
+    """py-spy on host --profile-host's main process of this strategy (its
+    agent, or its `vmthunder serve`) from the clock start to the end of
+    the boots; None when not asked or the strategy has no such process.
+    py-spy reads the process from the root namespace (--nonblocking: the
+    agent is never paused, so figures stay close to an unprofiled run)."""
+    if getattr(args, "profile_host", None) is None:
+        return None
+    if not 0 <= args.profile_host < len(hosts):
+        raise SystemExit(f"--profile-host {args.profile_host}: the run has "
+                         f"hosts 0-{len(hosts) - 1}")
+    st = strategy.hosts.get(hosts[args.profile_host].name)
+    procs = [p for p in (st.procs if st else []) if p.poll() is None]
+    if not procs:
+        log(f"{name}: no long-running process on host {args.profile_host} "
+            "before the clock (nothing to profile yet)")
+        return None
+    pyspy = shutil.which("py-spy") or os.path.join(
+        os.path.dirname(sys.executable), "py-spy")
+    if not os.path.exists(pyspy):
+        raise SystemExit("--profile-host needs py-spy (pip install py-spy)")
+    out = os.path.abspath(profile_path(args.profile_out, name))
+    fmt = "raw" if out.endswith((".txt", ".folded")) else (
+        "speedscope" if out.endswith(".json") else "flamegraph")
+    log(f"{name}: profiling pid {procs[0].pid} on "
+        f"{hosts[args.profile_host].name} into {out}")
+    return subprocess.Popen(
+        [pyspy, "record", "--pid", str(procs[0].pid), "--rate", "200",
+         "--nonblocking", "--format", fmt, "-o", out],
+        stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        stderr=open(out + ".log", "w"))
+
+
+def _stop_profiler(proc) -> None:
+    if proc is None or proc.poll() is not None:
+        return
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(60)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
 
 
 def _prefetch_totals(host_stats: dict) -> dict | None:
@@ -494,7 +572,11 @@ def print_table(report: dict, out=sys.stdout) -> None:
                   f"; origin {mb(row['sim_origin_bytes'])} vs "
                   f"{mb(row['origin_bytes'])} MB "
                   f"({row['origin_bytes_ratio']}) "
-                  f"{'ok' if row['within_15pct'] else 'DIFFERS'}", file=out)
+                  f"{'ok' if row['within_15pct'] else 'DIFFERS'}"
+                  + "".join(f"; {k.replace('_fetch_s', '')} fetch "
+                            f"{v} ms" for k, v in
+                            (row.get("fetch_cost_ms") or {}).items()),
+                  file=out)
 
 
 def plot(report: dict, outdir: str) -> list[str]:
@@ -578,6 +660,7 @@ def compare_with_simulator(report: dict, trace) -> dict:
         attach = sorted((r.get("attach_s") or {}).values())
         first = attach[0] if attach and name != "copy" else 0.0
         spread = attach[-1] - first if attach and name != "copy" else 0.0
+        costs = fetch_costs(r.get("fetch_latency"), p)
         try:
             got = sim.simulate_trace(
                 trace, strategy=name, hosts=p["hosts"],
@@ -587,7 +670,7 @@ def compare_with_simulator(report: dict, trace) -> dict:
                 image_bytes=report["image_allocated_bytes"],
                 chunk_size=p["chunk_size"],
                 tree_degree=p.get("tree_degree", 2),
-                vm_start_spread_s=spread)
+                vm_start_spread_s=spread, **costs)
         except Exception as exc:                # noqa: BLE001
             out[name] = {"error": f"{type(exc).__name__}: {exc}"}
             continue
@@ -597,7 +680,10 @@ def compare_with_simulator(report: dict, trace) -> dict:
         row = {"sim_all_booted_s": _r(got["all_booted_s"]),
                "all_booted_s": r["all_booted_s"],
                "sim_origin_bytes": round(got["origin_bytes"]),
-               "origin_bytes": measured}
+               "origin_bytes": measured,
+               # What the simulator was told a fetch costs (measured).
+               "fetch_cost_ms": {k: round(v * 1e3, 3)
+                                 for k, v in costs.items()}}
         row["all_booted_ratio"] = (
             round(got["all_booted_s"] / r["all_booted_s"], 3)
             if r["all_booted_s"] else None)
@@ -608,6 +694,45 @@ def compare_with_simulator(report: dict, trace) -> dict:
             for x in (row["all_booted_ratio"], row["origin_bytes_ratio"]))
         out[name] = row
     return out
+
+
+# Where an agent's fetch went (p2p/volume.py fetch_latency): the sources
+# that are another host, for the simulator's peer_fetch_s.
+HOST_SOURCES = ("owner", "peer", "parent")
+
+
+def fetch_costs(latency: dict | None, params: dict) -> dict:
+    """The simulator's per-fetch costs learned from a run's measured fetch
+    latency (the agents': _latency_totals): {origin_fetch_s,
+    peer_fetch_s}, each present when the run measured it. A cost is the
+    mean fetch's time less what its bytes take alone on the link at the
+    configured rate (the simulator moves the bytes itself): request
+    handling, round trips, the check against the manifest, waits for
+    CPU on a busy machine (not modelled), an owner's or parent's
+    hand-over. The mean also holds what the model has on its own (a
+    fetch's share of a busy link; an owner's or parent's own fetch, when
+    it lacked the chunk, is one more fetch in the model): the costs err
+    on the slow side (medians miss the tail that makes boots slow: with
+    them the simulator said 0.86-0.88 of the measured time where means
+    say 0.95 on the same 4-host runs)."""
+    if not latency:
+        return {}
+    cs = params["chunk_size"]
+
+    def cost(rows, rate_text):
+        rows = [r for r in rows if r and r.get("fetches")]
+        if not rows:
+            return None
+        n = sum(r["fetches"] for r in rows)
+        mean = sum(r["mean_ms"] * r["fetches"] for r in rows) / n / 1e3
+        chunk_bytes = sum(r["chunks"] for r in rows) / n * cs
+        rate = _sim_rate(rate_text) / 8
+        return max(0.0, mean - chunk_bytes / rate)
+    out = {"origin_fetch_s": cost([latency.get("origin")],
+                                  params["origin_rate"]),
+           "peer_fetch_s": cost([latency.get(k) for k in HOST_SOURCES],
+                                params["host_rate"])}
+    return {k: v for k, v in out.items() if v is not None}
 
 
 def _sim_rate(text: str | None) -> float:
@@ -698,6 +823,15 @@ def build_parser() -> argparse.ArgumentParser:
                         "results.json with the simulator's figures for the "
                         "same scenario next to the measured ones")
     p.add_argument("--no-plots", action="store_true", help="skip the plots")
+    p.add_argument("--profile-host", type=int, metavar="N",
+                   help="record host N's agent (or serve) with py-spy "
+                        "during each strategy's boots (host0 is 0); "
+                        "figures are perturbed by the sampling")
+    p.add_argument("--profile-out", metavar="FILE", default="profile.txt",
+                   help="with --profile-host: where the profiles go, one "
+                        "per strategy (FILE with the strategy's name "
+                        "before its extension); .txt: py-spy's raw "
+                        "folded stacks, .json: speedscope, else SVG")
     p.add_argument("--workdir", default=None,
                    help="where the run's temporary files go (removed at the "
                         "end); default: the system temp dir")
@@ -771,7 +905,8 @@ def main(argv=None) -> int:
         "prefetch_trace": args.prefetch_trace,
         "chunk_size": args.chunk_size, "vm_timeout_s": args.vm_timeout,
         "tree_degree": args.tree_degree,
-        "config_file": args.config_file},
+        "config_file": args.config_file,
+        "profile_host": args.profile_host},
         "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         "image_size": os.path.getsize(image),
         "image_allocated_bytes": allocated_bytes(image),
@@ -813,7 +948,10 @@ def main(argv=None) -> int:
                 + f", {len(r['failed'])} failed"
                 + (f"; per VM {r['read_wait_s']} s in reads, read ms "
                    + " ".join(f"{q} {v}" for q, v in r["read_ms"].items())
-                   if r.get("read_wait_s") is not None else ""))
+                   if r.get("read_wait_s") is not None else "")
+                + "".join(f"; {where} fetch ms mean {f['mean_ms']} "
+                          f"({f['fetches']} fetches)" for where, f in
+                          (r.get("fetch_latency") or {}).items()))
     except KeyboardInterrupt:
         log("interrupted: cleaning up")
         return 130

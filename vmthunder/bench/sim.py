@@ -29,7 +29,14 @@ one link of ``host_rate_bps`` in each direction (its downlink limits what
 it receives, its uplink what it serves to peers). A transfer is a flow
 crossing the sender's uplink and the receiver's downlink; flows share
 links max-min fairly (progressive filling). A fetch's data is there
-``rtt_s`` after its last byte (one request round trip; 0 by default).
+``rtt_s`` after its last byte (one request round trip; 0 by default), or
+for chunk fetches of the cached strategies ``origin_fetch_s`` (from the
+origin) and ``peer_fetch_s`` (from another host: a holder, an owner, a
+parent) when given: what a fetch costs beyond its bytes on the links
+(request handling, the NBD round trip, the check against the manifest,
+the hand-over between the hosts' caches). The harness gives the costs it
+measured in the run (each agent's fetch latency by source, see
+vmthunder/bench/harness.py fetch_costs).
 
 VM: request i of the trace has recorded issue t_i and completion c_i. Its
 dependency is the request with the latest recorded completion at or
@@ -641,7 +648,9 @@ class _Sim:
     def __init__(self, plan: Plan, strategy: str, hosts: int,
                  vms: list[tuple[int, float, int]], net: Net, *,
                  rtt_s: float, tree_degree: int, image_bytes: int,
-                 local_boot_s: float, seed: int):
+                 local_boot_s: float, seed: int,
+                 origin_fetch_s: float | None = None,
+                 peer_fetch_s: float | None = None):
         self.plan, self.strategy, self.net = plan, strategy, net
         self.hosts = hosts
         self.vm_host = [v[0] for v in vms]
@@ -652,6 +661,10 @@ class _Sim:
         for i, v in enumerate(vms):
             self.host_vms[v[0]].append(i)
         self.rtt = rtt_s
+        # Fixed cost of a chunk fetch, by source (None: rtt_s).
+        self.origin_fetch = rtt_s if origin_fetch_s is None \
+            else origin_fetch_s
+        self.peer_fetch = rtt_s if peer_fetch_s is None else peer_fetch_s
         self.degree = tree_degree
         self.image_bytes = image_bytes
         self.local_boot = local_boot_s
@@ -727,34 +740,42 @@ class _Sim:
 
     # -- chunks
 
+    def chunk_flow(self, t: float, src: int | None, h: int, c: int) -> None:
+        """Chunk c on its way to host h from host ``src`` (None: the
+        origin); it lands the source's fetch cost after its last byte."""
+        if src is None:
+            self.net.add(t, 0, Net.down(h), self.plan.chunk_bytes[c], 1,
+                         (_T_CHUNK, h, c, self.origin_fetch))
+        else:
+            self.net.add(t, Net.up(src), Net.down(h),
+                         self.plan.chunk_bytes[c], 1,
+                         (_T_CHUNK, h, c, self.peer_fetch))
+
     def fetch(self, h: int, c: int, t: float) -> None:
         """Start getting chunk c to host h (which lacks it)."""
         self.state[h][c] = 1
-        net, size = self.net, self.plan.chunk_bytes[c]
         s = self.strategy
         if s == "lazy":
-            net.add(t, 0, Net.down(h), size, 1, (_T_CHUNK, h, c))
+            self.chunk_flow(t, None, h, c)
         elif s == "vmthunder":
             if self.holders[c]:
-                src = self.pick(self.holders[c])
-                net.add(t, Net.up(src), Net.down(h), size, 1,
-                        (_T_CHUNK, h, c))
+                self.chunk_flow(t, self.pick(self.holders[c]), h, c)
                 return
             owner = self.owner(c)
             if owner == h:
-                net.add(t, 0, Net.down(h), size, 1, (_T_CHUNK, h, c))
+                self.chunk_flow(t, None, h, c)
                 return
             if self.state[owner][c] == 0:
                 self.fetch(owner, c, t)
             self.waiters.setdefault(owner * self.W + c, []).append(h)
         elif s == "tree":
             if h == 0:
-                net.add(t, 0, Net.down(h), size, 1, (_T_CHUNK, h, c))
+                self.chunk_flow(t, None, h, c)
                 return
             p = (h - 1) // self.degree
             sp = self.state[p][c]
             if sp == 2:
-                net.add(t, Net.up(p), Net.down(h), size, 1, (_T_CHUNK, h, c))
+                self.chunk_flow(t, p, h, c)
                 return
             if sp == 0:
                 self.fetch(p, c, t)
@@ -786,17 +807,17 @@ class _Sim:
                 # tree: the parent; vmthunder: the owner (first copy).
                 src = h if self.strategy in ("tree", "vmthunder") else \
                     self.pick(self.holders[c])
-                self.net.add(t, Net.up(src), Net.down(w),
-                             self.plan.chunk_bytes[c], 1, (_T_CHUNK, w, c))
+                self.chunk_flow(t, src, w, c)
             else:
                 self.data(w, t)
 
     # -- main loop
 
     def flow_done(self, tag, t: float) -> None:
-        kind, a, b = tag
-        if self.rtt > 0:
-            self.push(t + self.rtt, _ARRIVE + kind, a, b)
+        kind, a, b = tag[:3]
+        delay = tag[3] if len(tag) > 3 else self.rtt
+        if delay > 0:
+            self.push(t + delay, _ARRIVE + kind, a, b)
         else:
             self.dispatch(_ARRIVE + kind, a, b, t)
 
@@ -887,6 +908,8 @@ def simulate(trace_requests, boot_s: float, image_size: int,
              image_bytes: int, hosts: int, vms_per_host: int, strategy: str,
              origin_rate_bps: float, host_rate_bps: float,
              chunk_size: int = 256 * KiB, *, rtt_s: float = 0.0,
+             origin_fetch_s: float | None = None,
+             peer_fetch_s: float | None = None,
              local_service_s: float | None = None,
              vm_start_spread_s: float = 0.0, tree_degree: int = 4,
              rate_update_frac: float = 0.05, merge_identical: bool = True,
@@ -952,7 +975,9 @@ def simulate(trace_requests, boot_s: float, image_size: int,
         net = Net([o_Bps] + [h_Bps] * (2 * hosts), rate_update_frac)
         sim = _Sim(plan, strategy, hosts, vms, net, rtt_s=rtt_s,
                    tree_degree=tree_degree, image_bytes=image_bytes,
-                   local_boot_s=local_boot, seed=seed)
+                   local_boot_s=local_boot, seed=seed,
+                   origin_fetch_s=origin_fetch_s,
+                   peer_fetch_s=peer_fetch_s)
         sim.run()
         if min(sim.vm_done) < 0:
             raise RuntimeError("simulation ended with VMs not booted")
@@ -988,7 +1013,8 @@ def simulate(trace_requests, boot_s: float, image_size: int,
         "image_size": trace.image_size, "image_bytes": image_bytes,
         "boot_s": trace.boot_s, "origin_rate_bps": origin_rate_bps,
         "host_rate_bps": host_rate_bps, "chunk_size": chunk_size,
-        "rtt_s": rtt_s, "local_service_s": local_service_s,
+        "rtt_s": rtt_s, "origin_fetch_s": origin_fetch_s,
+        "peer_fetch_s": peer_fetch_s, "local_service_s": local_service_s,
         "vm_start_spread_s": vm_start_spread_s, "tree_degree": tree_degree,
         "rate_update_frac": rate_update_frac,
         "merge_identical": merge_identical, "window_s": window_s,
@@ -1090,6 +1116,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--chunk-size", type=parse_size, default=256 * KiB)
     p.add_argument("--rtt-ms", type=float, default=0.0,
                    help="request round trip added to each fetch")
+    p.add_argument("--origin-fetch-ms", type=float,
+                   help="fixed cost of a chunk fetch from the origin "
+                        "(cached strategies; default: --rtt-ms)")
+    p.add_argument("--peer-fetch-ms", type=float,
+                   help="fixed cost of a chunk fetch from another host "
+                        "(holder, owner, parent; default: --rtt-ms)")
     p.add_argument("--local-service-us", type=float,
                    help="local service time per request (default: the "
                    "recorded one)")
@@ -1130,6 +1162,10 @@ def main(argv=None) -> int:
             trace, trace.boot_s, trace.image_size, image_bytes, args.hosts,
             args.vms_per_host, s, args.origin_rate, args.host_rate,
             args.chunk_size, rtt_s=args.rtt_ms / 1e3,
+            origin_fetch_s=None if args.origin_fetch_ms is None
+            else args.origin_fetch_ms / 1e3,
+            peer_fetch_s=None if args.peer_fetch_ms is None
+            else args.peer_fetch_ms / 1e3,
             local_service_s=None if args.local_service_us is None
             else args.local_service_us / 1e6,
             vm_start_spread_s=args.vm_start_spread,
