@@ -258,10 +258,11 @@ class Capacity:
 
     async def stop(self) -> None:
         if self._task is not None:
-            # Not in the middle of an eviction (they hold the lock).
-            async with self.agent._lock:
-                self._task.cancel()
-                await asyncio.gather(self._task, return_exceptions=True)
+            # An eviction cancelled midway is safe: its marks are cleared
+            # durably before any punch, and CacheLayer.evict returns only
+            # once its worker threads are done with the file.
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
 
     async def _run(self) -> None:
