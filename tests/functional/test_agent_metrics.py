@@ -164,6 +164,9 @@ def _metric_of(path: tuple) -> tuple[str, dict]:
         return "vmthunder_coordination_members", {}
     if path[0] == "process":
         return PROCESS_METRICS[path[1]], {}
+    if path[0] == "background_fetch":
+        metric, _, counter = m.BACKGROUND_FETCH[path[1]]
+        return "vmthunder_" + metric + ("_total" if counter else ""), {}
     if path[0] == "peer_upload":
         metric, _, counter = m.PEER_UPLOAD[path[1]]
         return "vmthunder_" + metric + ("_total" if counter else ""), {}

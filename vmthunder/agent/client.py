@@ -487,6 +487,12 @@ def format_status(status: dict) -> str:
             + (f"; replies waited {upload['wait_s']:.1f} s for it, "
                f"{upload['refused']} read(s) refused (queue full)"
                if upload["rate"] else ""))
+    background = status.get("background_fetch")
+    if background and background["rate"]:
+        lines.append(
+            f"precache and prefetch limit {background['limit']}: "
+            f"{_size(background['bytes'])} fetched under it, waited "
+            f"{background['wait_s']:.1f} s for it")
     cap = status.get("cache_capacity")
     if cap:
         lines.append(

@@ -168,6 +168,20 @@ PEER_UPLOAD = {
                  "limit now.", False),
 }
 
+# Precache and prefetch under their shared limit (status
+# "background_fetch"): key -> (metric name without prefix, help, counter?).
+BACKGROUND_FETCH = {
+    "rate": ("background_fetch_limit_bytes_per_second",
+             "[agent] background_fetch_rate: most bytes per second precache "
+             "and trace prefetch fetch together (0: no limit).", False),
+    "bytes": ("background_fetch_limited_bytes",
+              "Bytes precache and prefetch read under that limit (counted "
+              "only with a limit).", True),
+    "wait_s": ("background_fetch_wait_seconds",
+               "Time precache and prefetch reads waited for that limit, "
+               "summed over reads.", True),
+}
+
 # The host cache's capacity (status "cache_capacity", agent/capacity.py):
 # key -> (metric name without prefix, help, counter?).
 CACHE_CAPACITY = {
@@ -242,6 +256,11 @@ class AgentCollector(Collector):
                 len(status["vms"]))
         for key, (name, help_text, counter) in PEER_UPLOAD.items():
             value = (status.get("peer_upload") or {}).get(key)
+            if _number(value):
+                out.add(CounterMetricFamily if counter else
+                        GaugeMetricFamily, name, help_text, {}, value)
+        for key, (name, help_text, counter) in BACKGROUND_FETCH.items():
+            value = (status.get("background_fetch") or {}).get(key)
             if _number(value):
                 out.add(CounterMetricFamily if counter else
                         GaugeMetricFamily, name, help_text, {}, value)

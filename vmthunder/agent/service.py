@@ -30,6 +30,7 @@ import time
 from vmthunder import blockdev
 from vmthunder import stack
 from vmthunder.process_stats import process_figures
+from vmthunder.ratelimit import format_rate
 from vmthunder.agent import capacity as capacity_mod
 from vmthunder.agent import health as health_mod
 from vmthunder.agent import precache as precache_mod
@@ -814,6 +815,17 @@ class Agent:
                           flushes=s["flushes"])
         return status
 
+    def background_fetch_stats(self) -> dict:
+        """What precache and trace prefetch fetched under their shared
+        limit ([agent] background_fetch_rate): ``rate`` bytes/s (0:
+        none), ``bytes`` let through, ``wait_s`` time waited for it,
+        summed over their reads."""
+        limit = self.prefetches.rate_limit
+        return {"rate": limit.rate if limit else 0,
+                "limit": format_rate(limit.rate if limit else 0),
+                "bytes": limit.bytes if limit else 0,
+                "wait_s": round(limit.waited, 3) if limit else 0.0}
+
     def status(self) -> dict:
         membership = self.peering.membership
         return {
@@ -827,6 +839,7 @@ class Agent:
             "stalled_reads_now": self.stall_watch.stalled_now(),
             "cache_capacity": self.capacity.summary(),
             "peer_upload": self.peering.upload_stats(),
+            "background_fetch": self.background_fetch_stats(),
             "coordination": None if membership is None else {
                 "backend": redact_url(membership.backend_url),
                 "healthy": membership.healthy,
