@@ -202,6 +202,13 @@ def test_precache_within_background_fetch_rate(tmp_path):
         assert progress["bytes_fetched"] == size
         assert progress["rate_limit"] == 2 * MiB
         assert took >= 1.0, took
+        background = client.status()["background_fetch"]
+        assert background["rate"] == 2 * MiB
+        assert background["bytes"] == size
+        assert background["wait_s"] >= 1.0, background
+        from vmthunder.agent.client import format_status
+        assert "precache and prefetch limit 2 MiB/s" in format_status(
+            client.status())
     finally:
         with contextlib.suppress(Exception):
             agent.stop()
