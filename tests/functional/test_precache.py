@@ -207,8 +207,8 @@ def test_precache_within_background_fetch_rate(tmp_path):
         assert background["bytes"] == size
         assert background["wait_s"] >= 1.0, background
         from vmthunder.agent.client import format_status
-        assert "precache and prefetch limit 2 MiB/s" in format_status(
-            client.status())
+        assert "precache and prefetch limit 16.78 Mbit/s (2.097 MB/s): " \
+            "4.0 MiB fetched under it" in format_status(client.status())
     finally:
         with contextlib.suppress(Exception):
             agent.stop()
