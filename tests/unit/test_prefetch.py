@@ -341,9 +341,12 @@ def test_three_hosts_prefetch_through_owners_each_chunk_from_the_origin_once(
                 r.start()
             await until(lambda: all(r.state != "running" for r in runs),
                         "the three prefetches done", timeout=20)
+            # A chunk handed to its reader is stored just after.
+            await until(lambda: all(h.cache.chunk_states(0, 256)
+                                    == [HELD] * 256 for h in hosts),
+                        "every host holding the whole trace", timeout=10)
             for r, h in zip(runs, hosts):
                 assert r.state == "done", r.progress()
-                assert h.cache.chunk_states(0, 256) == [HELD] * 256
                 assert r.counters["chunks_deferred"] > 0
                 assert h.volume.stats()["chunks_from_peers"] > 0
             assert sorted(counts) == list(range(256))
