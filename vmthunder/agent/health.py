@@ -35,7 +35,7 @@ import urllib.parse
 
 from vmthunder import stack
 from vmthunder.cache.cache_layer import FETCHING, HELD
-from vmthunder.p2p.volume import _runs
+from vmthunder.cache.chunkmap import index_runs
 from vmthunder.redaction import redact_url
 
 LOG = logging.getLogger(__name__)
@@ -76,14 +76,14 @@ def waiting_for(image, offset: int, length: int) -> str:
                 parts.append(f"{_chunks(a, b)} from {where}")
                 covered.update(range(a, b))
             rest = [i for i in fetching if i not in covered]
-            for a, b in _runs(rest):
+            for a, b in index_runs(rest):
                 parts.append(f"{_chunks(a, b)}: fetch queued (waiting for "
                              "memory for fetched chunks, or for digests)")
         else:
-            for a, b in _runs(fetching):
+            for a, b in index_runs(fetching):
                 parts.append(f"{_chunks(a, b)} from the origin "
                              f"({cache.source.describe()})")
-    for a, b in _runs(missing):
+    for a, b in index_runs(missing):
         parts.append(f"{_chunks(a, b)}: not held and no fetch yet")
     if not parts:
         parts.append(f"{_chunks(first, last)} held: the local disk (cache "

@@ -43,6 +43,7 @@ import time
 from vmthunder import blockdev
 from vmthunder.agent.errors import message_of
 from vmthunder.cache.cache_layer import HELD, MISSING, CacheLayer
+from vmthunder.cache.chunkmap import index_runs
 from vmthunder.p2p import priority as priority_mod
 
 LOG = logging.getLogger(__name__)
@@ -325,7 +326,7 @@ class Prefetch:
                     deferred[i] = now
                     self.counters["chunks_deferred"] += 1
             want = go
-        for first, last in _runs(want):
+        for first, last in index_runs(want):
             await self._issue(first, last)
 
     async def _retry(self, deferred: dict) -> None:
@@ -334,7 +335,7 @@ class Prefetch:
         for i in [i for i in deferred
                   if self.cache.chunk_states(i, i + 1)[0] != MISSING]:
             del deferred[i]
-        for first, last in _runs(sorted(deferred)):
+        for first, last in index_runs(sorted(deferred)):
             await self._fetch(first, last, deferred)
 
     async def _issue(self, first: int, last: int) -> None:
@@ -399,15 +400,6 @@ class Prefetch:
             if self.rate_limit is not None else None,
             elapsed_s=round((self._t1 or time.monotonic()) - self._t0, 3))
 
-
-def _runs(indices) -> list[tuple[int, int]]:
-    runs: list[tuple[int, int]] = []
-    for i in indices:
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
 
 
 class Prefetches:

@@ -33,6 +33,17 @@ _ABSENT_BYTE = b"\x00"
 _PRESENT_BYTE = b"\x01"
 
 
+def index_runs(indices) -> list[tuple[int, int]]:
+    """[a, b) runs of consecutive chunk indices (sorted input)."""
+    runs: list[tuple[int, int]] = []
+    for i in indices:
+        if runs and runs[-1][1] == i:
+            runs[-1] = (runs[-1][0], i + 1)
+        else:
+            runs.append((i, i + 1))
+    return runs
+
+
 class ChunkMap:
     def __init__(self, count: int, path: str | None = None, *,
                  reserve: bool = False):

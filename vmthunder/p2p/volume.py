@@ -55,6 +55,7 @@ from vmthunder import aio
 from vmthunder import blockdev
 # Chunk states, the cache's own, also as a peer reports them.
 from vmthunder.cache.cache_layer import FETCHING, HELD, MISSING
+from vmthunder.cache.chunkmap import index_runs
 from vmthunder.nbd.client import NbdClient, NbdError, open_nbd
 from vmthunder.p2p.owners import OWNER_REGION, OwnerTable, serving_peer
 from vmthunder.p2p.priority import DEMAND, Lanes, priority
@@ -418,7 +419,7 @@ class ImageVolume(blockdev.BlockDevice):
                                                 what="parent")
             finally:
                 self._root(first, last, -1)
-            for a, b in _runs(missing):
+            for a, b in index_runs(missing):
                 await self._from_origin(a, b, self._part(view, first, a, b))
             return
         await self._fill(first, last, view, frozenset(), True)
@@ -635,7 +636,7 @@ class ImageVolume(blockdev.BlockDevice):
         if kind == OWNER:
             self.counters["chunks_from_owners"] += (b - a) - len(missing)
             self.counters["owner_fallbacks"] += len(missing)
-        for m0, m1 in _runs(missing):
+        for m0, m1 in index_runs(missing):
             # Elsewhere: other holders, then the origin (never a peer's
             # fetch in flight: such a wait could chain).
             await self._fill(m0, m1, self._part(part, a, m0, m1),
@@ -989,16 +990,6 @@ def _kind(exc: Exception) -> str:
         return "timeout"
     return "io"
 
-
-def _runs(indices) -> list[tuple[int, int]]:
-    """[a, b) runs of consecutive chunk indices (sorted input)."""
-    runs: list[tuple[int, int]] = []
-    for i in indices:
-        if runs and runs[-1][1] == i:
-            runs[-1] = (runs[-1][0], i + 1)
-        else:
-            runs.append((i, i + 1))
-    return runs
 
 
 def _span(a: int, b: int) -> str:
