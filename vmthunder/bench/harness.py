@@ -428,9 +428,10 @@ def profile_path(path: str, strategy: str) -> str:
 
 
 def _start_profiler(args, strategy, hosts, name: str):
-    """py-spy on host --profile-host's main process of this strategy (its
-    agent, or its `vmthunder serve`) from the clock start to the end of
-    the boots; None when not asked or the strategy has no such process.
+    """py-spy on host --profile-host's agent (the strategies with one:
+    vmthunder, vmthunder-prefetch, tree) from the clock start to the end
+    of the boots; None when not asked or the strategy has no process
+    running before the clock (the others start theirs at attach).
     py-spy reads the process from the root namespace (--nonblocking: the
     agent is never paused, so figures stay close to an unprofiled run)."""
     if getattr(args, "profile_host", None) is None:
@@ -824,9 +825,10 @@ def build_parser() -> argparse.ArgumentParser:
                         "same scenario next to the measured ones")
     p.add_argument("--no-plots", action="store_true", help="skip the plots")
     p.add_argument("--profile-host", type=int, metavar="N",
-                   help="record host N's agent (or serve) with py-spy "
-                        "during each strategy's boots (host0 is 0); "
-                        "figures are perturbed by the sampling")
+                   help="record host N's agent with py-spy during each "
+                        "agent strategy's boots (vmthunder, "
+                        "vmthunder-prefetch, tree; host0 is 0); py-spy "
+                        "--nonblocking, so the agent is never paused")
     p.add_argument("--profile-out", metavar="FILE", default="profile.txt",
                    help="with --profile-host: where the profiles go, one "
                         "per strategy (FILE with the strategy's name "
