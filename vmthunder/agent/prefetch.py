@@ -55,9 +55,9 @@ RETRY_S = 0.25
 @dataclasses.dataclass(frozen=True)
 class PrefetchOptions:
     enabled: bool = True
-    window_bytes: int = 8 * 1024 * 1024
+    window_bytes: int = 32 * 1024 * 1024
     run_bytes: int = 64 * 1024
-    parallel: int = 2
+    parallel: int = 4
     idle_s: float = 30.0
     defer_s: float = 2.0
     # Chunks this host owns are prefetched only this long after the
