@@ -763,3 +763,22 @@ def test_unsynced_runs_are_marked_run_by_run(tmp_path):
         assert not layer._unsynced
 
     run(main())
+
+
+def test_durable_waits_for_the_marks_of_fetched_chunks(tmp_path):
+    """durable(): the chunks a read brought are marked once the next sync
+    covers them (what a precache waits for before it says done); a chunk
+    nobody fetched is not, and the wait ends at its timeout."""
+    path, data = make_image(tmp_path / "img")
+
+    async def main():
+        layer = CacheLayer(FileSource(path), str(tmp_path / "c"),
+                           chunk_size=CS, sync_interval=0.3)
+        try:
+            assert await layer.read(0, 4 * CS) == data[:4 * CS]
+            assert await layer.durable(range(4), timeout=5)
+            assert all(layer.map.present(i) for i in range(4))
+            assert not await layer.durable([10], timeout=0.2)
+        finally:
+            await layer.close()
+    run(main())

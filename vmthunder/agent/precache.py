@@ -61,6 +61,7 @@ class Precache:
         self.chunks_selected = len(order)
         todo = [i for i in order
                 if cache.chunk_states(i, i + 1)[0] != HELD]
+        self._todo = todo
         self.source = CacheChunksSource(
             cache, todo, request_size=PRECACHE_RUN_BYTES,
             max_in_flight=PRECACHE_PARALLEL)
@@ -107,6 +108,13 @@ class Precache:
     async def _run(self) -> None:
         try:
             await self.copy.run()
+            # Done means kept: the chunks read are on disk and marked (a
+            # restart right after finds them; Nova's cache_image relies
+            # on it).
+            if not await self.cache.durable(self._todo):
+                LOG.warning("image %s: precache read every chunk, but not "
+                            "all are kept in the cache yet (a store "
+                            "failed, or they were evicted)", self.image)
         except asyncio.CancelledError:
             self._end("cancelled")
             LOG.info("image %s: precache cancelled after %d of %d chunks",

@@ -966,6 +966,23 @@ class CacheLayer(blockdev.BlockDevice):
                 hi - lo, blockdev.STATE_CACHED if present else 0))
         return extents
 
+    async def durable(self, chunks, timeout: float | None = None) -> bool:
+        """Wait until every chunk of ``chunks`` is marked: stored and
+        made durable by a sync (at most ``sync_interval`` after its fetch
+        ends). False if one is not by ``timeout`` (default: two sync
+        intervals and 10 s): its store failed, or it was evicted."""
+        if self._store_tasks:
+            await asyncio.gather(*list(self._store_tasks),
+                                 return_exceptions=True)
+        deadline = time.monotonic() + (
+            timeout if timeout is not None else 2 * self.sync_interval + 10)
+        present = self.map.present
+        while not all(present(i) for i in chunks):
+            if time.monotonic() >= deadline:
+                return False
+            await asyncio.sleep(0.05)
+        return True
+
     def fetch_counts(self) -> tuple[int, int]:
         """(in flight, queued) fetches, counted when asked (nothing is
         counted on the read path): a fetch is queued while it waits for
