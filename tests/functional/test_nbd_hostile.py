@@ -162,7 +162,14 @@ def test_sixty_maximal_writers_stay_under_the_memory_bound(serve, tmp_path):
     (write payloads are charged before they are read off the socket), and
     memory comes back after they close."""
     image = make_image(tmp_path / "img.raw", 64 * MiB, seed=13)
-    served = serve(image, "--export", "img", "--snapshot", "vm1")
+    # 60 sending threads in this one process share its GIL: on a loaded
+    # machine a writer can wait longer than the default 30 s to send a
+    # payload the server has reserved budget for, and be dropped for it
+    # (what write_payload_timeout is for, but not what this test checks).
+    conf = tmp_path / "patient.conf"
+    conf.write_text("[nbd]\nwrite_payload_timeout = 120\n")
+    served = serve(image, "--export", "img", "--snapshot", "vm1",
+                   config_file=str(conf))
     pid = served.proc.pid
     errors: list[str] = []
     threads = [threading.Thread(target=_hostile_writer,
