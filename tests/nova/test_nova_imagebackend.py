@@ -114,7 +114,9 @@ class FakeAgent:
                 raise agent_client.AgentError(
                     409, f"origin {origin} is already attached as image "
                          f"{other['name']!r}; use that name")
-        if origin.startswith("export:bad"):
+        # Exactly this origin: image ids are random UUIDs, and one in 4096
+        # starts with "bad" (a CI run drew bad0fbd4-...).
+        if origin == "export:no-such-export":
             raise agent_client.AgentError(
                 400, f"cannot attach image {name!r} from {origin}: no such "
                      "export")
@@ -359,7 +361,7 @@ class VMThunderImageTestCase(_AgentMixin, nova_ib_tests._ImageTestCase,
         ctx = self.ctx
         bad = self.glance.create(ctx, {
             "name": "bad", "status": "active", "disk_format": "raw",
-            "properties": {"vmthunder_origin": "export:bad"}})["id"]
+            "properties": {"vmthunder_origin": "export:no-such-export"}})["id"]
         instance = self.new_instance()
         exc = self.assertRaises(exception.ImageUnacceptable, self.cache,
                                 self.image_class(instance, "disk"), bad,

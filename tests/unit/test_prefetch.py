@@ -111,6 +111,11 @@ def test_prefetch_reads_the_trace_ahead_and_the_guest_hits(tmp_path):
                     run.counters["chunks_prefetched"] == len(order),
                     "the trace's 64 chunks prefetched")
         assert run.counters["chunks_prefetched"] == 64
+        # A chunk handed to the prefetch is stored just after (FETCHING
+        # until its write lands); a guest read before then counts a miss.
+        await until(lambda: all(cache.chunk_states(a, b) == [HELD] * (b - a)
+                                for a, b in runs),
+                    "the trace's chunks stored")
         # In trace order, in pieces of at most 64 KiB.
         firsts = [off // CS for off, _ in link.reads]
         assert firsts == [100, 108, 300, 308, 50, 58, 400, 408], firsts
