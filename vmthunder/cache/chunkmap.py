@@ -34,7 +34,8 @@ _PRESENT_BYTE = b"\x01"
 
 
 def index_runs(indices) -> list[tuple[int, int]]:
-    """[a, b) runs of consecutive chunk indices (sorted input)."""
+    """[a, b) runs of consecutive ascending chunk indices, in the order
+    given (any order: a trace's order is kept)."""
     runs: list[tuple[int, int]] = []
     for i in indices:
         if runs and runs[-1][1] == i:

@@ -17,16 +17,8 @@ from __future__ import annotations
 
 from vmthunder import blockdev
 from vmthunder.cache.cache_layer import HELD
+from vmthunder.cache.chunkmap import index_runs
 from vmthunder.transfer.base import MiB, Extent, Source
-
-
-def _consecutive(chunks: list[int]):
-    """``(first, last)`` of each run of consecutive indices, in order."""
-    start = 0
-    for k in range(1, len(chunks) + 1):
-        if k == len(chunks) or chunks[k] != chunks[k - 1] + 1:
-            yield chunks[start], chunks[k - 1]
-            start = k
 
 
 class CacheChunksSource(Source):
@@ -75,7 +67,8 @@ class CacheChunksSource(Source):
                              f"on whole chunk slots of {cs} bytes")
         chunks = self.order[first:end]
         parts = []
-        for lo, hi in _consecutive(chunks):
+        for lo, end in index_runs(chunks):
+            hi = end - 1
             states = self.cache.chunk_states(lo, hi + 1)
             start = lo * cs
             stop = min((hi + 1) * cs, self.cache.size)
