@@ -7,7 +7,8 @@ from __future__ import annotations
 import asyncio
 import os
 
-from vmthunder.cache.cache_layer import CacheLayer
+from tests.waiting import until
+from vmthunder.cache.cache_layer import HELD, CacheLayer
 from vmthunder.cache.read_watch import LATENCY_BUCKETS, ImageReads, VmReads
 from vmthunder.cache.snapshot import SnapshotLayer
 from vmthunder.volume.file_source import FileSource
@@ -51,7 +52,9 @@ def test_hits_misses_and_latency_through_the_stack(tmp_path):
             # Cold: a miss (it fetches).
             assert await snap.read(0, 4096) == data[:4096]
             assert (reads.hits, reads.misses) == (0, 1)
-            await asyncio.sleep(0.05)           # written to the cache file
+            # Written to the cache file (FETCHING until then: a miss).
+            await until(lambda: cache.chunk_states(0, 1) == [HELD],
+                        "chunk 0 stored")
             # Held now (written; marked or not yet): a hit.
             assert await snap.read(100, 4000) == data[100:4100]
             assert (reads.hits, reads.misses) == (1, 1)

@@ -966,14 +966,20 @@ class CacheLayer(blockdev.BlockDevice):
                 hi - lo, blockdev.STATE_CACHED if present else 0))
         return extents
 
+    async def writes_landed(self) -> None:
+        """Wait for the cache-file writes in flight now: a fetched chunk
+        stays FETCHING until its write lands, and a read of it meanwhile
+        is served from memory but counts as a miss."""
+        if self._store_tasks:
+            await asyncio.gather(*list(self._store_tasks),
+                                 return_exceptions=True)
+
     async def durable(self, chunks, timeout: float | None = None) -> bool:
         """Wait until every chunk of ``chunks`` is marked: stored and
         made durable by a sync (at most ``sync_interval`` after its fetch
         ends). False if one is not by ``timeout`` (default: two sync
         intervals and 10 s): its store failed, or it was evicted."""
-        if self._store_tasks:
-            await asyncio.gather(*list(self._store_tasks),
-                                 return_exceptions=True)
+        await self.writes_landed()
         deadline = time.monotonic() + (
             timeout if timeout is not None else 2 * self.sync_interval + 10)
         present = self.map.present
