@@ -260,6 +260,8 @@ class Prefetch:
         finally:
             priority_mod.priority.reset(token)
         await asyncio.gather(*self._reads, return_exceptions=True)
+        # Done means held: what it fetched is in the cache file.
+        await self.cache.writes_landed()
         self._end("done", reason)
 
     async def _loop(self) -> str:
