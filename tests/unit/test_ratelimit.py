@@ -83,7 +83,9 @@ def test_acquire_long_run_rate_real_time():
 
     elapsed = asyncio.run(main())
     total = sum(counts)
-    assert total / elapsed == pytest.approx(rate, rel=0.05)
+    # Never above the rate; below it only by a moment the loaded machine
+    # did not run the senders (a bucket without burst cannot catch up).
+    assert 0.85 * rate <= total / elapsed <= 1.05 * rate, total / elapsed
     assert min(counts) > total / 8, counts
 
 

@@ -39,7 +39,7 @@ async def _stalled(tmp_path, source, volume):
     snap.watch = VmReads("vm7", image.reads, snap)
     watch = StallWatch({"img": image}, 0.05)
     read = asyncio.ensure_future(snap.read(9 * CS + 100, 200))
-    await asyncio.sleep(0.01)
+    await asyncio.sleep(0)                      # the read begins
     assert watch.check() == 0                   # not long enough yet
     await asyncio.sleep(0.06)
     assert watch.stalled_now() == 1
