@@ -487,6 +487,21 @@ agent_opts = [
              "through a membership round ([coordination] "
              "heartbeat_interval), and a host prefetching from the origin "
              "before would fetch the others' chunks too."),
+    cfg.BoolOpt(
+        "record_boot_traces",
+        default=True,
+        help="Where an image's export published no boot trace and no "
+             "peer offers a recorded one, record the first boot of the "
+             "image on this host (the chunk offsets of the shared base "
+             "image the guest read, in first-touch order, until it reads "
+             "nothing for prefetch_idle_seconds), keep it in the state "
+             "directory and offer it to peers (served read-only by the "
+             "peer NBD server; the membership carries only its digest "
+             "and chunk count), and prefetch later boots of the image, "
+             "here and on peers, from it. Only chunk offsets are shared: "
+             "never data, never anything of a VM's writes; a wrong trace "
+             "costs at most the prefetch window. False: nothing recorded "
+             "or offered, no peer's recorded trace used."),
 ]
 
 coordination_opts = [

@@ -519,6 +519,9 @@ def format_status(status: dict) -> str:
             line = format_prefetch(i["name"], i.get("prefetch"))
             if line:
                 lines.append(line)
+            line = format_boot_trace(i["name"], i.get("boot_trace"))
+            if line:
+                lines.append(line)
     vms = status["vms"].values()
     if vms:
         lines.append("")
@@ -547,6 +550,29 @@ def format_prefetch(image: str, p: dict | None) -> str | None:
             f", {p['chunks_held_already']} held already, "
             f"{p['chunks_deferred']} left to their owner, "
             f"{p['promoted']} promoted")
+
+
+def format_boot_trace(image: str, b: dict | None) -> str | None:
+    """One line on an image's recorded boot trace
+    (agent/trace_recording.py)."""
+    if not b:
+        return None
+    parts = []
+    if b.get("state") == "recording":
+        parts.append(f"recording VM {b['vm']}'s boot ({b['chunks']} "
+                     "chunks so far)")
+    elif b.get("state") == "recorded":
+        parts.append(f"recorded here ({b['chunks']} chunks, sha256 "
+                     f"{b['digest'][:16]}...)")
+    used = b.get("used")
+    if used and used.get("source"):
+        parts.append(f"last prefetch from the trace {used['source']} "
+                     f"({used['chunks']} chunks)")
+    elif used and used.get("refused"):
+        parts.append("peers' recorded traces refused: "
+                     + "; ".join(used["refused"]))
+    return f"image {image}: boot trace " + ", ".join(parts) if parts \
+        else None
 
 
 # -- `vmthunder precache` ------------------------------------------------

@@ -3,9 +3,12 @@
 Every agent joins one tooz group (default ``vmthunder-peers``) with the
 capabilities ``{"endpoint": "nbd://HOST:PORT", "images": [...]}``: where it
 re-exports its image caches read-only over NBD, and the images it holds a
-cache of. The data path asks :meth:`Membership.peers_for` which other hosts
-hold an image; that answer comes from a snapshot of the group refreshed in
-the background, so it costs no I/O.
+cache of. An agent that recorded boot traces (agent/trace_recording.py)
+adds ``"traces": {IMAGE: {"key", "chunks", "digest"}}``: one small entry
+per image, never the trace itself (it is read over NBD). The data path
+asks :meth:`Membership.peers_for` which other hosts hold an image; that
+answer comes from a snapshot of the group refreshed in the background, so
+it costs no I/O.
 
 tooz does the membership (no home-made consensus):
 
@@ -144,19 +147,53 @@ def _text(value: Any) -> str:
     return str(value)
 
 
+# Recorded trace entries read from one member, at most (any member may
+# write anything in its capabilities).
+MAX_TRACE_ENTRIES = 1024
+
+
+def _trace_entries(raw) -> dict[str, dict]:
+    """A member's "traces" capability, keeping only well-formed entries:
+    {image: {"key": str, "chunks": int, "digest": 64 hex}}."""
+    entries: dict[str, dict] = {}
+    if not isinstance(raw, dict):
+        return entries
+    for image, entry in list(raw.items())[:MAX_TRACE_ENTRIES]:
+        if not isinstance(entry, dict):
+            continue
+        key, chunks, digest = (entry.get(k, entry.get(k.encode()))
+                               for k in ("key", "chunks", "digest"))
+        if isinstance(key, bytes):
+            key = _text(key)
+        if isinstance(digest, bytes):
+            digest = _text(digest)
+        if isinstance(key, str) and 0 < len(key) <= 64 \
+                and isinstance(chunks, int) and not isinstance(chunks, bool) \
+                and chunks > 0 and isinstance(digest, str) \
+                and len(digest) == 64:
+            entries[_text(image)] = {"key": key, "chunks": chunks,
+                                     "digest": digest}
+    return entries
+
+
 def _parse_members(raw: dict) -> dict[str, dict]:
-    """tooz's {member: capabilities} as {member_id: {endpoint, images}}."""
+    """tooz's {member: capabilities} as {member_id: {endpoint, images,
+    traces}}."""
     members: dict[str, dict] = {}
     for member, caps in raw.items():
         endpoint = None
         images: list[str] = []
+        traces: dict[str, dict] = {}
         if isinstance(caps, dict):
             ep = caps.get("endpoint", caps.get(b"endpoint"))
             endpoint = _text(ep) if ep else None
             imgs = caps.get("images", caps.get(b"images")) or []
             if isinstance(imgs, (list, tuple)):
                 images = sorted({_text(i) for i in imgs})
+            traces = _trace_entries(caps.get("traces", caps.get(b"traces")))
         members[_text(member)] = {"endpoint": endpoint, "images": images}
+        if traces:
+            members[_text(member)]["traces"] = traces
     return dict(sorted(members.items()))
 
 
@@ -187,6 +224,7 @@ class Membership:
         self.max_backoff_s = float(max_backoff_s)
         self._group_id = group.encode("utf-8")
         self._images: list[str] = sorted(set(images))
+        self._traces: dict[str, dict] = {}
         # announce() bumps _version; the worker records what it published,
         # so an announce racing with a join is never lost.
         self._version = 0
@@ -216,9 +254,16 @@ class Membership:
         return list(self._peers.get(image, ()))
 
     def members(self) -> dict[str, dict]:
-        """{member_id: {"endpoint": str, "images": [str]}}, self included."""
-        return {m: {"endpoint": d["endpoint"], "images": list(d["images"])}
-                for m, d in self._members.items()}
+        """{member_id: {"endpoint": str, "images": [str]}}, self included;
+        with "traces": {image: entry} for a member offering recorded boot
+        traces."""
+        members = {}
+        for m, d in self._members.items():
+            members[m] = {"endpoint": d["endpoint"],
+                          "images": list(d["images"])}
+            if d.get("traces"):
+                members[m]["traces"] = dict(d["traces"])
+        return members
 
     @property
     def images(self) -> list[str]:
@@ -293,13 +338,17 @@ class Membership:
         self._peers = {}
         self._healthy = False
 
-    async def announce(self, images: Iterable[str]) -> None:
-        """Set the images this host holds a cache of.
+    async def announce(self, images: Iterable[str],
+                       traces: dict | None = None) -> None:
+        """Set the images this host holds a cache of (and ``traces``, the
+        entries of the boot traces it recorded: {image: {"key",
+        "chunks", "digest"}}).
 
         Published at once when the backend answers; otherwise kept and
         published by the background loop when it is back (no exception).
         """
         self._images = sorted(set(images))
+        self._traces = dict(traces or {})
         self._version += 1
         if self._task is None or self._stopping:
             return
@@ -398,14 +447,19 @@ class Membership:
         if self._joined:
             members[self.member_id] = {"endpoint": self.endpoint,
                                        "images": list(self._images)}
+            if self._traces:
+                members[self.member_id]["traces"] = dict(self._traces)
         return dict(sorted(members.items()))
 
     # -- worker thread (all tooz calls) ------------------------------------
 
     def _caps(self) -> tuple[dict, int]:
         version = self._version
-        return ({"endpoint": self.endpoint, "images": list(self._images)},
-                version)
+        caps = {"endpoint": self.endpoint, "images": list(self._images)}
+        if self._traces:
+            # Only when there are some: membership traffic stays as small.
+            caps["traces"] = dict(self._traces)
+        return caps, version
 
     def _round_sync(self, refresh: bool) -> dict[str, dict] | None:
         if not self._coord_started:

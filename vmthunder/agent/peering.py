@@ -116,10 +116,12 @@ class Peering:
         LOG.info("joined peer group %r as %s (%s) through %s", coord.group,
                  coord.member_id, endpoint, coord.backend_url)
 
-    async def announce(self, images) -> None:
-        """Tell the group which images this host holds (their names)."""
+    async def announce(self, images, traces: dict | None = None) -> None:
+        """Tell the group which images this host holds (their names), and
+        the small entries of the boot traces it recorded (``traces``:
+        agent/trace_recording.py capabilities())."""
         if self.membership is not None:
-            await self.membership.announce(sorted(images))
+            await self.membership.announce(sorted(images), traces)
 
     async def start_server(self, images) -> None:
         """Serve the caches of ``images`` (attached ones) read-only to

@@ -27,6 +27,11 @@ serves all the VMs booting on it:
   detached. A prefetch read that fails is counted and skipped: it never
   fails a VM.
 
+Where the export published no trace, a boot trace the agent recorded
+(agent/trace_recording.py: its own, else one a peer of the same image
+offers, checked) is prefetched the same way; with none, the boot is
+recorded. A published trace always wins over a recorded one.
+
 Counted (`vmthunder status`, the image's ``prefetch``): chunks fetched by
 the prefetch, those a guest then read (used) and, once it ended, the rest
 (wasted); chunks skipped because held already, promoted reads, time the
@@ -66,6 +71,9 @@ class PrefetchOptions:
     settle_s: float = 1.5
     # Bytes per second for background fetches (0: no limit).
     rate: float = 0.0
+    # Record boots of images without a published trace and share them
+    # (agent/trace_recording.py).
+    record: bool = True
 
     @classmethod
     def from_conf(cls, group) -> PrefetchOptions:
@@ -76,7 +84,8 @@ class PrefetchOptions:
                    parallel=group.prefetch_parallel,
                    idle_s=group.prefetch_idle_seconds,
                    settle_s=group.prefetch_settle_seconds,
-                   rate=getattr(group, "background_fetch_rate", 0) or 0.0)
+                   rate=getattr(group, "background_fetch_rate", 0) or 0.0,
+                   record=getattr(group, "record_boot_traces", True))
 
 
 class _Watch:
@@ -114,8 +123,11 @@ class Prefetch:
 
     def __init__(self, image: str, cache: CacheLayer, volume,
                  order: list[int], options: PrefetchOptions,
-                 rate_limit=None):
+                 rate_limit=None, source: str = "published"):
         self.image = image
+        # Where the trace came from: "published", "recorded here",
+        # "recorded by peer MEMBER".
+        self.source = source
         self.cache = cache
         self.volume = volume
         self.order = order
@@ -392,6 +404,7 @@ class Prefetch:
         return dict(
             c, state=self.state, stop_reason=self.stop_reason,
             vms=sorted(self.vms), trace_chunks=len(self.order),
+            trace_source=self.source,
             guest_position=self.guest_pos + 1,
             window_chunks=self.window, chunk_size=self.cache.chunk_size,
             chunks_unused=len(self.unused),
@@ -410,8 +423,11 @@ class Prefetches:
     :meth:`image_detached`, :meth:`stop`; :meth:`status` for `vmthunder
     status`."""
 
-    def __init__(self, options: PrefetchOptions):
+    def __init__(self, options: PrefetchOptions, boot_traces=None):
         self.options = options
+        # Recorded boot traces (agent/trace_recording.py BootTraces), or
+        # None: published traces only.
+        self.boot_traces = boot_traces
         self.runs: dict[str, Prefetch] = {}
         # image -> why it has no prefetch (no trace, a refused trace...)
         self.notes: dict[str, str] = {}
@@ -460,16 +476,29 @@ class Prefetches:
             self.notes[image.name] = f"no prefetch: {message_of(exc)}"
             LOG.error("image %s: %s", image.name, self.notes[image.name])
             return
+        source = "published"
+        if order is None and self.boot_traces is not None \
+                and image.cache is not None and vm not in self._gone:
+            found = await self.boot_traces.order_for(image)
+            if found is None:
+                if vm not in self._gone and image.cache is not None:
+                    self.boot_traces.record(image, vm, snapshot)
+                old = self.runs.get(image.name)
+                if old is not None and old.state != "running":
+                    # An earlier VM's prefetch: this one has none.
+                    del self.runs[image.name]
+            else:
+                order, source = found
         if order is None or image.cache is None or vm in self._gone:
             self._gone.discard(vm)
             return
         run = Prefetch(image.name, image.cache, image.volume, order,
-                       self.options, self.rate_limit)
+                       self.options, self.rate_limit, source)
         self.runs[image.name] = run
         self._join(run, vm, snapshot)
         run.start()
-        LOG.info("image %s: prefetch of %d trace chunks started for VM %s "
-                 "(window %d chunks)", image.name, len(order), vm,
+        LOG.info("image %s: prefetch of %d trace chunks (%s) started for VM "
+                 "%s (window %d chunks)", image.name, len(order), source, vm,
                  run.window)
 
     async def _order(self, image) -> list[int] | None:
@@ -492,6 +521,8 @@ class Prefetches:
         return order
 
     async def vm_deleted(self, image: str, vm: str) -> None:
+        if self.boot_traces is not None:
+            await self.boot_traces.vm_deleted(image, vm)
         starting = self._starting.get(image)
         if starting is not None and not starting.done():
             self._gone.add(vm)
@@ -512,8 +543,12 @@ class Prefetches:
             await run.stop("image detached")
         self._orders.pop(image, None)
         self.notes.pop(image, None)
+        if self.boot_traces is not None:
+            await self.boot_traces.image_detached(image)
 
     async def stop(self) -> None:
+        if self.boot_traces is not None:
+            await self.boot_traces.stop()
         for image in list(self.runs) + list(self._starting):
             await self.image_detached(image)
 

@@ -37,6 +37,7 @@ from vmthunder.agent import precache as precache_mod
 from vmthunder.agent import prefetch as prefetch_mod
 from vmthunder.agent.peering import Peering
 from vmthunder.agent import state as state_mod
+from vmthunder.agent.trace_recording import BootTraces
 from vmthunder.agent.errors import (
     AgentError, AgentFailure, Conflict, InvalidRequest, NotFound,
     OriginUnavailable, message_of)
@@ -206,7 +207,14 @@ class Agent:
         self.started = time.monotonic()
         self.stall_watch = health_mod.StallWatch(
             self.images, config.stalled_read_seconds)
-        self.prefetches = prefetch_mod.Prefetches(config.prefetch)
+        # Boot traces recorded here and offered by peers, where exports
+        # published none ([agent] record_boot_traces).
+        self.boot_traces = BootTraces(
+            config.state_dir, config.prefetch.idle_s, self.peering,
+            self._announce, peer_timeout=config.peer_timeout) \
+            if config.prefetch.record and config.prefetch.enabled else None
+        self.prefetches = prefetch_mod.Prefetches(config.prefetch,
+                                                  self.boot_traces)
         self.capacity = capacity_mod.Capacity(self, config.capacity,
                                               config.cache.directory)
         self.health = health_mod.Health(
@@ -232,6 +240,8 @@ class Agent:
                         "configure a fixed port", listen)
         self.hypervisor_address = await self.hypervisor_server.listen(listen)
         await self.peering.start_server(self.images.values())
+        if self.boot_traces is not None:
+            self.boot_traces.exports()
         await self._announce()
         self.stall_watch.start()
         self.capacity.start()
@@ -359,7 +369,8 @@ class Agent:
 
     async def _announce(self) -> None:
         await self.peering.announce(
-            n for n, i in self.images.items() if i.cache is not None)
+            (n for n, i in self.images.items() if i.cache is not None),
+            self.boot_traces.capabilities() if self.boot_traces else None)
 
     async def _open_image(self, image: Image) -> None:
         source = await self.open_image_source(image.name, image.origin)
@@ -372,6 +383,8 @@ class Agent:
         image.attached_at = time.time()
         self.peering.export(image)
         self.capacity.attached(image)
+        if self.boot_traces is not None:
+            await self.boot_traces.image_attached(image)
 
     def _snapshot_dir(self, image: Image) -> str:
         return stack.snapshot_dir(image.cache)
@@ -787,6 +800,10 @@ class Agent:
             chunks_evicted=cache["chunks_evicted"],
             chunks_not_kept=cache["chunks_not_kept"],
             prefetch=self.prefetches.status(image.name),
+            # A boot trace recorded here (recording, recorded) and what
+            # the last prefetch used of one (agent/trace_recording.py).
+            boot_trace=self.boot_traces.status(image.name)
+            if self.boot_traces else None,
             precache=image.precache.progress() if image.precache
             else None)
         in_flight, queued = image.cache.fetch_counts()
