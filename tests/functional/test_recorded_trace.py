@@ -45,7 +45,7 @@ READS = [(40 * CHUNK, 2 * CHUNK), (5 * CHUNK + 4096, 8192),
          (60 * CHUNK, CHUNK), (10 * CHUNK + 100, 3 * CHUNK - 200)]
 TRACE_CHUNKS = 7
 # A's recording ends this long after the guest's last read.
-A_LINES = "prefetch_idle_seconds = 1.0\n"
+A_LINES = "prefetch_idle_seconds = 3.0\n"
 # B counts its guest's reads of prefetched chunks (used) until this long
 # after its prefetch ended: ample for the test to read them.
 B_LINES = "prefetch_idle_seconds = 10\n"
@@ -209,12 +209,18 @@ def test_a_boot_recorded_on_one_host_prefetches_another(net, agents):
         and p, "B's prefetch from A's recorded trace")
     assert prefetch["trace_source"] == f"recorded by peer {host_a.name}"
     assert prefetch["trace_chunks"] == TRACE_CHUNKS
-    assert prefetch["chunks_prefetched"] == TRACE_CHUNKS, prefetch
+    # B holds already the chunks it owns that A read (A asked their
+    # owner, B, to fetch them: one fetch per chunk across hosts); the
+    # others it prefetched.
+    assert prefetch["chunks_prefetched"] >= 1, prefetch
+    assert prefetch["chunks_prefetched"] + prefetch["chunks_held_already"] \
+        == TRACE_CHUNKS, prefetch
     assert prefetch["stop_reason"] == "trace ended"
     used = b.status()["boot_trace"]["used"]
     assert used["peer"] == host_a.name and used["chunks"] == TRACE_CHUNKS
     assert guest_reads(vm_b) == want
-    assert b.status()["prefetch"]["chunks_used"] == TRACE_CHUNKS
+    assert b.status()["prefetch"]["chunks_used"] \
+        == prefetch["chunks_prefetched"]
     shown = format_status(b.client.status())
     assert (f"image {_pf.IMAGE}: boot trace last prefetch from the trace "
             f"recorded by peer {host_a.name} ({TRACE_CHUNKS} chunks)") \
