@@ -282,3 +282,34 @@ def test_membership_keeps_only_well_formed_trace_entries():
                     "traces": ["not", "a", "dict"]}})
     assert members["host-a"]["traces"] == {"img": good}
     assert "traces" not in members["host-b"]
+
+
+def test_a_wrong_recorded_trace_costs_at_most_the_window(tmp_path):
+    """A recorded trace the guest does not follow (wrong, or hostile but
+    well-formed) is prefetched through the same Prefetch as a published
+    one: one window of chunks, no more, then it stops idle."""
+    async def main():
+        _, _, volume, cache, snap, _ = make_stack(tmp_path, "w")
+        options = PrefetchOptions(idle_s=0.3, window_bytes=16 * CS)
+
+        async def announce():
+            pass
+        traces = BootTraces(str(tmp_path / "state"), options.idle_s, None,
+                            announce)
+        key = rt.image_key(cache.identity())
+        order = list(range(200, 400))
+        traces._offer("w", rt.RecordedTrace(
+            key, rt.encode(order, CS, cache.chunks), len(order)))
+        prefetches = Prefetches(options, traces)
+        prefetches.vm_created(Image("w", cache, volume), "vm1", snap)
+        await asyncio.gather(*prefetches._starting.values())
+        await snap.read(0, 4 * CS)          # the guest reads elsewhere
+        status = await until(
+            lambda: (s := prefetches.status("w")) and s["state"] != "running"
+            and s, "the prefetch to stop")
+        assert status["trace_source"] == "recorded here"
+        assert status["chunks_prefetched"] == 16, status
+        assert status["stop_reason"].startswith("no guest read"), status
+        await prefetches.stop()
+        await close(cache, snap)
+    asyncio.run(main())
