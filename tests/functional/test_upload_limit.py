@@ -17,9 +17,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import os
-import shutil
 import sys
-import tempfile
 import time
 
 import pytest
@@ -44,32 +42,11 @@ PIECE, PARALLEL = 1 * MiB, 4
 @pytest.fixture(scope="module")
 def net():
     need("tgtd", "tgtadm", "redis-server", "nbdkit")
-    from vmthunder.bench import harness
-    from vmthunder.bench import topology as topo_mod
-    workdir = tempfile.mkdtemp(prefix="vmt-ul-", dir="/tmp")
-    image = make_image(os.path.join(workdir, "image.raw"), IMAGE_SIZE,
-                       seed=17)
-    conf = os.path.join(workdir, "vmthunder.conf")
-    with open(conf, "w") as f:
-        f.write(f"[cache]\nchunk_size = {_pf.CHUNK}\n"
-                "[iscsi]\nmanifest_lun = 2\n")
     # Links far faster than the limit: what holds A's uploads at 50
     # Mbit/s is the agent, not the network.
-    topo = topo_mod.Topology(2, origin_rate="200mbit", host_rate="1gbit",
-                             prefix="vmtul")
-    origin = None
-    try:
-        topo.create()
-        origin = harness.OriginHost(topo, workdir, image, _pf.CHUNK)
-        coordination = origin.start_redis(workdir)
-        yield _pf.Net(topo, origin, image, coordination, conf, workdir)
-    finally:
-        try:
-            if origin is not None:
-                origin.stop()
-        finally:
-            topo.destroy()
-            shutil.rmtree(workdir, ignore_errors=True)
+    with _pf.mesh_net(None, 2, "vmt-ul", make=lambda workdir: make_image(
+            os.path.join(workdir, "image.raw"), IMAGE_SIZE, seed=17)) as net:
+        yield net
 
 
 @pytest.fixture
@@ -156,9 +133,14 @@ def test_upload_limit_holds_and_own_vms_keep_their_rate(net, agents):
 
         async def sample():
             while not b_done.is_set():
+                asked = time.monotonic()
                 st = await asyncio.to_thread(a.client.status)
-                samples.append((time.monotonic(),
-                                st["peer_upload"]["bytes_sent"]))
+                answered = time.monotonic()
+                # A sample that straddles B's end is not of the loaded
+                # phase; one whose answer took long has a vague time.
+                if not b_done.is_set() and answered - asked < 0.1:
+                    samples.append(((asked + answered) / 2,
+                                    st["peer_upload"]["bytes_sent"]))
                 await asyncio.sleep(0.2)
 
         got = hashlib.sha256()
@@ -197,17 +179,20 @@ def test_upload_limit_holds_and_own_vms_keep_their_rate(net, agents):
     rate = (n2 - n1) / (t2 - t1)
     print(f"A sent its peers {rate * 8 / 1e6:.1f} Mbit/s "
           f"(limit {LIMIT}); B read the image in {b_secs:.1f} s")
-    assert abs(rate - LIMIT_BYTES) <= 0.10 * LIMIT_BYTES, (
+    # Above the limit is what must never be; below it a loaded machine
+    # can leave the bucket idle for a moment.
+    assert 0.85 * LIMIT_BYTES <= rate <= 1.10 * LIMIT_BYTES, (
         f"A uploaded {rate * 8 / 1e6:.1f} Mbit/s to its peers, not "
-        f"{LIMIT} +- 10 %", samples)
+        f"{LIMIT} -15 % / +10 %", samples)
 
     # A's own VM: its disk is not behind the limit.
     alone_rate = alone[0] / alone[1]
     loaded_rate = loaded[0] / loaded[1]
     print(f"A's VM read {alone_rate / MiB:.0f} MiB/s alone, "
           f"{loaded_rate / MiB:.0f} MiB/s while A served B")
-    assert loaded_rate >= 0.5 * alone_rate, (alone_rate, loaded_rate)
-    assert loaded_rate >= 4 * LIMIT_BYTES, loaded_rate
+    # Four times the limit: not behind it (a ratio to the alone phase
+    # would measure the machine's load between the phases).
+    assert loaded_rate >= 4 * LIMIT_BYTES, (alone_rate, loaded_rate)
 
     # Status: the limit, what was sent, the time replies waited for it.
     up = a.client.status()["peer_upload"]
