@@ -173,6 +173,25 @@ def test_recording_stops_when_its_vm_is_deleted_and_at_the_cap(tmp_path):
         assert rt.decode(capped.recorded["d"].data, CS, cache.chunks) \
             == [100, 101, 102]
         await capped.stop()
+
+        # The longest recording: a guest that never idles still ends it.
+        timed = BootTraces(str(tmp_path / "state3"), 30, None, announce)
+        timed.record(img, "vm3", snap)
+        timed.recordings["d"].max_s = 0.3
+        reader_stop = asyncio.Event()
+
+        async def busy_guest():
+            i = 200
+            while not reader_stop.is_set():
+                await snap.read(i * CS, CS)
+                i += 1
+                await asyncio.sleep(0.01)
+        reader = asyncio.ensure_future(busy_guest())
+        await until(lambda: "d" in timed.recorded, "the save", timeout=5)
+        reader_stop.set()
+        await reader
+        assert timed.recorded["d"].chunks >= 1
+        await timed.stop()
         await close(cache, snap)
     asyncio.run(main())
 

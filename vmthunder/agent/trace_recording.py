@@ -38,6 +38,10 @@ LOG = logging.getLogger(__name__)
 
 # Peers whose recorded trace of an image is tried, at most, per VM create.
 MAX_PEERS_TRIED = 3
+# A recording ends this long after its start even if the guest never
+# idles: a boot trace is of the boot, and a guest that reads without
+# pause (a busy service) would otherwise never offer one.
+MAX_RECORDING_S = 300.0
 
 
 class _RecordingWatch:
@@ -71,7 +75,8 @@ class Recording:
 
     def __init__(self, image: str, vm: str, snapshot, chunk_size: int,
                  chunks: int, idle_s: float, on_end,
-                 cap: int = rt.MAX_REQUESTS):
+                 cap: int = rt.MAX_REQUESTS,
+                 max_s: float = MAX_RECORDING_S):
         self.image = image
         self.vm = vm
         # The image's key (recorded_trace.image_key): names its file.
@@ -88,7 +93,8 @@ class Recording:
         self._on_end = on_end
         self.active = True
         self.stop_reason: str | None = None
-        self._last = time.monotonic()
+        self._last = self._started = time.monotonic()
+        self.max_s = max_s
         self._idle = asyncio.ensure_future(self._idle_watch())
 
     def watch(self, inner) -> _RecordingWatch:
@@ -114,11 +120,16 @@ class Recording:
 
     async def _idle_watch(self) -> None:
         while True:
-            wait = self._last + self.idle_s - time.monotonic()
-            if wait <= 0:
+            now = time.monotonic()
+            if now >= self._started + self.max_s:
+                self.finish(f"recorded for {self.max_s:g} s (the longest "
+                            "boot recorded)")
+                return
+            if now >= self._last + self.idle_s:
                 self.finish(f"no guest read for {self.idle_s:g} s")
                 return
-            await asyncio.sleep(wait)
+            await asyncio.sleep(min(self._last + self.idle_s,
+                                    self._started + self.max_s) - now)
 
     def finish(self, reason: str) -> None:
         """Stop recording (once); hands the recording to ``on_end``."""
