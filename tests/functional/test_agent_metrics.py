@@ -194,6 +194,8 @@ def _metric_of(path: tuple) -> tuple[str, dict]:
     if key == "precache":
         assert rest[0] in m.PRECACHE_GAUGES, path
         return f"vmthunder_precache_{rest[0]}", labels
+    if key == "boot_trace":
+        return "vmthunder_boot_trace_" + "_".join(rest), labels
     raise AssertionError(f"status number {path} has no metric")
 
 

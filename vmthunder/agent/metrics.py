@@ -358,6 +358,23 @@ class AgentCollector(Collector):
                     out.add(GaugeMetricFamily, f"prefetch_{_name(key)}",
                             f"The image's trace prefetch: {key}.", labels,
                             value)
+        boot_trace = image.get("boot_trace")
+        if boot_trace:
+            # The boot trace recorded here (agent/trace_recording.py).
+            out.add(GaugeMetricFamily, "boot_trace_recording",
+                    "1 while the agent records a boot of the image.",
+                    labels, int(boot_trace.get("state") == "recording"))
+            if _number(boot_trace.get("chunks")):
+                out.add(GaugeMetricFamily, "boot_trace_chunks",
+                        "Chunks of the image's boot trace recorded here "
+                        "(so far, while recording).", labels,
+                        boot_trace["chunks"])
+            used = boot_trace.get("used") or {}
+            if _number(used.get("chunks")):
+                out.add(GaugeMetricFamily, "boot_trace_used_chunks",
+                        "Chunks of the recorded boot trace (this host's "
+                        "or a peer's) the image's last prefetch used.",
+                        labels, used["chunks"])
 
     def _latency(self):
         family = HistogramMetricFamily(
