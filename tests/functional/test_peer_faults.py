@@ -221,12 +221,12 @@ class Net:
 
 @contextlib.contextmanager
 def mesh_net(image: str | None, hosts: int, prefix: str, *,
-             make=None):
+             make=None, origin_rate: str = "200mbit"):
     """A shaped mesh of ``hosts`` namespaces: the image exported by an
     origin host (tgtd, manifest LUN 2) and Redis for membership, all
     torn down after. ``make(workdir)`` writes the image when ``image``
-    is None. The origin's link is the bottleneck (200 Mbit/s, hosts 1
-    Gbit/s), as in the benchmark."""
+    is None. By default the origin's link is the bottleneck (200 Mbit/s,
+    hosts 1 Gbit/s), as in the benchmark."""
     from vmthunder.bench import harness
     from vmthunder.bench import topology as topo_mod
     workdir = tempfile.mkdtemp(prefix=f"{prefix}-", dir="/tmp")
@@ -235,8 +235,8 @@ def mesh_net(image: str | None, hosts: int, prefix: str, *,
     conf = os.path.join(workdir, "vmthunder.conf")
     with open(conf, "w") as f:
         f.write(f"[cache]\nchunk_size = {CHUNK}\n[iscsi]\nmanifest_lun = 2\n")
-    topo = topo_mod.Topology(hosts, origin_rate="200mbit", host_rate="1gbit",
-                             prefix=prefix.replace("-", ""))
+    topo = topo_mod.Topology(hosts, origin_rate=origin_rate,
+                             host_rate="1gbit", prefix=prefix.replace("-", ""))
     origin = None
     try:
         topo.create()
@@ -359,6 +359,35 @@ class Agent:
         with contextlib.suppress(Exception):
             self.stop()
         shutil.rmtree(self.sockdir, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def configured_agents(net, root: str):
+    """Factory: start(host, extra [agent] lines) -> an Agent started
+    with those lines, the image attached; all stopped after, and then
+    their logs must hold no internal error."""
+    started: list[Agent] = []
+
+    def start(host, agent_lines: str = "") -> Agent:
+        agent = Agent(net, host, root)
+        started.append(agent)
+        # The agent's config ends in its [agent] section.
+        with open(agent.conf, "a") as f:
+            f.write(agent_lines)
+        agent.start()
+        agent.attach()
+        return agent
+
+    try:
+        yield start
+    finally:
+        for agent in started:
+            agent.cleanup()
+    problems = [f"{agent.host.name}: {line}" for agent in started
+                if os.path.exists(agent.log_path)
+                for line in agent.log().splitlines()
+                if " ERROR " in line or line.startswith("Traceback")]
+    assert not problems, problems[:10]
 
 
 @pytest.fixture
@@ -871,3 +900,24 @@ def test_vm_snapshot_is_not_readable_through_peer_endpoints(net, agents):
     direct = b.run(["nbdinfo", f"{nbd}/tenant-vm"], capture_output=True,
                    text=True, timeout=30)
     assert direct.returncode != 0, direct.stdout
+
+
+def test_one_content_under_two_export_names_is_one_image(net, agents):
+    """The origin exports the same image again under another name: an
+    agent holding it as IMAGE refuses the other name with an error that
+    names the image to use (one cache per content and host), and keeps
+    serving IMAGE."""
+    from vmthunder.agent.client import AgentError
+    from vmthunder.volume import export as export_mod
+    alias = export_mod.export_image(net.origin.cfg, net.image, "image-alias",
+                                    chunk_size=CHUNK, out=lambda text: None)
+    a, = agents(net.hosts[0])
+    with pytest.raises(AgentError) as info:
+        a.client.attach_image("alias", alias.record.url(1))
+    assert info.value.status == 409, info.value
+    message = str(info.value)
+    assert "holds the same content as image 'image'" in message, message
+    assert "use that name" in message, message
+    assert "another vmthunder process" not in message, message
+    assert sorted(i["name"] for i in a.client.images()) == [IMAGE]
+    run(check_disk(a.create_vm("vm-after"), Expected(net.image)))

@@ -160,6 +160,18 @@ def check_name(kind: str, name) -> str:
                              f"{NAME_RULE}") from None
 
 
+def _cache_directories(image) -> set[str]:
+    """The cache directories an attached image holds: its own, and its
+    manifest's digest table's (p2p/digest_table.py)."""
+    out = set()
+    if image.cache is not None:
+        out.add(image.cache.directory)
+    table = image.volume.digest_table if image.volume is not None else None
+    if table is not None:
+        out.add(table.cache.directory)
+    return out
+
+
 def check_origin(origin) -> stack.Origin:
     """The origin parsed, or InvalidRequest saying what is accepted."""
     try:
@@ -467,6 +479,17 @@ class Agent:
             except AgentError:
                 raise
             except CacheInUse as exc:
+                # The same content under another origin (two export
+                # names of one image): one cache per content and host.
+                same = [o for o in self.images.values()
+                        if exc.directory in _cache_directories(o)]
+                if same:
+                    raise Conflict(
+                        f"cannot attach image {name!r}: origin "
+                        f"{redact_url(origin)} holds the same content as "
+                        f"image {same[0].name!r} (attached from "
+                        f"{redact_url(same[0].origin)}), and a host keeps "
+                        "one cache per content; use that name") from None
                 raise Conflict(f"cannot attach image {name!r}: "
                                f"{exc}") from None
             except (ValueError, blockdev.BlockError, OSError) as exc:

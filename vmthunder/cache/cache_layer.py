@@ -205,7 +205,12 @@ def _wake(waiter: asyncio.Future) -> None:
 
 
 class CacheInUse(blockdev.BlockError):
-    pass
+    """The cache directory of this content is locked by another
+    CacheLayer (``directory``)."""
+
+    def __init__(self, code: int, message: str, directory: str = ""):
+        super().__init__(code, message)
+        self.directory = directory
 
 
 class CacheLayer(blockdev.BlockDevice):
@@ -252,7 +257,7 @@ class CacheLayer(blockdev.BlockDevice):
                 errno.EBUSY,
                 f"cache {self.directory} of {source.describe()} is in use by "
                 "another vmthunder process; serve each image from one "
-                "process per cache directory") from None
+                "process per cache directory", self.directory) from None
         self.chunk_size = self._load_meta(identity, chunk_size)
         self.chunks = (self.size + self.chunk_size - 1) // self.chunk_size
         self._data_fd = os.open(os.path.join(self.directory, "data"),
