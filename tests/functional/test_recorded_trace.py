@@ -19,10 +19,8 @@ Needs root, tgt, Redis (skips otherwise).
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import textwrap
 
 import pytest
@@ -56,30 +54,11 @@ def net():
     """Three hosts and the origin (tgtd exporting the image with its
     manifest, Redis), all torn down after."""
     need("tgtd", "tgtadm", "redis-server", "nbdkit")
-    from vmthunder.bench import harness
-    from vmthunder.bench import topology as topo_mod
-    workdir = tempfile.mkdtemp(prefix="vmt-rt-", dir="/tmp")
-    image = make_image(os.path.join(workdir, "image.raw"), IMAGE_SIZE,
-                       seed=23)
-    conf = os.path.join(workdir, "vmthunder.conf")
-    with open(conf, "w") as f:
-        f.write(f"[cache]\nchunk_size = {CHUNK}\n"
-                "[iscsi]\nmanifest_lun = 2\n")
-    topo = topo_mod.Topology(3, origin_rate="1gbit", host_rate="1gbit",
-                             prefix="vmtrt")
-    origin = None
-    try:
-        topo.create()
-        origin = harness.OriginHost(topo, workdir, image, CHUNK)
-        coordination = origin.start_redis(workdir)
-        yield _pf.Net(topo, origin, image, coordination, conf, workdir)
-    finally:
-        try:
-            if origin is not None:
-                origin.stop()
-        finally:
-            topo.destroy()
-            shutil.rmtree(workdir, ignore_errors=True)
+    with _pf.mesh_net(None, 3, "vmt-rt", origin_rate="1gbit",
+                      make=lambda workdir: make_image(
+                          os.path.join(workdir, "image.raw"), IMAGE_SIZE,
+                          seed=23)) as net:
+        yield net
 
 
 @pytest.fixture
@@ -87,26 +66,8 @@ def agents(net, tmp_path):
     """Factory: agents(host, extra [agent] lines) started, the image
     attached; all stopped at the end; their logs must hold no internal
     error."""
-    started: list[_pf.Agent] = []
-
-    def start(host, agent_lines: str = "") -> _pf.Agent:
-        agent = _pf.Agent(net, host, str(tmp_path))
-        started.append(agent)
-        # The agent's config ends in its [agent] section.
-        with open(agent.conf, "a") as f:
-            f.write(agent_lines)
-        agent.start()
-        agent.attach()
-        return agent
-
-    yield start
-    for agent in started:
-        agent.cleanup()
-    problems = [f"{agent.host.name}: {line}" for agent in started
-                if os.path.exists(agent.log_path)
-                for line in agent.log().splitlines()
-                if " ERROR " in line or line.startswith("Traceback")]
-    assert not problems, problems[:10]
+    with _pf.configured_agents(net, str(tmp_path)) as start:
+        yield start
 
 
 def guest_reads(uri: str) -> list[bytes]:

@@ -53,26 +53,8 @@ def net():
 def agents(net, tmp_path):
     """Factory: agent(host, extra [agent] lines) started, image attached;
     all stopped at the end; their logs must hold no internal error."""
-    started: list[_pf.Agent] = []
-
-    def start(host, agent_lines: str = "") -> _pf.Agent:
-        agent = _pf.Agent(net, host, str(tmp_path))
-        started.append(agent)
-        # The agent's config ends in its [agent] section.
-        with open(agent.conf, "a") as f:
-            f.write(agent_lines)
-        agent.start()
-        agent.attach()
-        return agent
-
-    yield start
-    for agent in started:
-        agent.cleanup()
-    problems = [f"{agent.host.name}: {line}" for agent in started
-                if os.path.exists(agent.log_path)
-                for line in agent.log().splitlines()
-                if " ERROR " in line or line.startswith("Traceback")]
-    assert not problems, problems[:10]
+    with _pf.configured_agents(net, str(tmp_path)) as start:
+        yield start
 
 
 async def read_disk(uri: str, *, until=None, digest=None) -> tuple:
