@@ -19,6 +19,10 @@ from vmthunder.volume.iscsi_session import DEFAULT_MAX_TRANSFER, IscsiSession
 # A manifest LUN larger than this is refused (a 1 TiB image with 64 KiB
 # chunks has a 1.1 GB manifest; nothing sane is larger).
 MAX_MANIFEST_BYTES = 1 << 30
+# A header that does not parse is read this many times in all, this far
+# apart, before the manifest is refused (see read_header).
+HEADER_READS = 3
+HEADER_REREAD_S = 0.2
 
 
 async def read_manifest(session: IscsiSession, target: str,
@@ -55,9 +59,21 @@ async def read_manifest(session: IscsiSession, target: str,
             for pos in range(0, len(buf), step)))
         return bytes(view[offset - start:stop - start])
 
+    async def read_header() -> dict | None:
+        for attempt in range(HEADER_READS):
+            block = await read_lun(0, min(size, manifest_mod.HEADER_BYTES))
+            try:
+                return manifest_mod.parse_header(block, where)
+            except manifest_mod.ManifestError:
+                if attempt == HEADER_READS - 1:
+                    raise
+                # `vmthunder trace publish` rewrites the header block in
+                # place (tgtd keeps the file open): a read can catch it
+                # half written. Read again a moment later.
+                await asyncio.sleep(HEADER_REREAD_S)
+
     try:
-        head = manifest_mod.parse_header(
-            await read_lun(0, min(size, manifest_mod.HEADER_BYTES)), where)
+        head = await read_header()
         if head is None:
             return manifest_mod.Manifest.from_bytes(await read_lun(0, size),
                                                     where=where)
