@@ -236,6 +236,49 @@ def test_cap_holds_with_three_images_while_a_vm_reads(agents,  # noqa: F811
     assert agent.stop() == 0
 
 
+def test_a_pinned_image_with_its_origin_down_is_not_evicted(
+        agents, tmp_path):  # noqa: F811
+    """A pinned image whose origin is gone at a restart (recorded, not
+    attached) keeps its cache under pressure: the cache listing shows
+    it pinned, and another image filling the cap evicts nothing of it."""
+    imgs = images(tmp_path)
+    workdir = tmp_path / "agent"
+    agent = agents(workdir, config=CONFIG)
+    agent.client.attach_image("a", imgs["a"][0])
+    agent.client.pin_image("a")
+    precache(agent, "a")
+    wait_held(agent, "a", lambda n: n == SIZES["a"])
+    directory = agent.client.status()["images"]["a"]["cache_dir"]
+    assert agent.stop() == 0
+    os.rename(imgs["a"][0], imgs["a"][0] + ".away")      # the origin down
+    agent = agents(workdir, config=CONFIG)
+    assert agent.client.status()["images"]["a"].get("error"), \
+        agent.client.status()["images"]["a"]
+    entry = next(c for c in agent.client.cache()["caches"]
+                 if c["directory"] == directory)
+    assert entry["pinned"] is True and entry["image"] == "a", entry
+    # b (5 MiB) over the cap (6 MiB, high watermark 90 %) with a's 2 MiB.
+    agent.client.attach_image("b", imgs["b"][0])
+    precache(agent, "b")
+    agent.cli("cache", "evict", "--all-unused")
+    assert allocated_in(directory) == SIZES["a"]
+    listing = agent.client.cache()
+    assert listing["held_bytes"] <= CAP, listing
+    # Back: the image attaches again with all its chunks.
+    os.rename(imgs["a"][0] + ".away", imgs["a"][0])
+    assert agent.stop() == 0
+    agent = agents(workdir, config=CONFIG)
+    assert held(agent, "a") == SIZES["a"]
+    [got] = nbd(agent.client.create_vm("vm1", "a")["nbd"],
+                ("read", 0, SIZES["a"]))
+    assert got == imgs["a"][1]
+    assert agent.stop() == 0
+
+
+def allocated_in(directory: str) -> int:
+    return os.stat(os.path.join(directory, "data")).st_blocks * 512
+
+
 def check_marks(directories: dict, imgs: dict) -> int:
     """Every chunk marked in a cache's map file on disk holds its image's
     bytes; the number of marked chunks."""

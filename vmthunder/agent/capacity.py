@@ -374,13 +374,21 @@ class Capacity:
         vms_of: dict[str, list] = {}
         for vm in self.agent.vms.values():
             vms_of.setdefault(vm.image, []).append(vm.name)
+        # Pinned images not attached now (origin down since a restart):
+        # their caches stay pinned.
+        pinned_on_disk = {i.cache_dir: i.name
+                          for i in self.agent.images.values()
+                          if i.pinned and i.cache is None and i.cache_dir}
         out = []
         for key, directory, size, held in self._directories():
             meta = _meta(directory)
             entry = Entry(key, directory, size,
                           meta.get("mtime", 0.0),
                           identity=meta.get("identity", ""))
-            if held is not None and held[0] is None:
+            if held is None and directory in pinned_on_disk:
+                entry.name = pinned_on_disk[directory]
+                entry.pinned = True
+            elif held is not None and held[0] is None:
                 entry.state = "busy"            # a digest table
                 entry.name = None
             elif held is not None:

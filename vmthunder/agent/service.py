@@ -123,11 +123,16 @@ class Image:
     reads: ImageReads = dataclasses.field(default_factory=ImageReads)
     # Never evicted (agent/capacity.py); recorded.
     pinned: bool = False
+    # Its cache directory, recorded once attached: while its origin is
+    # down after a restart (no cache open) the pin still protects it.
+    cache_dir: str | None = None
 
     def record(self) -> dict:
         rec = {"name": self.name, "origin": self.origin}
         if self.pinned:
             rec["pinned"] = True
+        if self.cache_dir:
+            rec["cache_dir"] = self.cache_dir
         return rec
 
 
@@ -303,7 +308,8 @@ class Agent:
         self.capacity.restoring = {rec["image"] for rec in state["vms"]}
         for rec in state["images"]:
             image = Image(rec["name"], rec["origin"],
-                          pinned=rec.get("pinned", False))
+                          pinned=rec.get("pinned", False),
+                          cache_dir=rec.get("cache_dir"))
             self.images[image.name] = image
             try:
                 await self._open_image(image)
@@ -391,6 +397,7 @@ class Agent:
             source, self.config.cache, checks_itself=volume is not None)
         image.source = source
         image.volume = volume
+        image.cache_dir = image.cache.directory
         image.error = None
         image.attached_at = time.time()
         self.peering.export(image)

@@ -7,12 +7,14 @@ crash leaves either the old or the new state, never a torn one::
     {"version": 1,
      "images": [{"name": "debian", "origin": "export:debian"},
                 {"name": "centos", "origin": "export:centos",
-                 "pinned": true}],
+                 "pinned": true, "cache_dir": "/var/lib/vmthunder/cache/KEY"}],
      "vms": [{"name": "vm1", "image": "debian"},
              {"name": "vm2", "image": "debian", "size": 21474836480}]}
 
 Only names, origins, whether an image is pinned (never evicted from the
-cache: agent/capacity.py; recorded only when it is) and a VM's disk size
+cache: agent/capacity.py; recorded only when it is), an image's cache
+directory once attached (so a pin holds while its origin is down after a
+restart) and a VM's disk size
 (its snapshot's virtual size in bytes, recorded only when one was asked
 for; none means the image's size) are stored: the data lives in the
 cache and snapshot directories, which the layers find again by
@@ -96,7 +98,8 @@ class StateStore:
                     f"string fields {', '.join(fields)}; fix or move the "
                     "file away")
             # A VM's optional disk size, in bytes; an image's pin.
-            optional = ("size",) if key == "vms" else ("pinned",)
+            optional = ("size",) if key == "vms" else ("pinned",
+                                                       "cache_dir")
             for e in entries:
                 for f in optional:
                     if f == "pinned" and f in e \
@@ -105,6 +108,12 @@ class StateStore:
                             f"{self.path}: image {e['name']!r}: 'pinned' "
                             f"must be true or false, not {e[f]!r}; fix or "
                             "move the file away")
+                    if f == "cache_dir" and f in e and not (
+                            isinstance(e[f], str) and os.path.isabs(e[f])):
+                        raise StateError(
+                            f"{self.path}: image {e['name']!r}: "
+                            f"'cache_dir' must be an absolute path, not "
+                            f"{e[f]!r}; fix or move the file away")
                     if f == "size" and f in e and (
                             isinstance(e[f], bool)
                             or not isinstance(e[f], int) or e[f] <= 0):
