@@ -420,9 +420,11 @@ def test_peer_that_never_answers_costs_one_timeout(tmp_path, image):
             st = vol.stats()
             assert st["peer_errors"]["timeout"] >= 2
             assert set(st["avoided"]) == {mute_uri, hung_uri}
-            t0 = time.monotonic()
+            timeouts = st["peer_errors"]["timeout"]
             assert await vol.read(*span(32, 64)) == data[32 * CS:64 * CS]
-            assert time.monotonic() - t0 < 0.4      # no timeout again
+            # No timeout again (counted, not timed: a loaded machine can
+            # stretch a read, never add a timeout).
+            assert vol.stats()["peer_errors"]["timeout"] == timeouts
         finally:
             await vol.close()
             mute.close()
