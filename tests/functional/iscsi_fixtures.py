@@ -63,6 +63,15 @@ def free_port(host: str = HOST) -> int:
         return s.getsockname()[1]
 
 
+def free_control_port() -> int:
+    """A tgtd control port (``-C N``, below 2**15) whose unix socket does
+    not exist: no tgtd of this machine uses it now."""
+    while True:
+        port = random.randrange(20000, 32768)
+        if not os.path.exists(f"/var/run/tgtd/socket.{port}"):
+            return port
+
+
 class TgtdError(RuntimeError):
     pass
 
@@ -166,7 +175,7 @@ class Tgtd:
             if not fixed_port:
                 self.port = free_port(self.host)
             if not fixed_ctl:
-                self.control_port = random.randint(1000, 32000)
+                self.control_port = free_control_port()
             ok, last = self._try_start(deadline)
             if ok:
                 break

@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import random
 import shutil
 import signal
 import socket
@@ -24,6 +23,7 @@ import time
 import pytest
 
 from tests.functional.conftest import REPO, make_image, need
+from tests.functional.iscsi_fixtures import free_control_port
 from tests.functional.test_transfer import http_server  # noqa: F401
 from tests.functional.transfer_servers import glance_app
 from vmthunder.volume import manifest as manifest_mod
@@ -41,13 +41,6 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _free_control_port() -> int:
-    while True:
-        port = random.randrange(20000, 32768)  # tgtd: -C < 2**15
-        if not os.path.exists(f"/var/run/tgtd/socket.{port}"):
-            return port
-
-
 class Origin:
     """The tgtd of this module and a runner for the vmthunder CLI."""
 
@@ -56,7 +49,7 @@ class Origin:
         self.export_dir = str(base / "exports")
         self.port = _free_port()
         self.portal = f"127.0.0.1:{self.port}"
-        self.control_port = _free_control_port()
+        self.control_port = free_control_port()
         self.conf = base / "vmthunder.conf"
         self.conf.write_text(
             "[export]\n"
@@ -362,7 +355,7 @@ def test_portal_in_use_is_an_error(origin, tmp_path):
     busy = socket.socket()
     busy.bind(("127.0.0.1", 0))
     busy.listen()
-    control = _free_control_port()
+    control = free_control_port()
     conf = tmp_path / "busy.conf"
     conf.write_text("[export]\n"
                     f"export_dir = {tmp_path / 'exports'}\n"

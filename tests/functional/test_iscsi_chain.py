@@ -32,7 +32,7 @@ import pytest
 
 from tests.functional.conftest import READY_RE, REPO, Served, make_image, need
 from tests.functional.iscsi_fixtures import (  # noqa: F401
-    free_port, need_tgtd, tgtd)
+    free_control_port, free_port, need_tgtd, tgtd)
 from tests.waiting import wait_until
 from vmthunder import opts as opts_mod
 from vmthunder.volume import tgt as tgt_mod
@@ -165,7 +165,7 @@ def test_exported_image_reads_back_identical_each_chunk_once(tmp_path):
     size = random.Random().randrange(32 * MiB, 64 * MiB + 1, 4096)
     image = make_image(tmp_path / "src.raw", size, seed=size)
     port = free_port()
-    control = random.randrange(20000, 32768)
+    control = free_control_port()
     export_dir = tmp_path / "exports"
     conf = tmp_path / "vmthunder.conf"
     conf.write_text("[export]\n"

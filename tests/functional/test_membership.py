@@ -105,7 +105,11 @@ class EtcdServer(_Server):
 
     def __init__(self, tmp_path):
         self.port = _free_port()
+        # Two free ports in a row can be the same one (nothing holds the
+        # first between the calls).
         self.peer_port = _free_port()
+        while self.peer_port == self.port:
+            self.peer_port = _free_port()
         self.log = tmp_path / "etcd.log"
         self.data_dir = tmp_path / "etcd-data"
         self.proc: subprocess.Popen | None = None

@@ -5,7 +5,6 @@ child), and alive after its starter exits."""
 from __future__ import annotations
 
 import os
-import random
 import shutil
 import signal
 import subprocess
@@ -15,7 +14,7 @@ import psutil
 import pytest
 
 from tests.functional.conftest import REPO
-from tests.functional.iscsi_fixtures import free_port
+from tests.functional.iscsi_fixtures import free_control_port, free_port
 from tests.waiting import wait_until
 from vmthunder.volume import tgt as tgt_mod
 
@@ -28,11 +27,8 @@ pytestmark = [
 
 
 def _tgt(tmp_path) -> tgt_mod.Tgt:
-    while True:
-        control = random.randrange(20000, 32768)      # tgtd: -C < 2**15
-        if not os.path.exists(f"/var/run/tgtd/socket.{control}"):
-            break
-    return tgt_mod.Tgt(control, f"127.0.0.1:{free_port()}", str(tmp_path))
+    return tgt_mod.Tgt(free_control_port(), f"127.0.0.1:{free_port()}",
+                       str(tmp_path))
 
 
 def _pid(tgt) -> int:

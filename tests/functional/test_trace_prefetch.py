@@ -24,7 +24,8 @@ import pytest
 
 from tests.functional.conftest import REPO
 from tests.functional.test_agent import agents, nbd, wait_status  # noqa
-from tests.functional.test_export import _free_control_port, _free_port
+from tests.functional.iscsi_fixtures import free_control_port
+from tests.functional.test_export import _free_port
 from tests.functional.test_precache import make_trace
 from vmthunder.volume import export as export_mod
 
@@ -48,7 +49,7 @@ def origin(tmp_path):
     cfg = export_mod.ExportConfig(
         export_dir=str(tmp_path / "exports"),
         portal=f"127.0.0.1:{_free_port()}",
-        control_port=_free_control_port(), iqn_prefix=PREFIX,
+        control_port=free_control_port(), iqn_prefix=PREFIX,
         chunk_size=CS)
     conf = tmp_path / "origin.conf"
     conf.write_text(f"[export]\nexport_dir = {cfg.export_dir}\n"
