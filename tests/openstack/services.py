@@ -419,7 +419,7 @@ def _cinder_conf(s: Services) -> str:
         host = vmthunder-tests
         log_dir = {os.path.join(s.base, 'logs')}
         debug = True
-        report_interval = 10
+        report_interval = 30
         periodic_interval = 5
         scheduler_driver_init_wait_time = 1
         rpc_response_timeout = 60
@@ -461,7 +461,10 @@ def _start_cinder(s: Services) -> None:
     # Write-ahead log: readers no longer block the writer, so a request's
     # read-then-write (a quota reservation) rarely meets the services'
     # heartbeats' writes (in rollback-journal mode such a meeting is an
-    # immediate "database is locked" and an HTTP 500, seen here).
+    # immediate "database is locked" and an HTTP 500, seen here). Rarely
+    # is not never (an attachment's connection failed so in a CI run):
+    # the heartbeats are every 30 s (report_interval above, well under
+    # the 60 s service_down_time), and attach retries a server error.
     import sqlite3
     with contextlib.closing(sqlite3.connect(
             os.path.join(s.base, "cinder", "cinder.sqlite"))) as db:

@@ -91,12 +91,30 @@ class _StandInAttachments:
         if self.errors:
             raise self.errors.pop(0)
 
+    def create(self, volume_id, connector, mode):
+        # Reserved: no connector, so no connection_info yet.
+        assert connector is None
+        self.created = getattr(self, "created", 0) + 1
+        return {"id": "att-1", "connection_info": {}}
+
+    def update(self, attachment_id, connector):
+        self.calls += 1
+        if self.errors:
+            raise self.errors.pop(0)
+        return {"id": attachment_id, "connection_info": {
+            "target_portal": "127.0.0.1:3260",
+            "target_iqn": "iqn.2010-10.org.openstack:volume-x",
+            "target_lun": 0}}
+
+    def complete(self, attachment_id):
+        pass
+
 
 def test_detach_retries_server_errors_with_a_stand_in_client(monkeypatch):
     from types import SimpleNamespace
 
     from cinderclient import exceptions as cexc
-    monkeypatch.setattr(cc, "DETACH_RETRIES", (0.01, 0.01))
+    monkeypatch.setattr(cc, "SERVER_ERROR_RETRIES", (0.01, 0.01))
     # Two server errors, then deleted.
     att = _StandInAttachments([cexc.ClientException(500, "busy"),
                                cexc.ClientException(503, "busy")])
@@ -116,3 +134,41 @@ def test_detach_retries_server_errors_with_a_stand_in_client(monkeypatch):
     with pytest.raises(cexc.Forbidden):
         cc.detach(SimpleNamespace(attachments=att), "a", VOL)
     assert att.calls == 1
+
+
+class _StandInAttachmentsDeleting(_StandInAttachments):
+    """Connecting fails with ``errors``; deleting is counted."""
+
+    def __init__(self, errors):
+        super().__init__(errors)
+        self.deleted = []
+
+    def delete(self, attachment_id):
+        self.deleted.append(attachment_id)
+
+
+def test_attach_retries_server_errors_with_a_stand_in_client(monkeypatch):
+    """Connecting a reserved attachment that Cinder answers with a server
+    error (the volume service's busy database: "Unable to create
+    attachment", seen in CI) is tried again on the same attachment; in
+    the end the error is the caller's and the attachment is deleted."""
+    from types import SimpleNamespace
+
+    from cinderclient import exceptions as cexc
+    monkeypatch.setattr(cc, "SERVER_ERROR_RETRIES", (0.01, 0.01))
+    att = _StandInAttachmentsDeleting([cexc.ClientException(
+        500, "Unable to create attachment for volume.")])
+    got = cc.attach(SimpleNamespace(attachments=att), VOL, {"host": "h"})
+    assert (att.created, att.calls, att.deleted) == (1, 2, [])
+    assert got.id == "att-1" and got.url() == (
+        "iscsi://127.0.0.1:3260/iqn.2010-10.org.openstack:volume-x/0")
+    att = _StandInAttachmentsDeleting(
+        [cexc.ClientException(500, "busy")] * 3)
+    with pytest.raises(cc.CinderError, match="busy"):
+        cc.attach(SimpleNamespace(attachments=att), VOL, {"host": "h"})
+    assert (att.created, att.calls, att.deleted) == (1, 3, ["att-1"])
+    # A client error is not tried again.
+    att = _StandInAttachmentsDeleting([cexc.BadRequest(400, "no such type")])
+    with pytest.raises(cc.CinderError, match="no such type"):
+        cc.attach(SimpleNamespace(attachments=att), VOL, {"host": "h"})
+    assert (att.calls, att.deleted) == (1, ["att-1"])

@@ -222,10 +222,16 @@ class Attachment:
 def attach(client, volume_id: str, conn: dict, *, mode: str = "ro"
            ) -> Attachment:
     """Attach ``volume_id`` for this host (``conn``: :func:`connector`),
-    complete the attachment, return what to log in with."""
+    complete the attachment, return what to log in with.
+
+    In two steps, as Nova does: the attachment is reserved (no
+    connector), then connected (the volume service exports the volume).
+    A server error of the second step (a busy database in the volume
+    service) is tried again on the same attachment; a failure in the
+    end deletes it, so none is left reserved."""
     from cinderclient import exceptions as cexc
     try:
-        att = client.attachments.create(volume_id, conn, mode=mode)
+        att = client.attachments.create(volume_id, None, mode=mode)
     except cexc.NotFound:
         raise CinderError(f"Cinder volume {volume_id} does not exist") \
             from None
@@ -233,12 +239,19 @@ def attach(client, volume_id: str, conn: dict, *, mode: str = "ro"
         raise CinderError(f"attaching Cinder volume {volume_id} "
                           f"({mode}) failed: {exc}") from None
     att_id = att["id"] if isinstance(att, dict) else att.id
-    info = att["connection_info"] if isinstance(att, dict) \
-        else att.connection_info
     try:
+        connected = _server_errors_retried(
+            lambda: client.attachments.update(att_id, conn),
+            f"volume {volume_id}: connecting attachment {att_id}")
+        info = connected["connection_info"] if isinstance(connected, dict) \
+            else connected.connection_info
         attachment = Attachment.from_connection_info(att_id, volume_id,
                                                      info or {})
         client.attachments.complete(att_id)
+    except cexc.ClientException as exc:
+        detach(client, att_id, volume_id)
+        raise CinderError(f"attaching Cinder volume {volume_id} "
+                          f"({mode}) failed: {exc}") from None
     except BaseException:
         detach(client, att_id, volume_id)
         raise
@@ -247,32 +260,39 @@ def attach(client, volume_id: str, conn: dict, *, mode: str = "ro"
     return attachment
 
 
-# Seconds between the tries of an attachment's deletion that Cinder
-# answered with a server error (5xx: a busy database, a restarting API
-# behind its load balancer); then the error is the caller's.
-DETACH_RETRIES = (0.5, 1.0, 2.0, 4.0)
+# Seconds between the tries of an attachment's creation or deletion that
+# Cinder answered with a server error (5xx: a busy database, a restarting
+# API behind its load balancer); then the error is the caller's.
+SERVER_ERROR_RETRIES = (0.5, 1.0, 2.0, 4.0)
 
 
-def detach(client, attachment_id: str, volume_id: str = "?") -> None:
-    """Delete an attachment; one already gone is not an error, a server
-    error is tried again (DETACH_RETRIES: deleting is idempotent), since
-    an attachment left behind keeps the volume exported to this host."""
+def _server_errors_retried(call, what: str):
+    """``call()``, tried again after SERVER_ERROR_RETRIES when Cinder
+    answers a server error; any other error at once."""
     from cinderclient import exceptions as cexc
-    for delay in (*DETACH_RETRIES, None):
+    for delay in (*SERVER_ERROR_RETRIES, None):
         try:
-            client.attachments.delete(attachment_id)
-            break
-        except cexc.NotFound:
-            break
+            return call()
         except cexc.ClientException as exc:
             code = getattr(exc, "code", None)
             if delay is None or not isinstance(code, int) \
                     or not 500 <= code < 600:
                 raise
-            LOG.warning("volume %s: deleting attachment %s: %s; trying "
-                        "again in %g s", volume_id, attachment_id, exc,
-                        delay)
+            LOG.warning("%s: %s; trying again in %g s", what, exc, delay)
             time.sleep(delay)
+
+
+def detach(client, attachment_id: str, volume_id: str = "?") -> None:
+    """Delete an attachment; one already gone is not an error, a server
+    error is tried again (deleting is idempotent), since an attachment
+    left behind keeps the volume exported to this host."""
+    from cinderclient import exceptions as cexc
+    try:
+        _server_errors_retried(
+            lambda: client.attachments.delete(attachment_id),
+            f"volume {volume_id}: deleting attachment {attachment_id}")
+    except cexc.NotFound:
+        pass
     LOG.info("volume %s: attachment %s deleted", volume_id, attachment_id)
 
 
