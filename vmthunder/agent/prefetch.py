@@ -49,6 +49,7 @@ from vmthunder import blockdev
 from vmthunder.agent.errors import message_of
 from vmthunder.cache.cache_layer import HELD, MISSING, CacheLayer
 from vmthunder.cache.chunkmap import index_runs
+from vmthunder.cache.read_watch import ReadTap
 from vmthunder.p2p import priority as priority_mod
 
 LOG = logging.getLogger(__name__)
@@ -84,34 +85,8 @@ class PrefetchOptions:
                    parallel=group.prefetch_parallel,
                    idle_s=group.prefetch_idle_seconds,
                    settle_s=group.prefetch_settle_seconds,
-                   rate=getattr(group, "background_fetch_rate", 0) or 0.0,
-                   record=getattr(group, "record_boot_traces", True))
-
-
-class _Watch:
-    """A VM snapshot's read watch with the prefetch looking on: every
-    guest read also goes to :meth:`Prefetch.guest_read`."""
-
-    __slots__ = ("inner", "prefetch")
-
-    def __init__(self, inner, prefetch: Prefetch):
-        self.inner = inner
-        self.prefetch = prefetch
-
-    def begin(self, offset: int, length: int):
-        self.prefetch.guest_read(offset, length)
-        self.prefetch.guest_reads_now += 1
-        return self.inner.begin(offset, length) if self.inner else None
-
-    def end(self, token) -> None:
-        self.prefetch.guest_read_ended()
-        if self.inner is not None:
-            self.inner.end(token)
-
-    def instant(self, offset: int = 0, length: int = 0) -> None:
-        self.prefetch.guest_read(offset, length)
-        if self.inner is not None:
-            self.inner.instant(offset, length)
+                   rate=group.background_fetch_rate or 0.0,
+                   record=group.record_boot_traces)
 
 
 class Prefetch:
@@ -173,8 +148,14 @@ class Prefetch:
 
     # -- guest side --------------------------------------------------------
 
-    def watch(self, inner) -> _Watch:
-        return _Watch(inner, self)
+    def watch(self, inner) -> ReadTap:
+        """``inner`` (the snapshot's watch) with this prefetch looking on:
+        every guest read moves it, reads in progress hold it back."""
+        return ReadTap(inner, self.guest_read, self._guest_read_began,
+                       self.guest_read_ended)
+
+    def _guest_read_began(self) -> None:
+        self.guest_reads_now += 1
 
     def guest_read(self, offset: int, length: int) -> None:
         """A guest read [offset, offset+length): moves the window, counts

@@ -33,6 +33,7 @@ import time
 from vmthunder.agent import recorded_trace as rt
 from vmthunder.agent import trace_peers
 from vmthunder.agent.errors import message_of
+from vmthunder.cache.read_watch import ReadTap
 
 LOG = logging.getLogger(__name__)
 
@@ -42,29 +43,6 @@ MAX_PEERS_TRIED = 3
 # idles: a boot trace is of the boot, and a guest that reads without
 # pause (a busy service) would otherwise never offer one.
 MAX_RECORDING_S = 300.0
-
-
-class _RecordingWatch:
-    """A VM snapshot's read watch with a recording looking on."""
-
-    __slots__ = ("inner", "recording")
-
-    def __init__(self, inner, recording: Recording):
-        self.inner = inner
-        self.recording = recording
-
-    def begin(self, offset: int, length: int):
-        self.recording.guest_read(offset, length)
-        return self.inner.begin(offset, length) if self.inner else None
-
-    def end(self, token) -> None:
-        if self.inner is not None:
-            self.inner.end(token)
-
-    def instant(self, offset: int = 0, length: int = 0) -> None:
-        self.recording.guest_read(offset, length)
-        if self.inner is not None:
-            self.inner.instant(offset, length)
 
 
 class Recording:
@@ -97,8 +75,10 @@ class Recording:
         self.max_s = max_s
         self._idle = asyncio.ensure_future(self._idle_watch())
 
-    def watch(self, inner) -> _RecordingWatch:
-        return _RecordingWatch(inner, self)
+    def watch(self, inner) -> ReadTap:
+        """``inner`` (the snapshot's watch) with this recording looking
+        on."""
+        return ReadTap(inner, self.guest_read)
 
     def guest_read(self, offset: int, length: int) -> None:
         if not self.active or not length:

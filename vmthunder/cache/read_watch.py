@@ -112,6 +112,39 @@ class ImageReads:
                 "reads_in_progress": len(self.pending)}
 
 
+class ReadTap:
+    """A snapshot's read watch with one more party looking on (the
+    agent's trace prefetch, a boot recording): ``on_read(offset,
+    length)`` for every guest read (begun or instant), ``on_begin()`` and
+    ``on_end()``, when given, around the reads that wait; then the
+    ``inner`` watch (a VmReads, another tap, or None) as before."""
+
+    __slots__ = ("inner", "on_read", "on_begin", "on_end")
+
+    def __init__(self, inner, on_read, on_begin=None, on_end=None):
+        self.inner = inner
+        self.on_read = on_read
+        self.on_begin = on_begin
+        self.on_end = on_end
+
+    def begin(self, offset: int, length: int):
+        self.on_read(offset, length)
+        if self.on_begin is not None:
+            self.on_begin()
+        return self.inner.begin(offset, length) if self.inner else None
+
+    def end(self, token) -> None:
+        if self.on_end is not None:
+            self.on_end()
+        if self.inner is not None:
+            self.inner.end(token)
+
+    def instant(self, offset: int = 0, length: int = 0) -> None:
+        self.on_read(offset, length)
+        if self.inner is not None:
+            self.inner.instant(offset, length)
+
+
 class VmReads:
     """One VM's handle on its image's :class:`ImageReads` (a
     SnapshotLayer's ``watch``). ``snapshot`` is the VM's SnapshotLayer;
