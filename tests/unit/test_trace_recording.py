@@ -45,6 +45,15 @@ class Image:
 
 # -- the encoding -----------------------------------------------------------
 
+
+async def _no_announce():
+    """The agent's announce (membership): nobody to tell here."""
+
+
+def local_traces(directory, idle_s) -> BootTraces:
+    """BootTraces of an agent with no peers, its state in ``directory``."""
+    return BootTraces(str(directory), idle_s, None, _no_announce)
+
 def test_encoding_round_trips_as_runs():
     order = [100, 101, 102, 7, 8, 300, 9]
     data = rt.encode(order, CS, 512)
@@ -138,7 +147,7 @@ def test_recording_keeps_image_chunks_in_first_touch_order_then_stops_idle(
         await snap.read(200 * CS, CS)
         assert traces.recorded["r"].chunks == 5
         # An agent restarted finds it again.
-        again = BootTraces(str(tmp_path / "state"), 0.3, None, announce)
+        again = local_traces(tmp_path / "state", 0.3)
         await again.image_attached(img)
         assert again.capabilities() == traces.capabilities()
         await close(cache, snap)
@@ -149,9 +158,7 @@ def test_recording_stops_when_its_vm_is_deleted_and_at_the_cap(tmp_path):
     async def main():
         _, _, volume, cache, snap, _ = make_stack(tmp_path, "d")
 
-        async def announce():
-            pass
-        traces = BootTraces(str(tmp_path / "state"), 30, None, announce)
+        traces = local_traces(tmp_path / "state", 30)
         img = Image("d", cache, volume)
         traces.record(img, "vm1", snap)
         await snap.read(0, 2 * CS)
@@ -164,7 +171,7 @@ def test_recording_stops_when_its_vm_is_deleted_and_at_the_cap(tmp_path):
         assert traces.status("d") is None
 
         # The cap: a recording of at most `cap` chunks.
-        capped = BootTraces(str(tmp_path / "state2"), 30, None, announce)
+        capped = local_traces(tmp_path / "state2", 30)
         capped.record(img, "vm2", snap)
         capped.recordings["d"].cap = 3
         await snap.read(100 * CS, 5 * CS)
@@ -175,7 +182,7 @@ def test_recording_stops_when_its_vm_is_deleted_and_at_the_cap(tmp_path):
         await capped.stop()
 
         # The longest recording: a guest that never idles still ends it.
-        timed = BootTraces(str(tmp_path / "state3"), 30, None, announce)
+        timed = local_traces(tmp_path / "state3", 30)
         timed.record(img, "vm3", snap)
         timed.recordings["d"].max_s = 0.3
         reader_stop = asyncio.Event()
@@ -204,10 +211,7 @@ def test_prefetches_record_a_boot_then_prefetch_the_next_from_it(tmp_path):
         _, link, volume, cache, snap, _ = make_stack(tmp_path, "p")
         options = PrefetchOptions(idle_s=0.3, window_bytes=64 * CS)
 
-        async def announce():
-            pass
-        traces = BootTraces(str(tmp_path / "state"), options.idle_s, None,
-                            announce)
+        traces = local_traces(tmp_path / "state", options.idle_s)
         prefetches = Prefetches(options, traces)
         img = Image("p", cache, volume)
         prefetches.vm_created(img, "vm1", snap)
@@ -311,10 +315,7 @@ def test_a_wrong_recorded_trace_costs_at_most_the_window(tmp_path):
         _, _, volume, cache, snap, _ = make_stack(tmp_path, "w")
         options = PrefetchOptions(idle_s=0.3, window_bytes=16 * CS)
 
-        async def announce():
-            pass
-        traces = BootTraces(str(tmp_path / "state"), options.idle_s, None,
-                            announce)
+        traces = local_traces(tmp_path / "state", options.idle_s)
         key = rt.image_key(cache.identity())
         order = list(range(200, 400))
         traces._offer("w", rt.RecordedTrace(
