@@ -36,9 +36,11 @@ import pytest
 
 from tests.functional.conftest import REPO, need
 
-pytestmark = pytest.mark.skipif(os.geteuid() != 0,
+# Also the mark of the modules that use this one's mesh (mesh_net).
+NEEDS_ROOT = pytest.mark.skipif(os.geteuid() != 0,
                                 reason="network namespaces, tgtd and "
                                        "agents listening in them need root")
+pytestmark = NEEDS_ROOT
 
 CHUNK = 256 * 1024
 IMAGE = "image"

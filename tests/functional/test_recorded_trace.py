@@ -29,11 +29,7 @@ from tests.functional import test_peer_faults as _pf
 from tests.functional.conftest import REPO, make_image, need
 from vmthunder.agent.client import format_status
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0,
-                       reason="network namespaces, tgtd and agents "
-                              "listening in them need root"),
-    pytest.mark.timeout(120)]
+pytestmark = [_pf.NEEDS_ROOT, pytest.mark.timeout(120)]
 
 MiB = 1 << 20
 CHUNK = _pf.CHUNK                       # 256 KiB

@@ -25,11 +25,7 @@ import pytest
 from tests.functional import test_peer_faults as _pf
 from tests.functional.conftest import REPO, make_image, need
 
-pytestmark = [
-    pytest.mark.skipif(os.geteuid() != 0,
-                       reason="network namespaces, tgtd and agents "
-                              "listening in them need root"),
-    pytest.mark.timeout(240)]
+pytestmark = [_pf.NEEDS_ROOT, pytest.mark.timeout(240)]
 
 MiB = 1 << 20
 IMAGE_SIZE = 48 * MiB
